@@ -1,1 +1,57 @@
-"""dataset_conversion."""
+"""Dataset conversion: source case folders -> nnU-Net v2 raw dataset with unlabelled cases, and a synthetic phantom."""
+
+from nnunet_mmssl.dataset_conversion.convert import (
+    DEFAULT_LABELS,
+    FILE_ENDING,
+    IMAGE_EXTENSIONS,
+    SPLIT_FILE_NAME,
+    ConversionError,
+    SourceCase,
+    Tolerances,
+    check_case_geometry,
+    check_label,
+    convert_dataset,
+    discover_cases,
+    find_image_files,
+    match_case_files,
+    parse_label_specs,
+    parse_modality_specs,
+    read_label_array,
+    resolve_num_labeled,
+    split_cases,
+    validate_labels,
+)
+from nnunet_mmssl.dataset_conversion.phantom import (
+    PHANTOM_LABEL_GLOB,
+    PHANTOM_MODALITY_GLOBS,
+    PhantomCase,
+    generate_phantom_case,
+    make_phantom_cases,
+)
+
+__all__ = [
+    "DEFAULT_LABELS",
+    "FILE_ENDING",
+    "IMAGE_EXTENSIONS",
+    "PHANTOM_LABEL_GLOB",
+    "PHANTOM_MODALITY_GLOBS",
+    "SPLIT_FILE_NAME",
+    "ConversionError",
+    "PhantomCase",
+    "SourceCase",
+    "Tolerances",
+    "check_case_geometry",
+    "check_label",
+    "convert_dataset",
+    "discover_cases",
+    "find_image_files",
+    "generate_phantom_case",
+    "make_phantom_cases",
+    "match_case_files",
+    "parse_label_specs",
+    "parse_modality_specs",
+    "read_label_array",
+    "resolve_num_labeled",
+    "split_cases",
+    "validate_labels",
+]

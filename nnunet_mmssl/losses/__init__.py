@@ -1,1 +1,10 @@
-"""losses."""
+"""Losses, each as a function plus a thin module, with its paper."""
+
+from nnunet_mmssl.losses.consistency import (
+    CrossModalConsistencyLoss,
+    cross_modal_consistency_loss,
+    pairwise_consistency_loss,
+    probabilities,
+)
+
+__all__ = ["CrossModalConsistencyLoss", "cross_modal_consistency_loss", "pairwise_consistency_loss", "probabilities"]

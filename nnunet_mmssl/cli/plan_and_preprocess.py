@@ -1,0 +1,47 @@
+"""``nnUNetv2_mmssl_plan_and_preprocess``: nnU-Net planning on labelled cases + unlabelled preprocessing."""
+
+import argparse
+import sys
+
+PROG = "nnUNetv2_mmssl_plan_and_preprocess"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run nnU-Net's fingerprint extraction, planning and preprocessing on the labelled cases "
+                    "(imagesTr/labelsTr), write the modality groups of our networks into the plans, and preprocess "
+                    "imagesUnlabeled/ with the same plans into <data_identifier>_unlabeled/.")
+    parser.add_argument("-d", nargs="+", type=int, required=True, help="dataset id(s)")
+    parser.add_argument("-c", nargs="+", default=["2d", "3d_fullres"], help="configurations (default: 2d 3d_fullres)")
+    parser.add_argument("-np", type=int, default=2, help="processes for each step (default: 2)")
+    parser.add_argument("-pl", default="ExperimentPlanner", help="nnU-Net experiment planner (PlainConvUNet planners)")
+    parser.add_argument("-gpu_memory_target", type=float, default=None, help="as in nnUNetv2_plan_and_preprocess")
+    parser.add_argument("-overwrite_plans_name", default=None, help="plans identifier (default nnUNetPlans)")
+    parser.add_argument("--modality-groups", nargs="+", default=None, metavar="GROUP",
+                        help="one argument per branch: channel names or indices separated by commas, e.g. "
+                             "'FLAIR,T2' 'T1,T1ce' (default: first half / second half of the channels)")
+    parser.add_argument("--verify_dataset_integrity", action="store_true", help="as in nnU-Net")
+    parser.add_argument("--no_fingerprint", action="store_true", help="reuse an existing fingerprint")
+    parser.add_argument("--no_pp", action="store_true", help="plan only, do not preprocess")
+    parser.add_argument("--no-unlabeled", action="store_true",
+                        help="do not preprocess imagesUnlabeled/ (supervised-only trainers)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from nnunet_mmssl.planners.plan_and_preprocess import plan_and_preprocess
+
+    try:
+        for dataset_id in args.d:
+            plans_file = plan_and_preprocess(
+                dataset_id, args.c, num_processes=args.np, planner=args.pl,
+                gpu_memory_target_in_gb=args.gpu_memory_target, plans_name=args.overwrite_plans_name,
+                modality_groups=args.modality_groups, verify_dataset_integrity=args.verify_dataset_integrity,
+                fingerprint=not args.no_fingerprint, preprocess=not args.no_pp, unlabeled=not args.no_unlabeled)
+            print(f"Done: {plans_file}")
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

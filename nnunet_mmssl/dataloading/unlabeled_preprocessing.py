@@ -1,0 +1,139 @@
+"""Preprocess the unlabelled cases of a raw dataset with the labelled cases' plans.
+
+Raw layout: ``imagesUnlabeled/`` beside ``imagesTr/``, files ``CASE_XXXX<file_ending>`` with the channels of
+``dataset.json``. Each case goes through the configuration's own preprocessor (same transpose, cropping,
+normalisation with the labelled fingerprint's intensity statistics, and resampling) and is written, in nnU-Net's
+dataset format, to ``<nnUNet_preprocessed>/<dataset>/<data_identifier>_unlabeled/``: a sibling of the folder nnU-Net
+builds its splits from, never inside it. The segmentation saved with each case is the nonzero mask nnU-Net derives
+for images without labels (0 inside, -1 outside); the unlabelled stream never uses it as a target.
+"""
+
+import multiprocessing
+import os
+import re
+import shutil
+from collections.abc import Sequence
+
+import numpy as np
+
+UNLABELED_IMAGES_FOLDER = "imagesUnlabeled"
+
+
+class UnlabeledDataError(ValueError):
+    """A user-fixable problem with the unlabelled cases (missing channel files, empty folder, ...)."""
+
+
+def find_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> dict[str, list[str]]:
+    """Map case id -> channel files (in channel order) for ``imagesUnlabeled/``.
+
+    Returns an empty dict if the folder does not exist.
+
+    Raises:
+        UnlabeledDataError: a case lacks a channel, has an unknown channel index, or a file does not follow
+            ``CASE_XXXX<file_ending>``.
+    """
+    folder = os.path.join(raw_dataset_folder, UNLABELED_IMAGES_FOLDER)
+    if not os.path.isdir(folder):
+        return {}
+    file_ending = dataset_json["file_ending"]
+    num_channels = len(dataset_json["channel_names"])
+    pattern = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending))
+    cases: dict[str, dict[int, str]] = {}
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("."):
+            continue
+        match = pattern.fullmatch(name)
+        if match is None:
+            raise UnlabeledDataError(f"{os.path.join(folder, name)} does not follow nnU-Net's naming CASE_XXXX"
+                                     f"{file_ending}. Rename it (e.g. with nnUNetv2_mmssl_convert) or remove it.")
+        case, channel = match.group(1), int(match.group(2))
+        if channel >= num_channels:
+            raise UnlabeledDataError(f"{os.path.join(folder, name)} has channel index {channel}, but dataset.json "
+                                     f"declares {num_channels} channels {dataset_json['channel_names']}.")
+        cases.setdefault(case, {})[channel] = os.path.join(folder, name)
+    result = {}
+    for case, channels in cases.items():
+        missing = [c for c in range(num_channels) if c not in channels]
+        if missing:
+            expected = [f"{case}_{c:04d}{file_ending}" for c in missing]
+            raise UnlabeledDataError(f"Unlabelled case {case!r} in {folder} lacks channel(s) {missing}: expected "
+                                     f"{expected}. Every unlabelled case needs all channels of dataset.json.")
+        result[case] = [channels[c] for c in range(num_channels)]
+    return result
+
+
+def _preprocess_one(output_filename_truncated: str, image_files: list[str], plans: dict, configuration: str,
+                    dataset_json: dict) -> None:
+    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(plans)
+    configuration_manager = plans_manager.get_configuration(configuration)
+    preprocessor = configuration_manager.preprocessor_class(verbose=False)
+    data, seg, properties = preprocessor.run_case(image_files, None, plans_manager, configuration_manager,
+                                                  dataset_json)
+    # no labels, so no foreground locations: the unlabelled stream samples patches uniformly
+    properties["class_locations"] = {}
+    data = data.astype(np.float32, copy=False)
+    seg = seg.astype(np.int16, copy=False)
+    patch_size = tuple(configuration_manager.patch_size)
+    blocks, chunks = comp_blosc2_params(data.shape, patch_size, data.itemsize)
+    blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, patch_size, seg.itemsize)
+    nnUNetDatasetBlosc2.save_case(data, seg, properties, output_filename_truncated, chunks=chunks, blocks=blocks,
+                                  chunks_seg=chunks_seg, blocks_seg=blocks_seg)
+
+
+def preprocess_unlabeled(raw_dataset_folder: str, preprocessed_dataset_folder: str, plans: dict,
+                         configurations: Sequence[str], num_processes: int = 2,
+                         progress=print) -> dict[str, str]:
+    """Preprocess ``imagesUnlabeled/`` for each configuration with the given plans.
+
+    Each configuration's output folder is written under a temporary name and renamed when complete, so an
+    interrupted run leaves no half-filled folder behind.
+
+    Args:
+        raw_dataset_folder: ``<nnUNet_raw>/DatasetXXX_NAME``.
+        preprocessed_dataset_folder: ``<nnUNet_preprocessed>/DatasetXXX_NAME``.
+        plans: the plans dict (with the ``mmssl`` block).
+        configurations: configuration names, e.g. ``["2d", "3d_fullres"]``.
+        num_processes: worker processes.
+        progress: callable taking one message string.
+
+    Returns:
+        configuration -> output folder.
+
+    Raises:
+        UnlabeledDataError: if there are no unlabelled cases or they are malformed.
+    """
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_mmssl.planners import unlabeled_data_identifier
+
+    dataset_json = load_json(os.path.join(raw_dataset_folder, "dataset.json"))
+    cases = find_unlabeled_cases(raw_dataset_folder, dataset_json)
+    if not cases:
+        folder = os.path.join(raw_dataset_folder, UNLABELED_IMAGES_FOLDER)
+        raise UnlabeledDataError(f"No unlabelled cases found in {folder}"
+                                 f". Put them there as CASE_XXXX{dataset_json['file_ending']} (nnUNetv2_mmssl_convert "
+                                 f"does this), or pass --no-unlabeled for supervised-only training.")
+    plans_manager = PlansManager(plans)
+    outputs = {}
+    for configuration in configurations:
+        data_identifier = plans_manager.get_configuration(configuration).data_identifier
+        final = os.path.join(preprocessed_dataset_folder, unlabeled_data_identifier(data_identifier, plans))
+        tmp = final + ".partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        progress(f"Preprocessing {len(cases)} unlabelled cases for configuration {configuration} -> {final}")
+        jobs = [(os.path.join(tmp, case), files, plans, configuration, dataset_json) for case, files in cases.items()]
+        if num_processes <= 1:
+            for job in jobs:
+                _preprocess_one(*job)
+        else:
+            with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
+                pool.starmap(_preprocess_one, jobs)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        outputs[configuration] = final
+    return outputs

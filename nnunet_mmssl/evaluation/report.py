@@ -1,0 +1,484 @@
+"""Evaluate a folder of predicted segmentations against a folder of references, aggregate, and report.
+
+Pairing follows the nnU-Net convention: reference ``CASE<file_ending>`` (e.g. ``labelsTr/CASE.nii.gz``) is compared
+with prediction ``CASE<file_ending>`` (e.g. the output folder of ``nnUNetv2_predict``). Every reference needs a
+prediction (otherwise an error lists the missing cases); predictions without a reference are ignored with a warning.
+
+Images are read with SimpleITK. ``sitk.GetArrayFromImage`` returns arrays in ``(z, y, x)`` order while
+``image.GetSpacing()`` is ``(x, y, z)``, so the spacing used for the metrics is the *reference* image's spacing
+reversed. The prediction must have the same grid size as its reference (error otherwise); a different spacing or
+origin only triggers a warning.
+
+What is evaluated:
+
+* ``labels=[1, 2]``: each label separately as ``mask == label``; named ``"1"``, ``"2"``. A mapping
+  ``{"liver": 1}`` gives custom names.
+* ``regions=[[1, 2, 3], [2, 3], [3]]``: BraTS-style regions as ``np.isin(mask, region)``; named ``"1,2,3"`` etc.
+  A mapping ``{"WT": [1, 2, 3]}`` gives custom names.
+* Neither: every nonzero label present in at least one reference, sorted. Labels that occur only in predictions
+  are not evaluated (a warning says so; pass ``labels`` explicitly to include them).
+
+Metric definitions and the empty-mask conventions are those of :mod:`nnunet_mmssl.evaluation.metrics`.
+Aggregates use ``nanmean`` / ``nanstd`` (population std, ``ddof=0``); NaN values (undefined sensitivity with an
+empty reference) are excluded and counted under ``"excluded"``. The returned dict keeps NaN as ``float("nan")``;
+the JSON file writes it as ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import Any
+
+import numpy as np
+
+from nnunet_mmssl.evaluation.metrics import (
+    BOTH_EMPTY,
+    EMPTY_MASK_CONVENTIONS,
+    METRIC_NAMES,
+    PRED_EMPTY,
+    REF_EMPTY,
+    compute_binary_metrics,
+)
+
+__all__ = ["evaluate_folders", "format_table", "resolve_label_definitions", "write_json_atomic"]
+
+LabelSpec = Sequence[int] | Mapping[str, int]
+RegionSpec = Sequence[Sequence[int] | int] | Mapping[str, Sequence[int] | int]
+
+_MAX_LISTED = 10
+
+
+def _as_label_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{what} must be an integer label, got {value!r} ({type(value).__name__}).")
+    return int(value)
+
+
+def resolve_label_definitions(
+    labels: LabelSpec | None = None, regions: RegionSpec | None = None
+) -> dict[str, tuple[int, ...]] | None:
+    """Turn ``labels`` / ``regions`` arguments into ``{name: label_values}``.
+
+    Args:
+        labels: ints (each evaluated as ``mask == label``, named ``str(label)``) or ``{name: int}``.
+        regions: sequences of ints (each evaluated as ``np.isin(mask, region)``, named ``"1,2,3"``), or
+            ``{name: ints}``. A bare int is a one-label region.
+
+    Returns:
+        Ordered ``{name: tuple_of_ints}`` (labels first, then regions), or ``None`` if neither is given
+        (meaning: all nonzero labels found in the references).
+
+    Raises:
+        ValueError: on non-integer labels, empty regions, or duplicate names.
+    """
+    if labels is None and regions is None:
+        return None
+    definitions: dict[str, tuple[int, ...]] = {}
+
+    def add(name: str, values: tuple[int, ...]) -> None:
+        if name in definitions:
+            raise ValueError(f"duplicate label/region name {name!r}; give each label or region a unique name.")
+        definitions[name] = values
+
+    if labels is not None:
+        if isinstance(labels, str | bytes):
+            raise ValueError(f"labels must be a list of ints, got {labels!r}.")
+        items = labels.items() if isinstance(labels, Mapping) else ((None, lab) for lab in labels)
+        for name, lab in items:
+            value = _as_label_int(lab, "each entry of labels")
+            add(str(value) if name is None else str(name), (value,))
+    if regions is not None:
+        if isinstance(regions, str | bytes):
+            raise ValueError(f"regions must be a list of lists of ints, got {regions!r}.")
+        items = regions.items() if isinstance(regions, Mapping) else ((None, reg) for reg in regions)
+        for name, reg in items:
+            if isinstance(reg, int | np.integer) and not isinstance(reg, bool):
+                reg = (reg,)
+            if isinstance(reg, str | bytes) or not isinstance(reg, Sequence | np.ndarray):
+                raise ValueError(f"each region must be a list of ints, got {reg!r}.")
+            values = tuple(_as_label_int(v, "each label in a region") for v in reg)
+            if not values:
+                raise ValueError("a region must contain at least one label, got an empty region.")
+            add(",".join(str(v) for v in values) if name is None else str(name), values)
+    if not definitions:
+        raise ValueError("labels/regions were given but are empty; pass at least one label or region.")
+    return definitions
+
+
+def _list_cases(folder: str, file_ending: str, role: str) -> dict[str, str]:
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{role} folder {folder!r} does not exist or is not a directory.")
+    cases = {
+        name[: -len(file_ending)]: os.path.join(folder, name)
+        for name in sorted(os.listdir(folder))
+        if name.endswith(file_ending) and len(name) > len(file_ending) and os.path.isfile(os.path.join(folder, name))
+    }
+    return cases
+
+
+def _format_names(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED])
+    return shown + (f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
+
+
+def _read(path: str):
+    import SimpleITK as sitk
+
+    try:
+        image = sitk.ReadImage(path)
+    except RuntimeError as e:
+        first_line = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        raise ValueError(f"could not read image {path!r} with SimpleITK: {first_line}") from e
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(
+            f"{path!r} has {image.GetNumberOfComponentsPerPixel()} components per voxel; segmentations must be "
+            "single-component label maps."
+        )
+    return image, sitk.GetArrayFromImage(image)
+
+
+def _integer_labels(array: np.ndarray, path: str) -> set[int]:
+    values = np.unique(array)
+    if not np.all(np.isfinite(values)) or not np.array_equal(values, np.round(values)):
+        raise ValueError(f"{path!r} contains non-integer values; expected an integer label map.")
+    return {int(v) for v in values if v != 0}
+
+
+def _evaluate_case(
+    case: str, reference_file: str, prediction_file: str, definitions: dict[str, tuple[int, ...]] | None
+) -> tuple[dict, set[int], set[int], list[str]]:
+    """Worker: metrics of one case. Returns (record, labels in reference, labels in prediction, warning texts)."""
+    ref_img, ref = _read(reference_file)
+    pred_img, pred = _read(prediction_file)
+    if ref_img.GetSize() != pred_img.GetSize():
+        raise ValueError(
+            f"case {case!r}: prediction {prediction_file!r} has grid size {pred_img.GetSize()} (x, y, z) but "
+            f"reference {reference_file!r} has {ref_img.GetSize()}; the prediction must be on the reference grid."
+        )
+    messages = []
+    if not np.allclose(ref_img.GetSpacing(), pred_img.GetSpacing(), rtol=1e-3, atol=1e-5):
+        messages.append(
+            f"case {case!r}: prediction spacing {pred_img.GetSpacing()} differs from reference spacing "
+            f"{ref_img.GetSpacing()} (x, y, z); using the reference spacing."
+        )
+    if not np.allclose(ref_img.GetOrigin(), pred_img.GetOrigin(), atol=1e-3):
+        messages.append(
+            f"case {case!r}: prediction origin {pred_img.GetOrigin()} differs from reference origin "
+            f"{ref_img.GetOrigin()}; comparing voxel-wise on the array grid."
+        )
+    spacing = tuple(float(s) for s in reversed(ref_img.GetSpacing()))  # (x, y, z) -> array order (z, y, x)
+
+    ref_labels: set[int] = set()
+    pred_labels: set[int] = set()
+    if definitions is None:
+        ref_labels = _integer_labels(ref, reference_file)
+        pred_labels = _integer_labels(pred, prediction_file)
+        # Labels absent from both masks are filled in later as "both_empty" (their metrics do not depend on the image).
+        todo = {str(lab): (lab,) for lab in sorted(ref_labels | pred_labels)}
+    else:
+        todo = definitions
+    metrics = {}
+    for name, values in todo.items():
+        if len(values) == 1:
+            ref_mask, pred_mask = ref == values[0], pred == values[0]
+        else:
+            ref_mask, pred_mask = np.isin(ref, values), np.isin(pred, values)
+        metrics[name] = compute_binary_metrics(pred_mask, ref_mask, spacing)
+    record = {
+        "case": case,
+        "reference_file": os.path.abspath(reference_file),
+        "prediction_file": os.path.abspath(prediction_file),
+        "spacing": list(spacing),
+        "shape": list(ref.shape),
+        "metrics": metrics,
+    }
+    return record, ref_labels, pred_labels, messages
+
+
+def _evaluate_case_star(args: tuple) -> tuple[dict, set[int], set[int], list[str]]:
+    return _evaluate_case(*args)
+
+
+def _nan_stats(values: np.ndarray) -> tuple[float, float, int]:
+    finite = values[~np.isnan(values)]
+    excluded = int(values.size - finite.size)
+    if finite.size == 0:
+        return float("nan"), float("nan"), excluded
+    return float(finite.mean()), float(finite.std()), excluded
+
+
+def _to_json_compatible(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _to_json_compatible(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_to_json_compatible(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return [_to_json_compatible(v) for v in obj.tolist()]
+    if isinstance(obj, bool | np.bool_):
+        return bool(obj)
+    if isinstance(obj, int | np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def write_json_atomic(data: Mapping, output_file: str | os.PathLike) -> str:
+    """Write ``data`` as JSON (NaN/inf -> ``null``) to a temporary file next to ``output_file``, then rename.
+
+    Args:
+        data: JSON-like mapping; numpy scalars and arrays are converted.
+        output_file: destination path; missing parent folders are created.
+
+    Returns:
+        The absolute path written.
+    """
+    output_file = os.path.abspath(os.fspath(output_file))
+    folder = os.path.dirname(output_file)
+    os.makedirs(folder, exist_ok=True)
+    text = json.dumps(_to_json_compatible(data), indent=2, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output_file)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, output_file)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return output_file
+
+
+def evaluate_folders(
+    reference_folder: str | os.PathLike,
+    prediction_folder: str | os.PathLike,
+    labels: LabelSpec | None = None,
+    regions: RegionSpec | None = None,
+    file_ending: str = ".nii.gz",
+    output_file: str | os.PathLike | None = None,
+    num_processes: int = 1,
+) -> dict:
+    """Evaluate every reference segmentation against the prediction with the same file name.
+
+    Args:
+        reference_folder: folder of reference label maps ``CASE<file_ending>`` (e.g. ``labelsTr``).
+        prediction_folder: folder of predicted label maps ``CASE<file_ending>`` (e.g. ``nnUNetv2_predict`` output).
+        labels: labels evaluated one by one as ``mask == label`` (ints, or ``{name: int}``).
+        regions: regions evaluated as ``np.isin(mask, region)`` (lists of ints, or ``{name: [ints]}``).
+            If neither ``labels`` nor ``regions`` is given, all nonzero labels present in any reference are used.
+        file_ending: file name suffix of the images, e.g. ``".nii.gz"``, ``".nrrd"``.
+        output_file: if given, the result is written there as JSON (atomically; NaN as ``null``).
+        num_processes: worker processes (``spawn`` context); 1 evaluates in this process.
+
+    Returns:
+        ``{"metric_per_case": [{"case", "reference_file", "prediction_file", "spacing", "shape",
+        "metrics": {name: compute_binary_metrics(...)}}], "mean": {name: {metric: nanmean}},
+        "std": {name: {metric: nanstd}}, "excluded": {name: {metric: number of NaN values excluded}},
+        "convention_counts": {name: {convention: count}}, "foreground_mean": {metric: mean of the per-label
+        means}, "n_cases": int, "label_definitions": {name: [ints]}, "conventions": str, "reference_folder",
+        "prediction_folder", "file_ending"}``. ``spacing`` is in array axis order ``(z, y, x)``.
+
+    Raises:
+        FileNotFoundError: a folder is missing, or a reference has no prediction (the message names the cases).
+        ValueError: no reference files, bad labels/regions, unreadable images, or a prediction whose grid size
+            differs from its reference (the message names both files).
+    """
+    reference_folder = os.fspath(reference_folder)
+    prediction_folder = os.fspath(prediction_folder)
+    if not file_ending:
+        raise ValueError("file_ending must be a non-empty suffix such as '.nii.gz'.")
+    if int(num_processes) < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}.")
+    definitions = resolve_label_definitions(labels, regions)
+
+    references = _list_cases(reference_folder, file_ending, "reference")
+    predictions = _list_cases(prediction_folder, file_ending, "prediction")
+    if not references:
+        raise ValueError(
+            f"reference folder {reference_folder!r} contains no files ending with {file_ending!r}; "
+            "check the folder and --file-ending."
+        )
+    if not predictions:
+        raise FileNotFoundError(
+            f"prediction folder {prediction_folder!r} contains no files ending with {file_ending!r}; "
+            "check the folder and --file-ending."
+        )
+    extra = [c for c in predictions if c not in references]
+    if extra:
+        warnings.warn(
+            f"{len(extra)} prediction(s) in {prediction_folder!r} have no reference in {reference_folder!r} and are "
+            f"ignored: {_format_names(extra)}.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    missing = [c for c in references if c not in predictions]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} reference case(s) have no prediction (CASE{file_ending}) in {prediction_folder!r}: "
+            f"{_format_names(missing)}. Predict these cases, or use a reference folder holding only the predicted "
+            "cases."
+        )
+
+    jobs = [(case, ref_file, predictions[case], definitions) for case, ref_file in references.items()]
+    n_workers = min(int(num_processes), len(jobs))
+    if n_workers <= 1:
+        outputs = [_evaluate_case(*job) for job in jobs]
+    else:
+        with ProcessPoolExecutor(max_workers=n_workers, mp_context=get_context("spawn")) as pool:
+            outputs = list(pool.map(_evaluate_case_star, jobs))
+
+    per_case = [out[0] for out in outputs]
+    for out in outputs:
+        for message in out[3]:
+            warnings.warn(message, UserWarning, stacklevel=2)
+
+    if definitions is None:
+        ref_labels = sorted(set().union(*(out[1] for out in outputs)))
+        pred_only = sorted(set().union(*(out[2] for out in outputs)) - set(ref_labels))
+        if pred_only:
+            warnings.warn(
+                f"label(s) {pred_only} occur only in predictions, not in any reference, and are not evaluated; "
+                "pass labels explicitly to include them.",
+                UserWarning,
+                stacklevel=2,
+            )
+        definitions = {str(lab): (lab,) for lab in ref_labels}
+        for record in per_case:
+            computed = record["metrics"]
+            filled = {}
+            for name in definitions:
+                if name in computed:
+                    filled[name] = computed[name]
+                else:  # label absent from reference and prediction: both_empty (independent of shape and spacing)
+                    ndim = len(record["shape"])
+                    empty = np.zeros((1,) * ndim, dtype=bool)
+                    filled[name] = compute_binary_metrics(empty, empty, record["spacing"])
+            record["metrics"] = filled
+
+    mean: dict[str, dict[str, float]] = {}
+    std: dict[str, dict[str, float]] = {}
+    excluded: dict[str, dict[str, int]] = {}
+    convention_counts: dict[str, dict[str, int]] = {}
+    for name in definitions:
+        mean[name], std[name], excluded[name] = {}, {}, {}
+        for metric in METRIC_NAMES:
+            values = np.array([rec["metrics"][name][metric] for rec in per_case], dtype=np.float64)
+            mean[name][metric], std[name][metric], excluded[name][metric] = _nan_stats(values)
+        conventions = [rec["metrics"][name]["convention"] for rec in per_case]
+        convention_counts[name] = {c: conventions.count(c) for c in (BOTH_EMPTY, REF_EMPTY, PRED_EMPTY)}
+    foreground_mean = {}
+    for metric in METRIC_NAMES:
+        values = np.array([mean[name][metric] for name in definitions], dtype=np.float64)
+        foreground_mean[metric] = _nan_stats(values)[0]
+
+    result = {
+        "metric_per_case": per_case,
+        "mean": mean,
+        "std": std,
+        "n_cases": len(per_case),
+        "excluded": excluded,
+        "convention_counts": convention_counts,
+        "foreground_mean": foreground_mean,
+        "label_definitions": {name: list(values) for name, values in definitions.items()},
+        "conventions": EMPTY_MASK_CONVENTIONS,
+        "reference_folder": os.path.abspath(reference_folder),
+        "prediction_folder": os.path.abspath(prediction_folder),
+        "file_ending": file_ending,
+    }
+    if output_file is not None:
+        write_json_atomic(result, output_file)
+    return result
+
+
+def _fmt(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+_COLUMNS = (("dice", "Dice", 4), ("sensitivity", "Sensitivity", 4), ("hd95", "HD95 (mm)", 2), ("asd", "ASD (mm)", 2))
+
+
+def _render(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in [header, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return [line.rstrip() for line in lines]
+
+
+def format_table(result: Mapping, per_case: bool = False) -> str:
+    """Readable fixed-width summary of :func:`evaluate_folders` output (also accepts the re-loaded JSON).
+
+    Args:
+        result: the dict returned by :func:`evaluate_folders` (NaN or ``None`` for undefined values).
+        per_case: also list every case and label/region with its metrics and empty-mask convention.
+
+    Returns:
+        Multi-line string: one row per label/region with ``mean ± std`` of Dice, sensitivity, HD95 (mm) and
+        ASD (mm) and the number of cases ``n``; a foreground-mean row; footnotes on excluded NaN values and on the
+        empty-mask conventions applied.
+    """
+    names = list(result["mean"])
+    header = ["Label/region", "n", *(title for _, title, _ in _COLUMNS)]
+    rows = []
+    for name in names:
+        row = [name, str(result["n_cases"])]
+        for metric, _, digits in _COLUMNS:
+            cell = f"{_fmt(result['mean'][name][metric], digits)} ± {_fmt(result['std'][name][metric], digits)}"
+            if result["excluded"][name][metric]:
+                cell += "*"
+            row.append(cell)
+        rows.append(row)
+    rows.append(["foreground mean", "", *(_fmt(result["foreground_mean"][m], d) for m, _, d in _COLUMNS)])
+    lines = [f"Evaluation of {result['n_cases']} case(s); distances in mm", *_render(header, rows)]
+
+    notes = [
+        f"  {name}: {metric} n/a in {count} of {result['n_cases']} case(s)"
+        for name in names
+        for metric, count in result["excluded"][name].items()
+        if count
+    ]
+    if notes:
+        lines += ["* undefined values (empty reference) excluded from mean ± std:", *notes]
+    counts = result.get("convention_counts", {})
+    used = [
+        f"  {name}: " + ", ".join(f"{conv} x{n}" for conv, n in counts[name].items() if n)
+        for name in names
+        if any(counts.get(name, {}).values())
+    ]
+    if used:
+        lines += [
+            (
+                "Empty-mask conventions applied (both_empty: dice 1, HD95/ASD 0; ref_empty / pred_empty: dice 0, "
+                "HD95/ASD = image diagonal):"
+            ),
+            *used,
+        ]
+
+    if per_case:
+        case_rows = []
+        for rec in result["metric_per_case"]:
+            for name in names:
+                m = rec["metrics"][name]
+                case_rows.append(
+                    [rec["case"], name, *(_fmt(m[metric], d) for metric, _, d in _COLUMNS), m["convention"] or ""]
+                )
+        case_header = ["Case", "Label/region", *(t for _, t, _ in _COLUMNS), "Convention"]
+        lines += ["", "Per case:", *_render(case_header, case_rows)]
+    return "\n".join(lines)

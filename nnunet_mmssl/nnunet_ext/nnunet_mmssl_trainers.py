@@ -1,0 +1,9 @@
+"""Imported by nnU-Net as a top-level module when it searches ``nnUNet_extTrainer``: absolute imports only."""
+
+from nnunet_mmssl.trainers import (  # noqa: F401
+    MemCifSSLTrainer,
+    MemCifSSLTrainer_noCIF,
+    MemCifSSLTrainer_noMEM,
+    MemCifSSLTrainer_plain,
+    MemCifSupervisedTrainer,
+)

@@ -1,0 +1,93 @@
+"""nnU-Net's fingerprint, planning and preprocessing on the labelled cases, then our additions.
+
+1. nnU-Net's own ``extract_fingerprints`` / ``plan_experiments`` / ``preprocess`` (called programmatically, since
+   nnU-Net looks up planners only inside its package). They read ``imagesTr``/``labelsTr`` only, so the
+   unlabelled images change neither the plans nor the intensity fingerprint.
+2. The ``mmssl`` block (modality groups, ...) is added to the plans file.
+3. ``imagesUnlabeled/`` is preprocessed with the same plans into ``<data_identifier>_unlabeled/`` per configuration.
+"""
+
+import contextlib
+import os
+from collections.abc import Sequence
+
+from nnunet_mmssl.dataloading.unlabeled_preprocessing import find_unlabeled_cases, preprocess_unlabeled
+from nnunet_mmssl.planners.mmssl_plans import add_mmssl_block, parse_modality_groups
+
+
+@contextlib.contextmanager
+def _at_least_one_da_process():
+    """nnU-Net 2.8's planner calls ``torch.set_num_threads(nnUNet_n_proc_DA)``, which fails for 0 (a valid value
+    for training: single-threaded augmentation). Plan with 1 in that case and restore the variable afterwards."""
+    old = os.environ.get("nnUNet_n_proc_DA")
+    if old is not None and old.strip() == "0":
+        os.environ["nnUNet_n_proc_DA"] = "1"
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ["nnUNet_n_proc_DA"] = old
+
+
+def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", "3d_fullres"),
+                        num_processes: int = 2, planner: str = "ExperimentPlanner",
+                        gpu_memory_target_in_gb: float | None = None, plans_name: str | None = None,
+                        modality_groups: Sequence[str] | None = None, verify_dataset_integrity: bool = False,
+                        fingerprint: bool = True, plan: bool = True, preprocess: bool = True,
+                        unlabeled: bool = True, progress=print) -> str:
+    """Run the whole pipeline for one dataset; return the plans file path.
+
+    Args:
+        dataset_id: nnU-Net dataset id.
+        configurations: configurations to preprocess (labelled and unlabelled).
+        num_processes: worker processes for each step.
+        planner: nnU-Net experiment planner class name (PlainConvUNet planners only, e.g. ExperimentPlanner).
+        gpu_memory_target_in_gb: nnU-Net's ``-gpu_memory_target``.
+        plans_name: nnU-Net's ``-overwrite_plans_name``; default ``nnUNetPlans``.
+        modality_groups: one string per branch, channel names or indices separated by commas.
+        verify_dataset_integrity, fingerprint, plan, preprocess: as in nnU-Net (skip steps already done).
+        unlabeled: preprocess ``imagesUnlabeled/`` (error if it is empty or missing).
+        progress: callable taking a message.
+    """
+    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprints,
+        plan_experiments,
+    )
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess as nnunet_preprocess
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    dataset_name = maybe_convert_to_dataset_name(dataset_id)
+    raw_folder = os.path.join(nnUNet_raw.require(), dataset_name)
+    preprocessed_folder = os.path.join(nnUNet_preprocessed.require(), dataset_name)
+    dataset_json = load_json(os.path.join(raw_folder, "dataset.json"))
+    groups = parse_modality_groups(modality_groups, dataset_json["channel_names"]) if modality_groups else None
+    num_unlabeled = len(find_unlabeled_cases(raw_folder, dataset_json)) if unlabeled else 0
+
+    if fingerprint:
+        progress(f"Fingerprint of {dataset_name} (labelled cases only)")
+        extract_fingerprints([dataset_id], num_processes=num_processes,
+                             check_dataset_integrity=verify_dataset_integrity, clean=True, verbose=False)
+    plans_identifier = plans_name or "nnUNetPlans"
+    if plan:
+        progress(f"Planning with nnU-Net's {planner}")
+        with _at_least_one_da_process():
+            plans_identifier = plan_experiments([dataset_id], planner, gpu_memory_target_in_gb,
+                                                overwrite_plans_name=plans_name) or plans_identifier
+    plans_file = os.path.join(preprocessed_folder, plans_identifier + ".json")
+    plans = load_json(plans_file)
+    missing = [c for c in configurations if c not in plans["configurations"]]
+    if missing:
+        raise ValueError(f"Configuration(s) {missing} are not in {plans_file} (available: "
+                         f"{sorted(plans['configurations'])}). nnU-Net drops 3d_lowres for small images.")
+    plans = add_mmssl_block(plans, dataset_json, groups, num_unlabeled)
+    save_json(plans, plans_file, sort_keys=False)
+    progress(f"Modality groups {plans['mmssl']['modality_groups']} written to {plans_file}")
+    if preprocess:
+        progress(f"Preprocessing labelled cases for {list(configurations)}")
+        nnunet_preprocess([dataset_id], plans_identifier, configurations=list(configurations),
+                          num_processes=[num_processes] * len(configurations), verbose=False)
+        if unlabeled:
+            preprocess_unlabeled(raw_folder, preprocessed_folder, plans, configurations, num_processes, progress)
+    return plans_file

@@ -1,0 +1,13 @@
+"""Our nnU-Net trainers. ``from nnunet_mmssl.trainers import MemCifSSLTrainer`` is the public import."""
+
+from nnunet_mmssl.trainers.base import MMSSLTrainerBase
+from nnunet_mmssl.trainers.memcif import (
+    MemCifSSLTrainer,
+    MemCifSSLTrainer_noCIF,
+    MemCifSSLTrainer_noMEM,
+    MemCifSSLTrainer_plain,
+    MemCifSupervisedTrainer,
+)
+
+__all__ = ["MMSSLTrainerBase", "MemCifSSLTrainer", "MemCifSSLTrainer_noCIF", "MemCifSSLTrainer_noMEM",
+           "MemCifSSLTrainer_plain", "MemCifSupervisedTrainer"]

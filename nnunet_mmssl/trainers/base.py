@@ -1,0 +1,265 @@
+"""Base trainer of our multi-branch (semi-)supervised methods: wiring only, the arithmetic lives elsewhere.
+
+What it adds to ``nnUNetTrainer`` (whose ``__init__`` signature it keeps exactly):
+
+* **Network as data.** ``__init__`` works on a deep copy of the plans in which the configuration's
+  ``PlainConvUNet`` entry becomes this trainer's network (:attr:`network_class_name`, the plain kwargs, the
+  modality groups of the plans' ``mmssl`` block, :meth:`network_kwargs`). nnU-Net stores that copy as the model
+  folder's ``plans.json``, so ``nnUNetv2_predict`` rebuilds the trained network from the plans alone.
+* **Unlabelled stream.** One training step = one labelled batch + one unlabelled batch (:attr:`unlabeled_batch_size`,
+  default the labelled one) from ``<data_identifier>_unlabeled``, run through the network in a single forward pass
+  (exact with nnU-Net's instance norm). Loss = sum over heads of nnU-Net's deep-supervised Dice+CE on the labelled
+  part + ``unsupervised_weight * ramp(epoch) *`` :meth:`unsupervised_loss` on the full-resolution logits of the
+  unlabelled part. ``use_unlabeled = False`` gives the supervised-only variant of the same network.
+* **Logging and checkpoints.** The supervised and unsupervised losses and the weight are logged each epoch and drawn
+  in progress.png; :meth:`checkpoint_extra_state` lets a method store training-only state under the checkpoint key
+  ``mmssl_state``, restored on ``--c``.
+
+Settings are class attributes, so a variant is a ten-line subclass.
+"""
+
+import copy
+
+import numpy as np
+import torch
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.utilities.file_and_folder_operations import join
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from torch import autocast
+from torch._dynamo import OptimizedModule
+
+from nnunet_mmssl.architectures.multi_branch import MultiBranchUNet
+from nnunet_mmssl.dataloading.unlabeled_loader import build_unlabeled_augmenter, open_unlabeled_dataset
+from nnunet_mmssl.planners import (
+    default_modality_groups,
+    get_mmssl_block,
+    multi_branch_architecture,
+    unlabeled_data_identifier,
+)
+from nnunet_mmssl.semisup.ramps import sigmoid_rampup
+from nnunet_mmssl.trainers.logging import register_log_keys
+
+CHECKPOINT_KEY = "mmssl_state"
+
+
+class MMSSLTrainerBase(nnUNetTrainer):
+    """Multi-branch trainer with an optional unlabelled stream (see module docstring)."""
+
+    #: dotted path of the network class written into the plans
+    network_class_name: str = "nnunet_mmssl.architectures.multi_branch.MultiBranchUNet"
+    #: channel groups, one per branch; None = the plans' ``mmssl`` block, else first half / second half
+    modality_groups: list[list[int]] | None = None
+    #: train on the unlabelled stream (False = supervised-only variant)
+    use_unlabeled: bool = True
+    #: unlabelled patches per step; None = the labelled batch size
+    unlabeled_batch_size: int | None = None
+    #: weight of the unsupervised loss, multiplied by the ramp
+    unsupervised_weight: float = 1.0
+    #: sigmoid ramp-up length in epochs (Laine & Aila 2017); 0 = constant weight
+    unsupervised_rampup_epochs: int = 0
+    #: per-epoch log keys added to nnU-Net's
+    extra_log_keys: tuple[str, ...] = ("train_sup_losses", "train_unsup_losses", "unsup_weights")
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's exact signature)
+        plans = self.plans_with_network(plans, configuration, dataset_json)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        register_log_keys(self.logger, self.extra_log_keys)
+        self.dataloader_unlabeled = None
+
+    # ------------------------------------------------------------------ network as data
+    def network_kwargs(self) -> dict:
+        """Method switches written into the arch kwargs (e.g. ``use_mem``). Override in subclasses."""
+        return {}
+
+    def resolve_modality_groups(self, plans: dict, dataset_json: dict) -> list[list[int]]:
+        if self.modality_groups is not None:
+            return [list(g) for g in self.modality_groups]
+        block = get_mmssl_block(plans)
+        if block is not None and block.get("modality_groups"):
+            return [list(g) for g in block["modality_groups"]]
+        return default_modality_groups(len(dataset_json["channel_names"]))
+
+    def plans_with_network(self, plans: dict, configuration: str, dataset_json: dict) -> dict:
+        """Deep copy of ``plans`` whose ``configuration`` builds this trainer's network (input not modified)."""
+        new_plans = copy.deepcopy(plans)
+        if configuration not in new_plans.get("configurations", {}):
+            raise ValueError(f"Configuration {configuration!r} is not in the plans "
+                             f"({sorted(new_plans.get('configurations', {}))}).")
+        base = copy.deepcopy(PlansManager(new_plans).get_configuration(configuration).configuration["architecture"])
+        groups = self.resolve_modality_groups(new_plans, dataset_json)
+        new_plans["configurations"][configuration]["architecture"] = multi_branch_architecture(
+            base, self.network_class_name, groups, self.network_kwargs())
+        return new_plans
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
+        network = get_network_from_plans(
+            configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
+            configuration_manager.network_arch_init_kwargs_req_import, num_input_channels, num_output_channels,
+            allow_init=True, deep_supervision=enable_deep_supervision)
+        if not isinstance(network, MultiBranchUNet):
+            raise TypeError(f"The plans build {type(network).__name__}, not one of our multi-branch networks. Use "
+                            f"the model folder's plans.json (written by our trainer) or train with an nnunet_mmssl "
+                            f"trainer, which writes its network into the plans.")
+        return network
+
+    @property
+    def network_module(self) -> MultiBranchUNet:
+        """The bare network (unwrapped from DDP and torch.compile)."""
+        module = self.network.module if self.is_ddp else self.network
+        return module._orig_mod if isinstance(module, OptimizedModule) else module
+
+    def set_deep_supervision_enabled(self, enabled: bool) -> None:
+        self.network_module.deep_supervision = enabled
+
+    # ------------------------------------------------------------------ unlabelled stream
+    def unlabeled_folder(self) -> str:
+        return join(self.preprocessed_dataset_folder_base,
+                    unlabeled_data_identifier(self.configuration_manager.data_identifier, self.plans_manager.plans))
+
+    def get_dataloaders(self):
+        dataloader_train, dataloader_val = super().get_dataloaders()
+        if self.use_unlabeled:
+            self.dataloader_unlabeled = self.get_unlabeled_dataloader()
+        return dataloader_train, dataloader_val
+
+    def get_unlabeled_dataloader(self):
+        dataset = open_unlabeled_dataset(self.unlabeled_folder())
+        rotation_for_da, do_dummy_2d, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        transforms = self.get_training_transforms(
+            self.configuration_manager.patch_size, rotation_for_da, None, mirror_axes, do_dummy_2d,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
+            foreground_labels=self.label_manager.foreground_labels,
+            regions=self.label_manager.foreground_regions if self.label_manager.has_regions else None,
+            ignore_label=self.label_manager.ignore_label)
+        num_processes = get_allowed_n_proc_DA()
+        augmenter = build_unlabeled_augmenter(
+            dataset, self.unlabeled_batch_size or self.batch_size, initial_patch_size,
+            self.configuration_manager.patch_size, self.label_manager, transforms,
+            num_processes=max(1, num_processes // 2) if num_processes > 0 else 0,
+            pin_memory=self.device.type == "cuda")
+        next(augmenter)
+        self.print_to_log_file(f"Unlabelled stream: {len(dataset.identifiers)} cases from {self.unlabeled_folder()}, "
+                               f"batch size {self.unlabeled_batch_size or self.batch_size}")
+        return augmenter
+
+    def on_train_end(self):
+        super().on_train_end()
+        self.network_module.return_heads = False
+        if isinstance(self.dataloader_unlabeled, (NonDetMultiThreadedAugmenter, MultiThreadedAugmenter)):
+            self.dataloader_unlabeled._finish()
+        self.dataloader_unlabeled = None
+
+    # ------------------------------------------------------------------ training step
+    def current_unsupervised_weight(self) -> float:
+        """``unsupervised_weight * sigmoid_rampup(epoch, unsupervised_rampup_epochs)``; 0 without unlabelled data."""
+        if not self.use_unlabeled:
+            return 0.0
+        return self.unsupervised_weight * sigmoid_rampup(self.current_epoch, self.unsupervised_rampup_epochs)
+
+    def unsupervised_loss(self, unlabeled_logits: list[torch.Tensor], unlabeled_data: torch.Tensor) -> torch.Tensor:
+        """The method's loss on unlabelled data.
+
+        Args:
+            unlabeled_logits: one (B_u, C, *S) full-resolution logit tensor per head.
+            unlabeled_data: the (B_u, channels, *S) unlabelled input.
+        """
+        raise NotImplementedError(f"{type(self).__name__} uses unlabelled data but defines no unsupervised_loss.")
+
+    def supervised_loss(self, labelled_outputs: list, target) -> torch.Tensor:
+        """Sum over heads of nnU-Net's (deep-supervised) Dice+CE loss."""
+        return sum(self.loss(output, target) for output in labelled_outputs)
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self.network_module.return_heads = True
+
+    def on_validation_epoch_start(self):
+        super().on_validation_epoch_start()
+        self.network_module.return_heads = False
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else \
+            target.to(self.device, non_blocking=True)
+        unlabeled = None
+        if self.use_unlabeled:
+            unlabeled = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
+        weight = self.current_unsupervised_weight()
+        num_labelled = data.shape[0]
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            inputs = data if unlabeled is None else torch.cat((data, unlabeled))
+            heads = self.network(inputs)
+            labelled = [[o[:num_labelled] for o in h] if isinstance(h, (list, tuple)) else h[:num_labelled]
+                        for h in heads]
+            sup_loss = self.supervised_loss(labelled, target)
+            if unlabeled is not None:
+                full_res = [h[0] if isinstance(h, (list, tuple)) else h for h in heads]
+                unsup_loss = self.unsupervised_loss([o[num_labelled:] for o in full_res], unlabeled)
+                loss = sup_loss + weight * unsup_loss
+            else:
+                unsup_loss = torch.zeros((), device=self.device)
+                loss = sup_loss
+
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        values = torch.stack([loss.detach(), sup_loss.detach(), unsup_loss.detach().float()]).cpu().numpy()
+        return {"loss": values[0], "sup_loss": values[1], "unsup_loss": values[2]}
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)
+        outputs = collate_outputs(train_outputs)
+        self.logger.log("train_sup_losses", float(np.mean(outputs["sup_loss"])), self.current_epoch)
+        self.logger.log("train_unsup_losses", float(np.mean(outputs["unsup_loss"])), self.current_epoch)
+        self.logger.log("unsup_weights", self.current_unsupervised_weight(), self.current_epoch)
+
+    def on_epoch_end(self):
+        self.print_to_log_file(
+            f"sup_loss {np.round(self.logger.get_value('train_sup_losses', step=-1), decimals=4)}, unsup_loss "
+            f"{np.round(self.logger.get_value('train_unsup_losses', step=-1), decimals=6)}, unsup_weight "
+            f"{np.round(self.logger.get_value('unsup_weights', step=-1), decimals=6)}")
+        super().on_epoch_end()
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_extra_state(self) -> dict:
+        """Training-only state to store under the checkpoint key ``mmssl_state`` (a teacher, banks, ...)."""
+        return {}
+
+    def load_checkpoint_extra_state(self, state: dict) -> None:
+        """Restore what :meth:`checkpoint_extra_state` stored."""
+
+    def save_checkpoint(self, filename: str) -> None:
+        super().save_checkpoint(filename)
+        extra = self.checkpoint_extra_state()
+        if extra and self.local_rank == 0 and not self.disable_checkpointing:
+            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+            checkpoint[CHECKPOINT_KEY] = extra
+            torch.save(checkpoint, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if not isinstance(filename_or_checkpoint, str):
+            raise TypeError("nnU-Net 2.8's load_checkpoint takes a checkpoint file name.")
+        super().load_checkpoint(filename_or_checkpoint)
+        checkpoint = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
+        if CHECKPOINT_KEY in checkpoint:
+            self.load_checkpoint_extra_state(checkpoint[CHECKPOINT_KEY])

@@ -1,0 +1,87 @@
+"""Extra per-epoch log keys for our trainers, drawn in nnU-Net's progress.png.
+
+nnU-Net's ``LocalLogger`` only accepts the keys it declares and plots a fixed figure. :func:`register_log_keys`
+replaces the trainer's local logger once, before anything is logged, with :class:`MMSSLLocalLogger`, which declares
+the extra keys, stores them in the checkpoint's ``logging`` entry like nnU-Net's own, and adds one panel with them
+(the unsupervised loss and its weight) under nnU-Net's three panels.
+"""
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+from batchgenerators.utilities.file_and_folder_operations import join
+from nnunetv2.training.logging.nnunet_logger import LocalLogger  # sets matplotlib's 'agg' backend, as in nnU-Net
+
+
+class MMSSLLocalLogger(LocalLogger):
+    """nnU-Net's local logger with extra list-valued keys and a fourth progress panel.
+
+    Args:
+        extra_keys: the new keys, one value per epoch each.
+        verbose: as in nnU-Net.
+    """
+
+    def __init__(self, extra_keys: Sequence[str], verbose: bool = False):
+        super().__init__(verbose)
+        self.extra_keys = tuple(extra_keys)
+        for key in self.extra_keys:
+            self.my_fantastic_logging.setdefault(key, [])
+
+    def load_checkpoint(self, checkpoint: dict):
+        super().load_checkpoint(checkpoint)
+        for key in self.extra_keys:
+            self.my_fantastic_logging.setdefault(key, [])
+
+    def plot_progress_png(self, output_folder: str) -> None:
+        log = self.my_fantastic_logging
+        epoch = min(len(v) for v in log.values()) - 1
+        if epoch < 0:
+            return
+        x = list(range(epoch + 1))
+        fig, axes = plt.subplots(4, 1, figsize=(14, 24))
+        ax = axes[0]
+        ax.plot(x, log["train_losses"][:epoch + 1], color="b", label="loss_tr")
+        ax.plot(x, log["val_losses"][:epoch + 1], color="r", label="loss_val")
+        twin = ax.twinx()
+        twin.plot(x, log["mean_fg_dice"][:epoch + 1], color="g", ls="dotted", label="pseudo dice")
+        twin.plot(x, log["ema_fg_dice"][:epoch + 1], color="g", label="pseudo dice (mov. avg.)")
+        ax.set_ylabel("loss")
+        twin.set_ylabel("pseudo dice")
+        ax.legend(loc="upper left")
+        twin.legend(loc="upper right")
+        durations = [e - s for s, e in zip(log["epoch_start_timestamps"][:epoch + 1],
+                                           log["epoch_end_timestamps"][:epoch + 1])]
+        axes[1].plot(x, durations, color="b", label="epoch duration")
+        axes[1].set_ylim(bottom=0)
+        axes[1].set_ylabel("time [s]")
+        axes[1].legend(loc="upper left")
+        axes[2].plot(x, log["lrs"][:epoch + 1], color="b", label="learning rate")
+        axes[2].set_ylabel("learning rate")
+        axes[2].legend(loc="upper left")
+        ax = axes[3]
+        weight_keys = [k for k in self.extra_keys if "weight" in k]
+        loss_keys = [k for k in self.extra_keys if k not in weight_keys]
+        for key in loss_keys:
+            ax.plot(x, log[key][:epoch + 1], label=key)
+        ax.set_ylabel("loss")
+        ax.legend(loc="upper left")
+        if weight_keys:
+            twin = ax.twinx()
+            for key in weight_keys:
+                twin.plot(x, log[key][:epoch + 1], ls="--", color="k", label=key)
+            twin.set_ylabel("weight")
+            twin.legend(loc="upper right")
+        for ax in axes:
+            ax.set_xlabel("epoch")
+        fig.tight_layout()
+        fig.savefig(join(output_folder, "progress.png"))
+        plt.close(fig)
+
+
+def register_log_keys(meta_logger, extra_keys: Sequence[str]) -> MMSSLLocalLogger:
+    """Give nnU-Net's ``MetaLogger`` a local logger that knows ``extra_keys``; call once, before logging."""
+    if isinstance(meta_logger.local_logger, MMSSLLocalLogger):
+        raise RuntimeError("register_log_keys was called twice on the same logger.")
+    local = MMSSLLocalLogger(extra_keys, verbose=meta_logger.local_logger.verbose)
+    meta_logger.local_logger = local
+    return local

@@ -1,0 +1,58 @@
+"""MemCifSSLTrainer: Chung et al. 2025, "Modality-Specific Enhancement and Complementary Fusion for
+Semi-Supervised Multi-Modal Brain Tumor Segmentation" (METHODS.md §1).
+
+Dual-branch U-Net (one nnU-Net encoder/decoder per modality group) with MEM on each bottleneck and CIF between
+them (:class:`nnunet_mmssl.architectures.MemCifUNet`). Loss: Dice+CE on both heads (eqs. 2-3) +
+``0.01 * mean((softmax p1_u - softmax p2_u)^2)`` on unlabelled data (eqs. 4-5), gradient to both branches, constant
+weight (the paper uses no ramp). Inference: mean of the two heads' logits.
+
+Variants (paper Table 3 and an honest baseline): ``_noMEM``, ``_noCIF``, ``_plain`` (neither), and
+:class:`MemCifSupervisedTrainer` (same network, labelled data only).
+"""
+
+import torch
+
+from nnunet_mmssl.losses.consistency import pairwise_consistency_loss
+from nnunet_mmssl.trainers.base import MMSSLTrainerBase
+
+
+class MemCifSSLTrainer(MMSSLTrainerBase):
+    """MEM + CIF dual-branch network with cross-modal consistency on unlabelled data."""
+
+    network_class_name = "nnunet_mmssl.architectures.multi_branch.MemCifUNet"
+    use_mem: bool = True
+    use_cif: bool = True
+    mem_type: str = "channel_attention"
+    unsupervised_weight: float = 0.01
+    unsupervised_rampup_epochs: int = 0
+
+    def network_kwargs(self) -> dict:
+        return {"use_mem": self.use_mem, "use_cif": self.use_cif, "mem_type": self.mem_type}
+
+    def unsupervised_loss(self, unlabeled_logits: list[torch.Tensor], unlabeled_data: torch.Tensor) -> torch.Tensor:
+        return pairwise_consistency_loss(unlabeled_logits, use_sigmoid=self.label_manager.has_regions)
+
+
+class MemCifSSLTrainer_noMEM(MemCifSSLTrainer):
+    """Ablation: CIF only."""
+
+    use_mem = False
+
+
+class MemCifSSLTrainer_noCIF(MemCifSSLTrainer):
+    """Ablation: MEM only (each branch decodes its own enhanced bottleneck)."""
+
+    use_cif = False
+
+
+class MemCifSSLTrainer_plain(MemCifSSLTrainer):
+    """Ablation: plain dual-branch network (paper's 'Baseline'), still with cross-modal consistency."""
+
+    use_mem = False
+    use_cif = False
+
+
+class MemCifSupervisedTrainer(MemCifSSLTrainer):
+    """Same MEM + CIF network trained on the labelled cases only (no unlabelled stream)."""
+
+    use_unlabeled = False
