@@ -89,9 +89,9 @@ def _summary(target: str) -> str:
         f"Wrote {target}",
         f"  channels: {channels}; labels: {dataset_json['labels']}",
         f"  labelled training (imagesTr/labelsTr): {dataset_json['numTraining']}",
-        f"  unlabelled (imagesUnlabeled):          {dataset_json['numUnlabeled']} "
-        f"({len(split['unlabeled']) - dropped} without label, {dropped} labelled cases used as unlabelled, "
-        f"labels not copied)",
+        (f"  unlabelled (imagesUnlabeled):          {dataset_json['numUnlabeled']} "
+         f"({len(split['unlabeled']) - dropped} without label, {dropped} labelled cases used as unlabelled, "
+         f"labels not copied)"),
         f"  test (imagesTs/labelsTs):              {dataset_json['numTest']}",
         f"  split: {os.path.join(target, SPLIT_FILE_NAME)}",
     ]

@@ -814,5 +814,5 @@ def convert_dataset(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    report(f"wrote {target}")
+    report(f"done: {target}")
     return target

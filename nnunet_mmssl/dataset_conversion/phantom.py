@@ -6,7 +6,7 @@ Design (all seeded, small and fast; arrays are ``(z, y, x)``, geometry in mm):
   a smooth sigmoid edge. Its tissue intensity is ``TISSUE_MEAN[m]`` (MRA 100, MRB 400); outside it is 0.
 * **Lesions**: one or two per case, at random non-overlapping positions inside the brain, with random sizes (radius
   25-40 % of the smallest brain radius, slightly anisotropic). Each lesion is an ellipsoid split into a **core**
-  (normalised radius < ``core_fraction``, 0.45-0.6) and a surrounding **rim**. The label (value 1) is the whole lesion
+  (normalised radius < ``core_fraction``, 0.55-0.7) and a surrounding **rim**. The label (value 1) is the whole lesion
   = core ∪ rim.
 * **Contrast**: modality A (``MRA``) shows the **rim** bright (``+80 %`` of tissue) and the **core** iso-intense with
   tissue; modality B (``MRB``) shows the **core** bright (``+60 %``) and the **rim** iso-intense. Each modality alone
@@ -134,7 +134,7 @@ def generate_phantom_case(rng: np.random.Generator, shape: Sequence[int] = (20, 
     for _ in range(num_lesions):
         radius = r_min * rng.uniform(0.25, 0.4)
         radii = radius * rng.uniform(0.85, 1.15, size=3)
-        core_fraction = float(rng.uniform(0.45, 0.6))
+        core_fraction = float(rng.uniform(0.55, 0.7))
         for _attempt in range(50):
             u = rng.uniform(-0.45, 0.45, size=3)
             if np.linalg.norm(u) > 0.45:

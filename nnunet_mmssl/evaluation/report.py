@@ -410,11 +410,12 @@ def _fmt(value: Any, digits: int) -> str:
 _COLUMNS = (("dice", "Dice", 4), ("sensitivity", "Sensitivity", 4), ("hd95", "HD95 (mm)", 2), ("asd", "ASD (mm)", 2))
 
 
-def _render(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def _render(header: Sequence[str], rows: Sequence[Sequence[str]], n_left: int = 1) -> list[str]:
+    """Fixed-width rows: the first ``n_left`` columns left-aligned, the others right-aligned."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = [
         "  ".join(
-            str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            str(c).ljust(w) if i < n_left else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
         )
         for r in [header, *rows]
     ]
@@ -465,8 +466,8 @@ def format_table(result: Mapping, per_case: bool = False) -> str:
     if used:
         lines += [
             (
-                "Empty-mask conventions applied (both_empty: dice 1, HD95/ASD 0; ref_empty / pred_empty: dice 0, "
-                "HD95/ASD = image diagonal):"
+                "Empty-mask conventions applied (both_empty: dice 1, HD95/ASD 0;\n"
+                "  ref_empty / pred_empty: dice 0, HD95/ASD = image diagonal):"
             ),
             *used,
         ]
@@ -480,5 +481,5 @@ def format_table(result: Mapping, per_case: bool = False) -> str:
                     [rec["case"], name, *(_fmt(m[metric], d) for metric, _, d in _COLUMNS), m["convention"] or ""]
                 )
         case_header = ["Case", "Label/region", *(t for _, t, _ in _COLUMNS), "Convention"]
-        lines += ["", "Per case:", *_render(case_header, case_rows)]
+        lines += ["", "Per case:", *_render(case_header, case_rows, n_left=2)]
     return "\n".join(lines)

@@ -2,8 +2,10 @@
 
 from nnunet_mmssl.trainers import (  # noqa: F401
     MemCifSSLTrainer,
+    MemCifSSLTrainer_demo,
     MemCifSSLTrainer_noCIF,
     MemCifSSLTrainer_noMEM,
     MemCifSSLTrainer_plain,
     MemCifSupervisedTrainer,
+    MemCifSupervisedTrainer_demo,
 )

@@ -8,6 +8,7 @@ from nnunet_mmssl.trainers.memcif import (
     MemCifSSLTrainer_plain,
     MemCifSupervisedTrainer,
 )
+from nnunet_mmssl.trainers.variants import MemCifSSLTrainer_demo, MemCifSupervisedTrainer_demo
 
 __all__ = ["MMSSLTrainerBase", "MemCifSSLTrainer", "MemCifSSLTrainer_noCIF", "MemCifSSLTrainer_noMEM",
-           "MemCifSSLTrainer_plain", "MemCifSupervisedTrainer"]
+           "MemCifSSLTrainer_plain", "MemCifSupervisedTrainer", "MemCifSSLTrainer_demo", "MemCifSupervisedTrainer_demo"]

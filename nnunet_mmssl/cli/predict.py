@@ -1,0 +1,93 @@
+"""``nnUNetv2_mmssl_predict``: nnU-Net prediction with a choice of output heads.
+
+``nnUNetv2_predict`` works unchanged on our model folders and predicts the mean of all heads' logits. This command
+adds ``--head``: predict with the heads of the given modality groups only (by channel name, e.g. ``FLAIR``, or head
+index). With MemCif's CIF the selected head still reads the fused bottleneck, so all channels must be given; only
+variants without fusion (``MemCifSSLTrainer_noCIF`` / ``_plain``) make a head depend on its own modalities alone.
+"""
+
+import argparse
+import os
+import sys
+
+PROG = "nnUNetv2_mmssl_predict"
+
+
+def resolve_heads(head_specs: list[str], modality_groups: list[list[int]], channel_names: dict) -> tuple[int, ...]:
+    """Map head specs (channel names or head indices) to head indices.
+
+    Raises:
+        ValueError: naming the unknown spec and the valid choices.
+    """
+    heads = []
+    names = {str(v): int(k) for k, v in channel_names.items()}
+    for spec in head_specs:
+        if spec.isdigit() and int(spec) < len(modality_groups):
+            heads.append(int(spec))
+            continue
+        if spec in names:
+            channel = names[spec]
+            heads.append(next(i for i, g in enumerate(modality_groups) if channel in g))
+            continue
+        choices = [f"{i} ({', '.join(channel_names[str(c)] for c in g)})" for i, g in enumerate(modality_groups)]
+        raise ValueError(f"Unknown head {spec!r}. Choose a head index or a channel name: {'; '.join(choices)}.")
+    return tuple(sorted(set(heads)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("-i", required=True, help="input folder (nnU-Net naming CASE_XXXX.ext)")
+    parser.add_argument("-o", required=True, help="output folder")
+    model = parser.add_argument_group("model (either -m or -d/-c/-tr/-p)")
+    model.add_argument("-m", default=None, help="trained model folder (TRAINER__PLANS__CONFIGURATION)")
+    model.add_argument("-d", default=None, help="dataset name or id")
+    model.add_argument("-c", default=None, help="configuration, e.g. 2d or 3d_fullres")
+    model.add_argument("-tr", default="MemCifSSLTrainer", help="trainer name (default MemCifSSLTrainer)")
+    model.add_argument("-p", default="nnUNetPlans", help="plans identifier")
+    parser.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (default 0 1 2 3 4)")
+    parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name")
+    parser.add_argument("--head", nargs="+", default=None,
+                        help="predict with these heads only: channel names (e.g. FLAIR) or head indices")
+    parser.add_argument("-step_size", type=float, default=0.5)
+    parser.add_argument("--disable_tta", action="store_true")
+    parser.add_argument("--save_probabilities", action="store_true")
+    parser.add_argument("-npp", type=int, default=2, help="preprocessing processes")
+    parser.add_argument("-nps", type=int, default=2, help="export processes")
+    parser.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    if args.m is None and (args.d is None or args.c is None):
+        print(f"{PROG}: error: give a model folder with -m, or -d and -c (and -tr/-p)", file=sys.stderr)
+        return 2
+    model_folder = args.m or get_output_folder(args.d, args.tr, args.p, args.c)
+    if not os.path.isfile(os.path.join(model_folder, "plans.json")):
+        print(f"{PROG}: error: {model_folder} is not a trained model folder (no plans.json)", file=sys.stderr)
+        return 2
+    folds = [f if f == "all" else int(f) for f in args.f]
+    predictor = nnUNetPredictor(tile_step_size=args.step_size, use_gaussian=True, use_mirroring=not args.disable_tta,
+                                perform_everything_on_device=args.device == "cuda", device=torch.device(args.device))
+    try:
+        predictor.initialize_from_trained_model_folder(model_folder, folds, args.chk)
+        if args.head:
+            network = predictor.network._orig_mod if hasattr(predictor.network, "_orig_mod") else predictor.network
+            if not hasattr(network, "inference_heads"):
+                raise ValueError(f"{model_folder} holds a single-head network; --head needs an nnunet_mmssl "
+                                 f"multi-branch model.")
+            dataset_json = load_json(os.path.join(model_folder, "dataset.json"))
+            network.inference_heads = resolve_heads(args.head, network.modality_groups,
+                                                    dataset_json["channel_names"])
+            print(f"Predicting with head(s) {network.inference_heads} of modality groups {network.modality_groups}")
+    except (ValueError, FileNotFoundError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    predictor.predict_from_files(args.i, args.o, save_probabilities=args.save_probabilities, overwrite=True,
+                                 num_processes_preprocessing=args.npp, num_processes_segmentation_export=args.nps)
+    return 0
