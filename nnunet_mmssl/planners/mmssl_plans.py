@@ -30,7 +30,7 @@ def default_modality_groups(num_channels: int, num_groups: int = 2) -> list[list
     if num_channels < num_groups:
         raise ValueError(f"A {num_groups}-branch network needs at least {num_groups} input channels (modalities); "
                          f"this dataset has {num_channels}. Use a dataset with several modalities.")
-    bounds = [round(i * num_channels / num_groups) for i in range(num_groups + 1)]
+    bounds = [i * num_channels // num_groups for i in range(num_groups + 1)]
     return [list(range(bounds[i], bounds[i + 1])) for i in range(num_groups)]
 
 

@@ -29,6 +29,22 @@ def _at_least_one_da_process():
             os.environ["nnUNet_n_proc_DA"] = old
 
 
+def _maybe_write_small_dataset_splits(preprocessed_folder: str, raw_folder: str, dataset_json: dict, progress) -> None:
+    """nnU-Net builds 5 folds, which fails with fewer than 5 labelled cases -- common in semi-supervised work. Then
+    write ``splits_final.json`` with one fold per case (leave-one-out) unless the user already has one."""
+    from batchgenerators.utilities.file_and_folder_operations import save_json
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    splits_file = os.path.join(preprocessed_folder, "splits_final.json")
+    identifiers = sorted(get_filenames_of_train_images_and_targets(raw_folder, dataset_json).keys())
+    if os.path.isfile(splits_file) or not 2 <= len(identifiers) < 5:
+        return
+    save_json(generate_crossval_split(identifiers, seed=12345, n_splits=len(identifiers)), splits_file)
+    progress(f"Only {len(identifiers)} labelled cases: wrote {len(identifiers)} leave-one-out folds to {splits_file} "
+             f"(nnU-Net's 5 folds need 5 cases). Fold 'all' trains on every labelled case.")
+
+
 def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", "3d_fullres"),
                         num_processes: int = 2, planner: str = "ExperimentPlanner",
                         gpu_memory_target_in_gb: float | None = None, plans_name: str | None = None,
@@ -84,6 +100,7 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
     plans = add_mmssl_block(plans, dataset_json, groups, num_unlabeled)
     save_json(plans, plans_file, sort_keys=False)
     progress(f"Modality groups {plans['mmssl']['modality_groups']} written to {plans_file}")
+    _maybe_write_small_dataset_splits(preprocessed_folder, raw_folder, dataset_json, progress)
     if preprocess:
         progress(f"Preprocessing labelled cases for {list(configurations)}")
         nnunet_preprocess([dataset_id], plans_identifier, configurations=list(configurations),

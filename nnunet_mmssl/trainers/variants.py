@@ -8,9 +8,9 @@ import torch
 
 from nnunet_mmssl.trainers.memcif import MemCifSSLTrainer, MemCifSupervisedTrainer
 
-DEMO_EPOCHS = 12
-DEMO_ITERATIONS = 25
-DEMO_VAL_ITERATIONS = 5
+DEMO_EPOCHS = 8
+DEMO_ITERATIONS = 20
+DEMO_VAL_ITERATIONS = 3
 
 
 class _DemoSchedule:
