@@ -1,0 +1,155 @@
+"""End to end through nnU-Net's real console scripts on a tiny phantom (slow: a few minutes on 2 CPU cores).
+
+convert -> plan/preprocess (2d, 3d_fullres) -> nnUNetv2_train (a user's own subclass of MemCifSSLTrainer, found
+through nnUNet_extTrainer next to ours) -> --c resume -> nnUNetv2_predict / nnUNetv2_mmssl_predict --head ->
+nnUNetv2_mmssl_evaluate.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+DATASET_ID = 901
+USER_TRAINERS = textwrap.dedent('''
+    import torch
+    from nnunet_mmssl.trainers import MemCifSSLTrainer
+
+
+    class MemCifSSLTrainer_itest(MemCifSSLTrainer):
+        """A user's own variant in their own folder: 2 epochs of 2 iterations."""
+
+        def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_epochs = 2
+            self.num_iterations_per_epoch = 2
+            self.num_val_iterations_per_epoch = 1
+''')
+
+
+def _run(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from nnunet_mmssl.dataset_conversion.phantom import make_phantom_cases
+
+    root = tmp_path_factory.mktemp("itest")
+    user_folder = root / "user_trainers"
+    user_folder.mkdir()
+    (user_folder / "my_trainers.py").write_text(USER_TRAINERS)
+    env = dict(os.environ)
+    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
+               nnUNet_results=str(root / "results"), nnUNet_extTrainer=str(user_folder), nnUNet_def_n_proc="2",
+               nnUNet_n_proc_DA="0", nnUNet_compile="false")
+    env.pop("NNUNET_MMSSL_NO_EXT_TRAINER", None)
+    src = make_phantom_cases(root / "phantom", num_labeled=5, num_unlabeled=3, shape=(12, 32, 32),
+                             spacing=(2.0, 1.0, 1.0), seed=3)
+    _run(["nnUNetv2_mmssl_convert", "-i", str(src / "labeled"), str(src / "unlabeled"), "--modality", "MRA=MRA.nii.gz",
+          "--modality", "MRB=MRB.nii.gz", "--label", "seg.nii.gz", "--num-labeled", "3", "--num-test", "2",
+          "-d", str(DATASET_ID), "-n", "ITest", "-o", env["nnUNet_raw"]], env)
+    _run(["nnUNetv2_mmssl_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "3d_fullres", "-np", "1"], env)
+    return root, env
+
+
+def test_plans_and_unlabelled_preprocessing(workspace):
+    root, _ = workspace
+    pre = root / "preprocessed" / "Dataset901_ITest"
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    assert plans["mmssl"]["modality_groups"] == [[0], [1]]
+    # nnU-Net's own configurations are untouched: stock trainers see the plans they always see
+    assert plans["configurations"]["2d"]["architecture"]["network_class_name"].endswith("PlainConvUNet")
+    for configuration in ("2d", "3d_fullres"):
+        labelled = sorted(p.name for p in (pre / f"nnUNetPlans_{configuration}").glob("*.pkl"))
+        unlabelled = sorted(p.name for p in (pre / f"nnUNetPlans_{configuration}_unlabeled").glob("*.pkl"))
+        assert len(labelled) == 3 and len(unlabelled) == 3
+        assert not set(labelled) & set(unlabelled)
+    fingerprint = json.loads((pre / "dataset_fingerprint.json").read_text())
+    assert len(fingerprint["spacings"]) == 3, "the fingerprint must come from the labelled cases only"
+
+
+@pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
+def test_train_predict_evaluate(workspace, configuration):
+    root, env = workspace
+    _run(["nnUNetv2_train", str(DATASET_ID), configuration, "0", "-tr", "MemCifSSLTrainer_itest", "-device", "cpu"],
+         env)
+    model = root / "results" / "Dataset901_ITest" / f"MemCifSSLTrainer_itest__nnUNetPlans__{configuration}"
+    fold = model / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file() and (fold / "progress.png").is_file()
+    assert (fold / "validation" / "summary.json").is_file(), "nnU-Net's final validation must run"
+    plans = json.loads((model / "plans.json").read_text())
+    arch = plans["configurations"][configuration]["architecture"]
+    assert arch["network_class_name"] == "nnunet_mmssl.architectures.multi_branch.MemCifUNet"
+    assert arch["arch_kwargs"]["modality_groups"] == [[0], [1]] and arch["arch_kwargs"]["use_mem"] is True
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    logging = checkpoint["logging"]
+    assert len(logging["train_unsup_losses"]) == 2 and all(v > 0 for v in logging["train_unsup_losses"])
+    assert logging["unsup_weights"] == [0.01, 0.01]
+    assert checkpoint["current_epoch"] == 2
+
+    raw = root / "raw" / "Dataset901_ITest"
+    out = root / f"pred_{configuration}"
+    _run(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID), "-c",
+          configuration, "-f", "0", "-tr", "MemCifSSLTrainer_itest", "-device", "cpu", "--disable_tta", "-npp", "1",
+          "-nps", "1"], env)
+    assert len(list(out.glob("*.nii.gz"))) == 2
+    head_out = root / f"pred_head_{configuration}"
+    _run(["nnUNetv2_mmssl_predict", "-i", str(raw / "imagesTs"), "-o", str(head_out), "-d", str(DATASET_ID), "-c",
+          configuration, "-f", "0", "-tr", "MemCifSSLTrainer_itest", "-device", "cpu", "--disable_tta",
+          "--head", "MRA", "-npp", "1", "-nps", "1"], env)
+    assert len(list(head_out.glob("*.nii.gz"))) == 2
+    result = _run(["nnUNetv2_mmssl_evaluate", "-ref", str(raw / "labelsTs"), "-pred", str(out)], env)
+    assert "Dice" in result.stdout
+    summary = json.loads((out / "summary_mmssl.json").read_text())
+    assert summary["n_cases"] == 2
+    dice = summary["mean"]["1"]["dice"]
+    assert dice is not None and 0.0 <= dice <= 1.0
+
+
+def test_resume_restores_epoch_optimizer_and_logs(workspace, monkeypatch):
+    """Train 1 epoch in-process, then resume with --c semantics into a 2-epoch run."""
+    root, env = workspace
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA"):
+        monkeypatch.setenv(key, env[key])
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    from nnunet_mmssl.trainers import MemCifSupervisedTrainer
+
+    pre = root / "preprocessed" / "Dataset901_ITest"
+    plans = load_json(str(pre / "nnUNetPlans.json"))
+    dataset_json = load_json(str(pre / "dataset.json"))
+
+    def make(epochs, continue_training):
+        trainer = MemCifSupervisedTrainer({**plans, "continue_training": continue_training}, "2d", 1, dataset_json,
+                                          torch.device("cpu"))
+        trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = epochs, 2, 1
+        trainer.save_every = 1
+        trainer.perform_actual_validation = lambda *a, **k: None
+        return trainer
+
+    first = make(1, False)
+    first.run_training()
+    checkpoint_file = os.path.join(first.output_folder, "checkpoint_final.pth")
+    saved = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+
+    second = make(2, True)
+    second.load_checkpoint(checkpoint_file)
+    assert second.current_epoch == 1
+    assert second.logger.get_value("train_sup_losses", step=None) == saved["logging"]["train_sup_losses"]
+    state = second.optimizer.state_dict()
+    assert state["state"].keys() == saved["optimizer_state"]["state"].keys()
+    for key, value in saved["optimizer_state"]["state"].items():
+        torch.testing.assert_close(state["state"][key]["momentum_buffer"], value["momentum_buffer"])
+    second.run_training()
+    assert len(second.logger.get_value("train_sup_losses", step=None)) == 2
+    assert second.logger.get_value("unsup_weights", step=None) == [0.0, 0.0]
