@@ -1,0 +1,151 @@
+import copy
+import inspect
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from nnunetv2.training.logging.nnunet_logger import MetaLogger
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunet_mmssl.architectures import MemCifUNet
+from nnunet_mmssl.dataloading import UnlabeledDataError, find_unlabeled_cases
+from nnunet_mmssl.trainers import (
+    MemCifSSLTrainer,
+    MemCifSSLTrainer_noCIF,
+    MemCifSSLTrainer_noMEM,
+    MemCifSSLTrainer_plain,
+    MemCifSupervisedTrainer,
+    MMSSLTrainerBase,
+)
+from nnunet_mmssl.trainers.logging import MMSSLLocalLogger, register_log_keys
+
+ALL_TRAINERS = [MemCifSSLTrainer, MemCifSSLTrainer_noCIF, MemCifSSLTrainer_noMEM, MemCifSSLTrainer_plain,
+                MemCifSupervisedTrainer]
+ARCH_2D = {
+    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+    "arch_kwargs": {"n_stages": 3, "features_per_stage": [4, 8, 16], "conv_op": "torch.nn.modules.conv.Conv2d",
+                    "kernel_sizes": [[3, 3]] * 3, "strides": [[1, 1], [2, 2], [2, 2]], "n_conv_per_stage": [1, 1, 1],
+                    "n_conv_per_stage_decoder": [1, 1], "conv_bias": True,
+                    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+                    "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+                    "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
+    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+}
+PLANS = {
+    "dataset_name": "Dataset999_X", "plans_name": "nnUNetPlans", "original_median_spacing_after_transp": [1, 1, 1],
+    "original_median_shape_after_transp": [8, 16, 16], "image_reader_writer": "SimpleITKIO",
+    "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+    "configurations": {
+        "2d": {"data_identifier": "nnUNetPlans_2d", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
+               "patch_size": [16, 16], "spacing": [1.0, 1.0], "architecture": ARCH_2D},
+        "2d_child": {"inherits_from": "2d", "batch_size": 4},
+    },
+    "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
+    "foreground_intensity_properties_per_channel": {},
+    "mmssl": {"modality_groups": [[1], [0]]},
+}
+DATASET_JSON = {"channel_names": {"0": "A", "1": "B"}, "labels": {"background": 0, "lesion": 1},
+                "numTraining": 2, "file_ending": ".nii.gz"}
+
+
+@pytest.mark.parametrize("trainer", ALL_TRAINERS)
+def test_init_signature_equals_nnunet(trainer):
+    assert inspect.signature(trainer.__init__) == inspect.signature(nnUNetTrainer.__init__)
+    assert isinstance(inspect.getattr_static(trainer, "build_network_architecture"), staticmethod)
+
+
+@pytest.mark.parametrize("configuration", ["2d", "2d_child"])
+@pytest.mark.parametrize("trainer,mem,cif", [(MemCifSSLTrainer, True, True), (MemCifSSLTrainer_noMEM, False, True),
+                                             (MemCifSSLTrainer_noCIF, True, False),
+                                             (MemCifSSLTrainer_plain, False, False)])
+def test_plans_with_network_builds_the_variant_without_mutating_input(trainer, mem, cif, configuration):
+    plans = copy.deepcopy(PLANS)
+    before = copy.deepcopy(plans)
+    new_plans = MMSSLTrainerBase.plans_with_network(object.__new__(trainer), plans, configuration, DATASET_JSON)
+    assert plans == before
+    manager = PlansManager(new_plans)
+    config = manager.get_configuration(configuration)
+    assert config.network_arch_class_name.endswith("MemCifUNet")
+    assert config.network_arch_init_kwargs["modality_groups"] == [[1], [0]]
+    assert config.network_arch_init_kwargs["use_mem"] is mem and config.network_arch_init_kwargs["use_cif"] is cif
+    network = trainer.build_network_architecture(manager, config, 2, 2, enable_deep_supervision=False)
+    assert isinstance(network, MemCifUNet)
+    assert hasattr(network, "mems") is mem and hasattr(network, "cif") is cif
+    assert network(torch.randn(1, 2, 16, 16)).shape == (1, 2, 16, 16)
+
+
+def test_stock_plans_are_refused_by_our_network_builder():
+    manager = PlansManager(copy.deepcopy(PLANS))
+    with pytest.raises(TypeError, match="not one of our multi-branch networks"):
+        MemCifSSLTrainer.build_network_architecture(manager, manager.get_configuration("2d"), 2, 2, False)
+
+
+def test_unknown_configuration_is_named():
+    with pytest.raises(ValueError, match="'3d_fullres' is not in the plans"):
+        MMSSLTrainerBase.plans_with_network(object.__new__(MemCifSSLTrainer), PLANS, "3d_fullres", DATASET_JSON)
+
+
+def test_weights_and_losses_of_memcif():
+    ssl = object.__new__(MemCifSSLTrainer)
+    ssl.current_epoch = 0
+    assert ssl.current_unsupervised_weight() == 0.01
+    sup = object.__new__(MemCifSupervisedTrainer)
+    sup.current_epoch = 5
+    assert sup.current_unsupervised_weight() == 0.0
+
+
+def test_logger_registration_checkpoint_and_plot(tmp_path):
+    meta = MetaLogger(str(tmp_path), False)
+    local = register_log_keys(meta, ("train_unsup_losses", "unsup_weights"))
+    assert isinstance(meta.local_logger, MMSSLLocalLogger)
+    with pytest.raises(RuntimeError, match="twice"):
+        register_log_keys(meta, ("x",))
+    for epoch in range(2):
+        for key in local.my_fantastic_logging:
+            value = [0.5] if key == "dice_per_class_or_region" else float(epoch + 1)
+            if key != "ema_fg_dice":
+                meta.log(key, value, epoch)
+    meta.plot_progress_png(str(tmp_path))
+    assert (tmp_path / "progress.png").stat().st_size > 0
+    checkpoint = meta.get_checkpoint()
+    assert checkpoint["unsup_weights"] == [1.0, 2.0]
+    fresh = MetaLogger(str(tmp_path), True)
+    register_log_keys(fresh, ("train_unsup_losses", "unsup_weights", "new_key"))
+    fresh.load_checkpoint(checkpoint)
+    assert fresh.get_value("unsup_weights", None) == [1.0, 2.0] and fresh.get_value("new_key", None) == []
+
+
+def _write(path, shape=(4, 8, 8)):
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros(shape, np.float32)), str(path))
+
+
+def test_find_unlabeled_cases_and_errors(tmp_path):
+    folder = tmp_path / "imagesUnlabeled"
+    assert find_unlabeled_cases(str(tmp_path), DATASET_JSON) == {}
+    folder.mkdir()
+    for name in ("u1_0000.nii.gz", "u1_0001.nii.gz", "u2_0000.nii.gz", "u2_0001.nii.gz"):
+        _write(folder / name)
+    cases = find_unlabeled_cases(str(tmp_path), DATASET_JSON)
+    assert list(cases) == ["u1", "u2"] and [os.path.basename(p) for p in cases["u1"]] == ["u1_0000.nii.gz",
+                                                                                             "u1_0001.nii.gz"]
+    _write(folder / "u3_0000.nii.gz")
+    with pytest.raises(UnlabeledDataError, match=r"'u3'.*lacks channel\(s\) \[1\].*u3_0001.nii.gz"):
+        find_unlabeled_cases(str(tmp_path), DATASET_JSON)
+    (folder / "u3_0000.nii.gz").unlink()
+    _write(folder / "u4_0002.nii.gz")
+    with pytest.raises(UnlabeledDataError, match="channel index 2"):
+        find_unlabeled_cases(str(tmp_path), DATASET_JSON)
+    (folder / "u4_0002.nii.gz").unlink()
+    _write(folder / "scan.nii.gz")
+    with pytest.raises(UnlabeledDataError, match="scan.nii.gz does not follow"):
+        find_unlabeled_cases(str(tmp_path), DATASET_JSON)
+
+
+def test_missing_unlabelled_folder_message(tmp_path):
+    from nnunet_mmssl.dataloading.unlabeled_loader import open_unlabeled_dataset
+
+    with pytest.raises(UnlabeledDataError, match="nnUNetv2_mmssl_plan_and_preprocess"):
+        open_unlabeled_dataset(str(tmp_path / "nnUNetPlans_2d_unlabeled"))
