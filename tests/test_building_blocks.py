@@ -2,7 +2,12 @@ import pytest
 import torch
 from torch import nn
 
-from nnunet_mmssl.building_blocks import ChannelSelfAttention, ComplementaryInformationFusion, SqueezeExcitation, build_mem
+from nnunet_mmssl.building_blocks import (
+    ChannelSelfAttention,
+    ComplementaryInformationFusion,
+    SqueezeExcitation,
+    build_mem,
+)
 
 CONV_OPS = [(nn.Conv2d, nn.InstanceNorm2d, (6, 5)), (nn.Conv3d, nn.InstanceNorm3d, (4, 5, 3))]
 

@@ -8,9 +8,7 @@ nnUNetv2_mmssl_evaluate.
 import json
 import os
 import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
