@@ -2,8 +2,8 @@
 
 phantom cases -> ``nnUNetv2_mmssl_convert`` (labelled / unlabelled / test split) ->
 ``nnUNetv2_mmssl_plan_and_preprocess`` -> ``nnUNetv2_train`` (MemCifSSLTrainer_demo and its supervised-only twin,
-short schedules) -> ``nnUNetv2_predict`` on the held-out test cases (without mirroring, for speed) -> ``nnUNetv2_mmssl_evaluate``
--> a table.
+short schedules) -> ``nnUNetv2_predict`` on the held-out test cases (without mirroring, for speed) ->
+``nnUNetv2_mmssl_evaluate`` -> a table.
 Everything is written under one folder (nnU-Net's raw / preprocessed / results folders included); the full output of
 nnU-Net's commands goes to ``<folder>/logs``.
 """
