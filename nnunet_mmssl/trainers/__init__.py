@@ -1,6 +1,6 @@
 """Our nnU-Net trainers. ``from nnunet_mmssl.trainers import MemCifSSLTrainer`` is the public import."""
 
-from nnunet_mmssl.trainers.base import MMSSLTrainerBase
+from nnunet_mmssl.trainers.base import MMSSLTrainerBase, SSLTrainerBase
 from nnunet_mmssl.trainers.memcif import (
     MemCifSSLTrainer,
     MemCifSSLTrainer_noCIF,
@@ -10,5 +10,5 @@ from nnunet_mmssl.trainers.memcif import (
 )
 from nnunet_mmssl.trainers.variants import MemCifSSLTrainer_demo, MemCifSupervisedTrainer_demo
 
-__all__ = ["MMSSLTrainerBase", "MemCifSSLTrainer", "MemCifSSLTrainer_noCIF", "MemCifSSLTrainer_noMEM",
+__all__ = ["MMSSLTrainerBase", "SSLTrainerBase", "MemCifSSLTrainer", "MemCifSSLTrainer_noCIF", "MemCifSSLTrainer_noMEM",
            "MemCifSSLTrainer_plain", "MemCifSupervisedTrainer", "MemCifSSLTrainer_demo", "MemCifSupervisedTrainer_demo"]

@@ -1,6 +1,8 @@
-"""Base trainer of our multi-branch (semi-)supervised methods: wiring only, the arithmetic lives elsewhere.
+"""Base trainers of our (semi-)supervised methods: wiring only, the arithmetic lives elsewhere.
 
-What it adds to ``nnUNetTrainer`` (whose ``__init__`` signature it keeps exactly):
+:class:`SSLTrainerBase` adds the unlabelled stream, the weighted unsupervised term, logs and checkpoint state to
+``nnUNetTrainer`` (any network); :class:`MMSSLTrainerBase` adds our multi-branch networks on top. Both keep
+``nnUNetTrainer.__init__``'s signature exactly. Together they provide:
 
 * **Network as data.** ``__init__`` works on a deep copy of the plans in which the configuration's
   ``PlainConvUNet`` entry becomes this trainer's network (:attr:`network_class_name`, the plain kwargs, the
@@ -48,13 +50,13 @@ from nnunet_mmssl.trainers.logging import register_log_keys
 CHECKPOINT_KEY = "mmssl_state"
 
 
-class MMSSLTrainerBase(nnUNetTrainer):
-    """Multi-branch trainer with an optional unlabelled stream (see module docstring)."""
+class SSLTrainerBase(nnUNetTrainer):
+    """nnUNetTrainer with an unlabelled stream, an unsupervised loss term, extra logs and checkpoint state.
 
-    #: dotted path of the network class written into the plans
-    network_class_name: str = "nnunet_mmssl.architectures.multi_branch.MultiBranchUNet"
-    #: channel groups, one per branch; None = the plans' ``mmssl`` block, else first half / second half
-    modality_groups: list[list[int]] | None = None
+    Subclasses implement :meth:`compute_losses` (supervised and unsupervised terms of one step); the step itself
+    (AMP, gradient scaling and clipping as in nnU-Net, the weight ramp) is here.
+    """
+
     #: train on the unlabelled stream (False = supervised-only variant)
     use_unlabeled: bool = True
     #: unlabelled patches per step; None = the labelled batch size
@@ -68,10 +70,157 @@ class MMSSLTrainerBase(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's exact signature)
-        plans = self.plans_with_network(plans, configuration, dataset_json)
         super().__init__(plans, configuration, fold, dataset_json, device)
         register_log_keys(self.logger, self.extra_log_keys)
         self.dataloader_unlabeled = None
+
+    @property
+    def network_module(self) -> torch.nn.Module:
+        """The bare network (unwrapped from DDP and torch.compile)."""
+        module = self.network.module if self.is_ddp else self.network
+        return module._orig_mod if isinstance(module, OptimizedModule) else module
+
+    # ------------------------------------------------------------------ unlabelled stream
+    def unlabeled_folder(self) -> str:
+        return join(self.preprocessed_dataset_folder_base,
+                    unlabeled_data_identifier(self.configuration_manager.data_identifier, self.plans_manager.plans))
+
+    def get_dataloaders(self):
+        dataloader_train, dataloader_val = super().get_dataloaders()
+        if self.use_unlabeled:
+            self.dataloader_unlabeled = self.get_unlabeled_dataloader()
+        return dataloader_train, dataloader_val
+
+    def get_unlabeled_dataloader(self):
+        dataset = open_unlabeled_dataset(self.unlabeled_folder())
+        rotation_for_da, do_dummy_2d, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        transforms = self.get_training_transforms(
+            self.configuration_manager.patch_size, rotation_for_da, None, mirror_axes, do_dummy_2d,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
+            foreground_labels=self.label_manager.foreground_labels,
+            regions=self.label_manager.foreground_regions if self.label_manager.has_regions else None,
+            ignore_label=self.label_manager.ignore_label)
+        num_processes = get_allowed_n_proc_DA()
+        augmenter = build_unlabeled_augmenter(
+            dataset, self.unlabeled_batch_size or self.batch_size, initial_patch_size,
+            self.configuration_manager.patch_size, self.label_manager, transforms,
+            num_processes=max(1, num_processes // 2) if num_processes > 0 else 0,
+            pin_memory=self.device.type == "cuda")
+        next(augmenter)
+        self.print_to_log_file(f"Unlabelled stream: {len(dataset.identifiers)} cases from {self.unlabeled_folder()}, "
+                               f"batch size {self.unlabeled_batch_size or self.batch_size}")
+        return augmenter
+
+    def on_train_end(self):
+        super().on_train_end()
+        if isinstance(self.dataloader_unlabeled, (NonDetMultiThreadedAugmenter, MultiThreadedAugmenter)):
+            self.dataloader_unlabeled._finish()
+        self.dataloader_unlabeled = None
+
+    # ------------------------------------------------------------------ training step
+    def current_unsupervised_weight(self) -> float:
+        """``unsupervised_weight * sigmoid_rampup(epoch, unsupervised_rampup_epochs)``; 0 without unlabelled data."""
+        if not self.use_unlabeled:
+            return 0.0
+        return self.unsupervised_weight * sigmoid_rampup(self.current_epoch, self.unsupervised_rampup_epochs)
+
+    def compute_losses(self, data: torch.Tensor, target, unlabeled: torch.Tensor | None):
+        """Return ``(supervised_loss, unsupervised_loss)`` for one step (inside autocast).
+
+        Args:
+            data: (B, channels, *S) labelled input; target: nnU-Net's (list of) targets.
+            unlabeled: (B_u, channels, *S) unlabelled input, or None without the unlabelled stream.
+        """
+        raise NotImplementedError
+
+    def after_optimizer_step(self) -> None:
+        """Hook after each optimizer step (e.g. an EMA teacher update)."""
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else \
+            target.to(self.device, non_blocking=True)
+        unlabeled = None
+        if self.use_unlabeled:
+            unlabeled = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
+        weight = self.current_unsupervised_weight()
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            sup_loss, unsup_loss = self.compute_losses(data, target, unlabeled)
+            loss = sup_loss if unlabeled is None else sup_loss + weight * unsup_loss
+
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        self.after_optimizer_step()
+        values = torch.stack([loss.detach().float(), sup_loss.detach().float(), unsup_loss.detach().float()]).cpu()
+        return {"loss": values[0].numpy(), "sup_loss": values[1].numpy(), "unsup_loss": values[2].numpy()}
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)
+        outputs = collate_outputs(train_outputs)
+        self.logger.log("train_sup_losses", float(np.mean(outputs["sup_loss"])), self.current_epoch)
+        self.logger.log("train_unsup_losses", float(np.mean(outputs["unsup_loss"])), self.current_epoch)
+        self.logger.log("unsup_weights", self.current_unsupervised_weight(), self.current_epoch)
+
+    def on_epoch_end(self):
+        self.print_to_log_file(
+            f"sup_loss {np.round(self.logger.get_value('train_sup_losses', step=-1), decimals=4)}, unsup_loss "
+            f"{np.round(self.logger.get_value('train_unsup_losses', step=-1), decimals=6)}, unsup_weight "
+            f"{np.round(self.logger.get_value('unsup_weights', step=-1), decimals=6)}")
+        super().on_epoch_end()
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_extra_state(self) -> dict:
+        """Training-only state to store under the checkpoint key ``mmssl_state`` (a teacher, banks, ...)."""
+        return {}
+
+    def load_checkpoint_extra_state(self, state: dict) -> None:
+        """Restore what :meth:`checkpoint_extra_state` stored."""
+
+    def save_checkpoint(self, filename: str) -> None:
+        super().save_checkpoint(filename)
+        extra = self.checkpoint_extra_state()
+        if extra and self.local_rank == 0 and not self.disable_checkpointing:
+            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+            checkpoint[CHECKPOINT_KEY] = extra
+            torch.save(checkpoint, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if not isinstance(filename_or_checkpoint, str):
+            raise TypeError("nnU-Net 2.8's load_checkpoint takes a checkpoint file name.")
+        super().load_checkpoint(filename_or_checkpoint)
+        checkpoint = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
+        if CHECKPOINT_KEY in checkpoint:
+            self.load_checkpoint_extra_state(checkpoint[CHECKPOINT_KEY])
+
+
+class MMSSLTrainerBase(SSLTrainerBase):
+    """Trainer of our multi-branch networks (one encoder/decoder per modality group), see module docstring.
+
+    Loss = sum over heads of nnU-Net's deep-supervised Dice+CE on the labelled part of a joint forward pass +
+    :meth:`unsupervised_loss` on the full-resolution logits of the unlabelled part.
+    """
+
+    #: dotted path of the network class written into the plans
+    network_class_name: str = "nnunet_mmssl.architectures.multi_branch.MultiBranchUNet"
+    #: channel groups, one per branch; None = the plans' ``mmssl`` block, else first half / second half
+    modality_groups: list[list[int]] | None = None
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's exact signature)
+        plans = self.plans_with_network(plans, configuration, dataset_json)
+        super().__init__(plans, configuration, fold, dataset_json, device)
 
     # ------------------------------------------------------------------ network as data
     def network_kwargs(self) -> dict:
@@ -111,60 +260,20 @@ class MMSSLTrainerBase(nnUNetTrainer):
                             f"trainer, which writes its network into the plans.")
         return network
 
-    @property
-    def network_module(self) -> MultiBranchUNet:
-        """The bare network (unwrapped from DDP and torch.compile)."""
-        module = self.network.module if self.is_ddp else self.network
-        return module._orig_mod if isinstance(module, OptimizedModule) else module
-
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         self.network_module.deep_supervision = enabled
 
-    # ------------------------------------------------------------------ unlabelled stream
-    def unlabeled_folder(self) -> str:
-        return join(self.preprocessed_dataset_folder_base,
-                    unlabeled_data_identifier(self.configuration_manager.data_identifier, self.plans_manager.plans))
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self.network_module.return_heads = True
 
-    def get_dataloaders(self):
-        dataloader_train, dataloader_val = super().get_dataloaders()
-        if self.use_unlabeled:
-            self.dataloader_unlabeled = self.get_unlabeled_dataloader()
-        return dataloader_train, dataloader_val
-
-    def get_unlabeled_dataloader(self):
-        dataset = open_unlabeled_dataset(self.unlabeled_folder())
-        rotation_for_da, do_dummy_2d, initial_patch_size, mirror_axes = \
-            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        transforms = self.get_training_transforms(
-            self.configuration_manager.patch_size, rotation_for_da, None, mirror_axes, do_dummy_2d,
-            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
-            foreground_labels=self.label_manager.foreground_labels,
-            regions=self.label_manager.foreground_regions if self.label_manager.has_regions else None,
-            ignore_label=self.label_manager.ignore_label)
-        num_processes = get_allowed_n_proc_DA()
-        augmenter = build_unlabeled_augmenter(
-            dataset, self.unlabeled_batch_size or self.batch_size, initial_patch_size,
-            self.configuration_manager.patch_size, self.label_manager, transforms,
-            num_processes=max(1, num_processes // 2) if num_processes > 0 else 0,
-            pin_memory=self.device.type == "cuda")
-        next(augmenter)
-        self.print_to_log_file(f"Unlabelled stream: {len(dataset.identifiers)} cases from {self.unlabeled_folder()}, "
-                               f"batch size {self.unlabeled_batch_size or self.batch_size}")
-        return augmenter
+    def on_validation_epoch_start(self):
+        super().on_validation_epoch_start()
+        self.network_module.return_heads = False
 
     def on_train_end(self):
         super().on_train_end()
         self.network_module.return_heads = False
-        if isinstance(self.dataloader_unlabeled, (NonDetMultiThreadedAugmenter, MultiThreadedAugmenter)):
-            self.dataloader_unlabeled._finish()
-        self.dataloader_unlabeled = None
-
-    # ------------------------------------------------------------------ training step
-    def current_unsupervised_weight(self) -> float:
-        """``unsupervised_weight * sigmoid_rampup(epoch, unsupervised_rampup_epochs)``; 0 without unlabelled data."""
-        if not self.use_unlabeled:
-            return 0.0
-        return self.unsupervised_weight * sigmoid_rampup(self.current_epoch, self.unsupervised_rampup_epochs)
 
     def unsupervised_loss(self, unlabeled_logits: list[torch.Tensor], unlabeled_data: torch.Tensor) -> torch.Tensor:
         """The method's loss on unlabelled data.
@@ -179,87 +288,14 @@ class MMSSLTrainerBase(nnUNetTrainer):
         """Sum over heads of nnU-Net's (deep-supervised) Dice+CE loss."""
         return sum(self.loss(output, target) for output in labelled_outputs)
 
-    def on_train_epoch_start(self):
-        super().on_train_epoch_start()
-        self.network_module.return_heads = True
-
-    def on_validation_epoch_start(self):
-        super().on_validation_epoch_start()
-        self.network_module.return_heads = False
-
-    def train_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else \
-            target.to(self.device, non_blocking=True)
-        unlabeled = None
-        if self.use_unlabeled:
-            unlabeled = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
-        weight = self.current_unsupervised_weight()
+    def compute_losses(self, data: torch.Tensor, target, unlabeled: torch.Tensor | None):
         num_labelled = data.shape[0]
-
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            inputs = data if unlabeled is None else torch.cat((data, unlabeled))
-            heads = self.network(inputs)
-            labelled = [[o[:num_labelled] for o in h] if isinstance(h, (list, tuple)) else h[:num_labelled]
-                        for h in heads]
-            sup_loss = self.supervised_loss(labelled, target)
-            if unlabeled is not None:
-                full_res = [h[0] if isinstance(h, (list, tuple)) else h for h in heads]
-                unsup_loss = self.unsupervised_loss([o[num_labelled:] for o in full_res], unlabeled)
-                loss = sup_loss + weight * unsup_loss
-            else:
-                unsup_loss = torch.zeros((), device=self.device)
-                loss = sup_loss
-
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
-        values = torch.stack([loss.detach(), sup_loss.detach(), unsup_loss.detach().float()]).cpu().numpy()
-        return {"loss": values[0], "sup_loss": values[1], "unsup_loss": values[2]}
-
-    def on_train_epoch_end(self, train_outputs: list[dict]):
-        super().on_train_epoch_end(train_outputs)
-        outputs = collate_outputs(train_outputs)
-        self.logger.log("train_sup_losses", float(np.mean(outputs["sup_loss"])), self.current_epoch)
-        self.logger.log("train_unsup_losses", float(np.mean(outputs["unsup_loss"])), self.current_epoch)
-        self.logger.log("unsup_weights", self.current_unsupervised_weight(), self.current_epoch)
-
-    def on_epoch_end(self):
-        self.print_to_log_file(
-            f"sup_loss {np.round(self.logger.get_value('train_sup_losses', step=-1), decimals=4)}, unsup_loss "
-            f"{np.round(self.logger.get_value('train_unsup_losses', step=-1), decimals=6)}, unsup_weight "
-            f"{np.round(self.logger.get_value('unsup_weights', step=-1), decimals=6)}")
-        super().on_epoch_end()
-
-    # ------------------------------------------------------------------ checkpoints
-    def checkpoint_extra_state(self) -> dict:
-        """Training-only state to store under the checkpoint key ``mmssl_state`` (a teacher, banks, ...)."""
-        return {}
-
-    def load_checkpoint_extra_state(self, state: dict) -> None:
-        """Restore what :meth:`checkpoint_extra_state` stored."""
-
-    def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)
-        extra = self.checkpoint_extra_state()
-        if extra and self.local_rank == 0 and not self.disable_checkpointing:
-            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-            checkpoint[CHECKPOINT_KEY] = extra
-            torch.save(checkpoint, filename)
-
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        if not isinstance(filename_or_checkpoint, str):
-            raise TypeError("nnU-Net 2.8's load_checkpoint takes a checkpoint file name.")
-        super().load_checkpoint(filename_or_checkpoint)
-        checkpoint = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
-        if CHECKPOINT_KEY in checkpoint:
-            self.load_checkpoint_extra_state(checkpoint[CHECKPOINT_KEY])
+        inputs = data if unlabeled is None else torch.cat((data, unlabeled))
+        heads = self.network(inputs)
+        labelled = [[o[:num_labelled] for o in h] if isinstance(h, (list, tuple)) else h[:num_labelled]
+                    for h in heads]
+        sup_loss = self.supervised_loss(labelled, target)
+        if unlabeled is None:
+            return sup_loss, torch.zeros((), device=self.device)
+        full_res = [h[0] if isinstance(h, (list, tuple)) else h for h in heads]
+        return sup_loss, self.unsupervised_loss([o[num_labelled:] for o in full_res], unlabeled)
