@@ -70,3 +70,14 @@ def test_cif_shapes_range_and_gradients(conv_op, norm_op, spatial):
     assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="expects 2 feature maps, got 1"):
         cif([a])
+
+
+def test_channel_attention_affinity_in_float32_under_autocast():
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 32, 32) * 30  # large energies: float16/bfloat16 affinities would be far off
+    mem = ChannelSelfAttention(4)
+    reference = mem.attention(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = mem.attention(x)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, reference)

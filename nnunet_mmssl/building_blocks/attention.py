@@ -30,11 +30,13 @@ class ChannelSelfAttention(nn.Module):
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """Return the attended features ``f_a = A F`` with the shape of ``x`` (B, C, *S)."""
         b, c = x.shape[:2]
-        f = x.reshape(b, c, -1).float()
-        energy = torch.bmm(f, f.transpose(1, 2))
-        energy = energy.amax(dim=-1, keepdim=True) - energy
-        affinity = torch.softmax(energy, dim=-1)
-        return torch.bmm(affinity, f).reshape(x.shape).to(x.dtype)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            f = x.reshape(b, c, -1).float()
+            energy = torch.bmm(f, f.transpose(1, 2))
+            energy = energy.amax(dim=-1, keepdim=True) - energy
+            affinity = torch.softmax(energy, dim=-1)
+            attended = torch.bmm(affinity, f)
+        return attended.reshape(x.shape).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x (B, C, *S). Returns: (B, C, *S) ``x + gamma * attention(x)``."""
