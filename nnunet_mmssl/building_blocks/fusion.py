@@ -8,6 +8,7 @@ convolution, norm and nonlinearity types are passed in (``conv_op`` etc.) exactl
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU
 from torch import nn
@@ -29,8 +30,11 @@ class ComplementaryInformationFusion(nn.Module):
                  norm_op: type[nn.Module] | None = None, norm_op_kwargs: dict | None = None,
                  nonlin: type[nn.Module] | None = None, nonlin_kwargs: dict | None = None):
         super().__init__()
+        if num_inputs < 1:
+            raise ValueError(f"{type(self).__name__} needs at least one input, got num_inputs={num_inputs}.")
         common = dict(conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, nonlin=nonlin,
                       nonlin_kwargs=nonlin_kwargs)
+        self.channels = channels
         self.num_inputs = num_inputs
         self.block1 = ConvDropoutNormReLU(conv_op, num_inputs * channels, channels, kernel_size, 1, **common)
         self.block2 = ConvDropoutNormReLU(conv_op, channels, channels, kernel_size, 1, **common)
@@ -38,6 +42,12 @@ class ComplementaryInformationFusion(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """Args: features, K tensors (B, C, *S). Returns: f_fu (B, C, *S) in (0, 1)."""
         if len(features) != self.num_inputs:
-            raise ValueError(f"ComplementaryInformationFusion expects {self.num_inputs} feature maps, got "
-                             f"{len(features)}.")
+            raise ValueError(f"{type(self).__name__} expects {self.num_inputs} feature maps, got {len(features)}.")
         return torch.sigmoid(self.block2(self.block1(torch.cat(list(features), dim=1))))
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
+        """Stored elements for an input of spatial size ``input_size``: concat, both conv blocks, sigmoid."""
+        voxels = int(np.prod(input_size, dtype=np.int64))
+        convs = int(self.block1.compute_conv_feature_map_size(input_size)
+                    + self.block2.compute_conv_feature_map_size(input_size))
+        return convs + voxels * self.channels * (self.num_inputs + 1)

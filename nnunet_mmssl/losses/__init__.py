@@ -6,5 +6,7 @@ from nnunet_mmssl.losses.consistency import (
     pairwise_consistency_loss,
     probabilities,
 )
+from nnunet_mmssl.losses.mutual_learning import ContrastiveMutualLearningLoss, contrastive_mutual_learning_loss
 
 __all__ = ["CrossModalConsistencyLoss", "cross_modal_consistency_loss", "pairwise_consistency_loss", "probabilities"]
+__all__ += ["ContrastiveMutualLearningLoss", "contrastive_mutual_learning_loss"]

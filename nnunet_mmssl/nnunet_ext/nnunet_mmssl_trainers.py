@@ -9,3 +9,12 @@ from nnunet_mmssl.trainers import (  # noqa: F401
     MemCifSupervisedTrainer,
     MemCifSupervisedTrainer_demo,
 )
+from nnunet_mmssl.trainers.mean_teacher import MeanTeacherTrainer, PlainSupervisedTrainer  # noqa: F401
+from nnunet_mmssl.trainers.mmf_mcml import (  # noqa: F401
+    MMFMCMLSupervisedTrainer,
+    MMFMCMLTrainer,
+    MMFMCMLTrainer_baseline,
+    MMFMCMLTrainer_MMF,
+    MMFMCMLTrainer_MMF_MAE,
+    MMFMCMLTrainer_MMF_MCML,
+)

@@ -1,6 +1,7 @@
 """Our nnU-Net trainers. ``from nnunet_mmssl.trainers import MemCifSSLTrainer`` is the public import."""
 
 from nnunet_mmssl.trainers.base import MMSSLTrainerBase, SSLTrainerBase
+from nnunet_mmssl.trainers.mean_teacher import MeanTeacherTrainer, PlainSupervisedTrainer
 from nnunet_mmssl.trainers.memcif import (
     MemCifSSLTrainer,
     MemCifSSLTrainer_noCIF,
@@ -8,7 +9,17 @@ from nnunet_mmssl.trainers.memcif import (
     MemCifSSLTrainer_plain,
     MemCifSupervisedTrainer,
 )
+from nnunet_mmssl.trainers.mmf_mcml import (
+    MMFMCMLSupervisedTrainer,
+    MMFMCMLTrainer,
+    MMFMCMLTrainer_baseline,
+    MMFMCMLTrainer_MMF,
+    MMFMCMLTrainer_MMF_MAE,
+    MMFMCMLTrainer_MMF_MCML,
+)
 from nnunet_mmssl.trainers.variants import MemCifSSLTrainer_demo, MemCifSupervisedTrainer_demo
 
 __all__ = ["MMSSLTrainerBase", "SSLTrainerBase", "MemCifSSLTrainer", "MemCifSSLTrainer_noCIF", "MemCifSSLTrainer_noMEM",
            "MemCifSSLTrainer_plain", "MemCifSupervisedTrainer", "MemCifSSLTrainer_demo", "MemCifSupervisedTrainer_demo"]
+__all__ += ["MMFMCMLTrainer", "MMFMCMLTrainer_baseline", "MMFMCMLTrainer_MMF", "MMFMCMLTrainer_MMF_MAE",
+            "MMFMCMLTrainer_MMF_MCML", "MMFMCMLSupervisedTrainer", "MeanTeacherTrainer", "PlainSupervisedTrainer"]
