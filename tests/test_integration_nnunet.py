@@ -16,9 +16,16 @@ import torch
 pytestmark = pytest.mark.slow
 
 DATASET_ID = 901
+NEW_TRAINERS = ["MMFMCMLTrainer", "MeanTeacherTrainer", "PlainSupervisedTrainer"]
 USER_TRAINERS = textwrap.dedent('''
     import torch
-    from nnunet_mmssl.trainers import MemCifSSLTrainer
+    from nnunet_mmssl.trainers import MemCifSSLTrainer, MeanTeacherTrainer, MMFMCMLTrainer, PlainSupervisedTrainer
+
+
+    def _short(trainer):
+        trainer.num_epochs = 2
+        trainer.num_iterations_per_epoch = 2
+        trainer.num_val_iterations_per_epoch = 1
 
 
     class MemCifSSLTrainer_itest(MemCifSSLTrainer):
@@ -26,9 +33,25 @@ USER_TRAINERS = textwrap.dedent('''
 
         def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
             super().__init__(plans, configuration, fold, dataset_json, device)
-            self.num_epochs = 2
-            self.num_iterations_per_epoch = 2
-            self.num_val_iterations_per_epoch = 1
+            _short(self)
+
+
+    class MMFMCMLTrainer_itest(MMFMCMLTrainer):
+        def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            _short(self)
+
+
+    class MeanTeacherTrainer_itest(MeanTeacherTrainer):
+        def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            _short(self)
+
+
+    class PlainSupervisedTrainer_itest(PlainSupervisedTrainer):
+        def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            _short(self)
 ''')
 
 
@@ -151,3 +174,36 @@ def test_resume_restores_epoch_optimizer_and_logs(workspace, monkeypatch):
     second.run_training()
     assert len(second.logger.get_value("train_sup_losses", step=None)) == 2
     assert second.logger.get_value("unsup_weights", step=None) == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("trainer", NEW_TRAINERS)
+def test_new_trainers_train_and_predict(workspace, trainer):
+    root, env = workspace
+    name = f"{trainer}_itest"
+    _run(["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", name, "-device", "cpu"], env)
+    fold = root / "results" / "Dataset901_ITest" / f"{name}__nnUNetPlans__2d" / "fold_0"
+    assert (fold / "validation" / "summary.json").is_file()
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    unsup = checkpoint["logging"]["train_unsup_losses"]
+    if trainer == "PlainSupervisedTrainer":
+        assert unsup == [0.0, 0.0]
+    else:
+        assert all(v > 0 for v in unsup)
+    if trainer == "MeanTeacherTrainer":
+        teacher = checkpoint["mmssl_state"]["teacher"]
+        assert teacher.keys() == checkpoint["network_weights"].keys()
+        assert any(not torch.equal(teacher[k], checkpoint["network_weights"][k]) for k in teacher)
+    raw = root / "raw" / "Dataset901_ITest"
+    out = root / f"pred_{name}"
+    _run(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID), "-c", "2d",
+          "-f", "0", "-tr", name, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env)
+    assert len(list(out.glob("*.nii.gz"))) == 2
+    if trainer == "MMFMCMLTrainer":  # per-head evaluation, as in the paper's Table 2
+        heads = root / f"pred_heads_{name}"
+        _run(["nnUNetv2_mmssl_predict", "-i", str(raw / "imagesTs"), "-o", str(heads), "-d", str(DATASET_ID), "-c",
+              "2d", "-f", "0", "-tr", name, "-device", "cpu", "--disable_tta", "--each-head", "-npp", "1", "-nps",
+              "1"], env)
+        assert sorted(p.name for p in heads.iterdir()) == ["fused", "head_0_MRA", "head_1_MRB"]
+        for folder in heads.iterdir():
+            _run(["nnUNetv2_mmssl_evaluate", "-ref", str(raw / "labelsTs"), "-pred", str(folder)], env)
+            assert json.loads((folder / "summary_mmssl.json").read_text())["n_cases"] == 2

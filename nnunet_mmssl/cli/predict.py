@@ -46,8 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("-p", default="nnUNetPlans", help="plans identifier")
     parser.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (default 0 1 2 3 4)")
     parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name")
-    parser.add_argument("--head", nargs="+", default=None,
-                        help="predict with these heads only: channel names (e.g. FLAIR) or head indices")
+    heads = parser.add_mutually_exclusive_group()
+    heads.add_argument("--head", nargs="+", default=None,
+                       help="predict with these heads only: channel names (e.g. FLAIR) or head indices")
+    heads.add_argument("--each-head", action="store_true",
+                       help="write the fused prediction to OUT/fused and each head's own to OUT/head_<k>_<channels>")
     parser.add_argument("-step_size", type=float, default=0.5)
     parser.add_argument("--disable_tta", action="store_true")
     parser.add_argument("--save_probabilities", action="store_true")
@@ -76,18 +79,30 @@ def main(argv: list[str] | None = None) -> int:
                                 perform_everything_on_device=args.device == "cuda", device=torch.device(args.device))
     try:
         predictor.initialize_from_trained_model_folder(model_folder, folds, args.chk)
-        if args.head:
+        runs = [(None, args.o)]
+        if args.head or args.each_head:
             network = predictor.network._orig_mod if hasattr(predictor.network, "_orig_mod") else predictor.network
             if not hasattr(network, "inference_heads"):
-                raise ValueError(f"{model_folder} holds a single-head network; --head needs an nnunet_mmssl "
-                                 f"multi-branch model.")
-            dataset_json = load_json(os.path.join(model_folder, "dataset.json"))
-            network.inference_heads = resolve_heads(args.head, network.modality_groups,
-                                                    dataset_json["channel_names"])
-            print(f"Predicting with head(s) {network.inference_heads} of modality groups {network.modality_groups}")
+                raise ValueError(f"{model_folder} holds a single-head network; --head/--each-head need an "
+                                 f"nnunet_mmssl multi-branch model.")
+            channel_names = load_json(os.path.join(model_folder, "dataset.json"))["channel_names"]
+            if args.head:
+                runs = [(resolve_heads(args.head, network.modality_groups, channel_names), args.o)]
+            else:
+                runs = [(None, os.path.join(args.o, "fused"))] + [
+                    ((k,), os.path.join(args.o, f"head_{k}_" + "-".join(channel_names[str(c)] for c in group)))
+                    for k, group in enumerate(network.modality_groups)]
     except (ValueError, FileNotFoundError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
-    predictor.predict_from_files(args.i, args.o, save_probabilities=args.save_probabilities, overwrite=True,
-                                 num_processes_preprocessing=args.npp, num_processes_segmentation_export=args.nps)
+    for heads, output_folder in runs:
+        if heads is not None:
+            network.inference_heads = heads
+            print(f"Predicting with head(s) {heads} of modality groups {network.modality_groups} -> {output_folder}")
+        elif args.each_head:
+            network.inference_heads = None
+            print(f"Predicting with the mean of all heads -> {output_folder}")
+        predictor.predict_from_files(args.i, output_folder, save_probabilities=args.save_probabilities,
+                                     overwrite=True, num_processes_preprocessing=args.npp,
+                                     num_processes_segmentation_export=args.nps)
     return 0
