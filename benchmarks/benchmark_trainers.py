@@ -1,0 +1,740 @@
+"""Time nnU-Net's own ``nnUNetTrainer`` and each of our trainers on the same dataset and plans; print a table.
+
+    python benchmarks/benchmark_trainers.py [-d DATASET_ID] [-c 2d 3d_fullres] [-tr nnUNetTrainer MemCifSSLTrainer ...]
+        [--iterations 20] [--warmup 3] [-device cpu|cuda] [--predict-cases 2] [--phantom] [--workdir DIR]
+        [--json OUT.json]
+
+Without ``-d`` (or with ``--phantom``) the script builds its own small two-modality phantom dataset in ``--workdir``
+(default: a temporary folder) -- convert + nnU-Net planning/preprocessing of the requested configurations, labelled
+and unlabelled cases -- and points nnU-Net's ``nnUNet_raw`` / ``nnUNet_preprocessed`` / ``nnUNet_results`` at it.
+With ``-d`` it reads your ``nnUNet_raw`` / ``nnUNet_preprocessed``; model folders always go to
+``<workdir>/nnUNet_results`` so that no trained model of yours is overwritten.
+
+Each (configuration, trainer) is measured in its own child process (this script with the hidden ``--worker`` flag,
+printing one ``BENCHMARK_RESULT {json}`` line) so that peak memory is that trainer's alone. What is measured and how
+is described in ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+
+RESULT_MARKER = "BENCHMARK_RESULT "
+BASELINE_TRAINER = "nnUNetTrainer"
+DEFAULT_TRAINERS = ("nnUNetTrainer", "PlainSupervisedTrainer", "MeanTeacherTrainer", "MemCifSupervisedTrainer",
+                    "MemCifSSLTrainer", "MMFMCMLTrainer")
+DEFAULT_CONFIGURATIONS = ("2d", "3d_fullres")
+PHANTOM_ID = 979
+PHANTOM_NAME = "MMSSLBenchPhantom"
+PHANTOM_MARKER = "benchmark_phantom.json"
+
+#: (key, header, width, format) of the table's numeric columns, in order
+COLUMNS = (
+    ("batch", "batch", 7, "{}"),
+    ("s_per_iter", "s/iter", 8, "{:.3f}"),
+    ("time_ratio", "time x", 7, "{:.2f}"),
+    ("gflop_per_iter", "GFLOP/it", 9, "{:.1f}"),
+    ("flop_ratio", "FLOP x", 7, "{:.2f}"),
+    ("efficiency", "effic.", 7, "{:.2f}"),
+    ("peak_mem_mib", "peak MiB", 9, "{:.0f}"),
+    ("mem_ratio", "mem x", 6, "{:.2f}"),
+    ("estimate_ratio", "est x", 6, "{:.2f}"),
+    ("data_wait_pct", "wait %", 7, "{:.1f}"),
+    ("predict_s_per_case", "pred s/case", 11, "{:.2f}"),
+    ("predict_ratio", "pred x", 7, "{:.2f}"),
+    ("predict_network_s_per_case", "net s/case", 10, "{:.2f}"),
+    ("predict_network_ratio", "net x", 6, "{:.2f}"),
+)
+
+
+# ============================================================================ pure helpers
+class WaitTimer:
+    """Iterator proxy that accumulates the time spent in ``next(inner)`` (waiting for a batch).
+
+    Attribute access falls through to the wrapped iterator. nnU-Net shuts its augmenters down with an ``isinstance``
+    check, so put the original back (:attr:`inner`) before ``on_train_end``.
+    """
+
+    def __init__(self, inner: Iterator, clock=time.perf_counter):
+        self.inner = inner
+        self.clock = clock
+        self.seconds = 0.0
+        self.calls = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = self.clock()
+        try:
+            return next(self.inner)
+        finally:
+            self.seconds += self.clock() - start
+            self.calls += 1
+
+    def reset(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+
+    def __getattr__(self, name):
+        if name == "inner":  # not yet set (e.g. while unpickling): avoid infinite recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def ratio(value: float | None, reference: float | None) -> float | None:
+    """``value / reference``, or None when either is missing or the reference is not positive."""
+    if value is None or reference is None or reference <= 0:
+        return None
+    return value / reference
+
+
+def efficiency(flop_ratio: float | None, time_ratio: float | None) -> float | None:
+    """FLOP ratio / time ratio: FLOP throughput relative to the baseline (> 1: more FLOP/s than the baseline)."""
+    return ratio(flop_ratio, time_ratio)
+
+
+def choose_baseline(rows: Sequence[dict], preferred: str = BASELINE_TRAINER) -> dict | None:
+    """The row the ratios refer to: ``preferred`` if it was measured, else the first row with a time."""
+    measured = [r for r in rows if r.get("s_per_iter") is not None]
+    for row in measured:
+        if row["trainer"] == preferred:
+            return row
+    return measured[0] if measured else None
+
+
+def add_ratios(rows: Sequence[dict], preferred: str = BASELINE_TRAINER) -> str | None:
+    """Fill the ratio columns of ``rows`` (in place) relative to the baseline row; return the baseline's name."""
+    base = choose_baseline(rows, preferred) or {}
+    for row in rows:
+        row["time_ratio"] = ratio(row.get("s_per_iter"), base.get("s_per_iter"))
+        row["flop_ratio"] = ratio(row.get("flops_per_iter"), base.get("flops_per_iter"))
+        row["efficiency"] = efficiency(row["flop_ratio"], row["time_ratio"])
+        row["mem_ratio"] = ratio(row.get("peak_mem_mib"), base.get("peak_mem_mib"))
+        row["estimate_ratio"] = ratio(row.get("memory_estimate"), base.get("memory_estimate"))
+        row["predict_ratio"] = ratio(row.get("predict_s_per_case"), base.get("predict_s_per_case"))
+        row["predict_network_ratio"] = ratio(row.get("predict_network_s_per_case"),
+                                             base.get("predict_network_s_per_case"))
+        flops = row.get("flops_per_iter")
+        row["gflop_per_iter"] = None if flops is None else flops / 1e9
+        wait = row.get("data_wait_fraction")
+        row["data_wait_pct"] = None if wait is None else 100.0 * wait
+        if row.get("batch_labeled") is not None:
+            row["batch"] = f"{row['batch_labeled']}+{row.get('batch_unlabeled') or 0}"
+    return base.get("trainer")
+
+
+def _cell(value, width: int, fmt: str) -> str:
+    text = "-" if value is None else fmt.format(value)
+    return f"{text:>{width}}"
+
+
+def format_table(rows: Sequence[dict], baseline: str | None = None) -> str:
+    """Fixed-width table of measured rows (run :func:`add_ratios` first). A row whose training could not be measured
+    shows its error instead of numbers; errors of partly measured rows are listed below the table."""
+    name_width = max([len("trainer")] + [len(r["trainer"]) + 1 for r in rows])  # + 1: the baseline's "*"
+    header = f"{'trainer':<{name_width}}" + "".join(f" {title:>{width}}" for _, title, width, _ in COLUMNS)
+    lines = [header, "-" * len(header)]
+    notes = []
+    for row in rows:
+        name = row["trainer"] + ("*" if baseline is not None and row["trainer"] == baseline else "")
+        if row.get("s_per_iter") is None:
+            message = f"ERROR: {row.get('error') or 'no result'}"
+            lines.append(f"{name:<{name_width}} " + message[:len(header) - name_width - 1])
+            continue
+        lines.append(f"{name:<{name_width}}" + "".join(
+            " " + _cell(row.get(key), width, fmt) for key, _, width, fmt in COLUMNS))
+        if row.get("error"):
+            notes.append(f"  {row['trainer']}: {row['error']}")
+    if baseline is not None:
+        lines.append(f"* ratios are relative to {baseline}")
+    if notes:
+        lines.append("errors (partly measured rows):")
+        lines.extend(notes)
+    return "\n".join(lines)
+
+
+def parse_worker_output(text: str) -> dict | None:
+    """The JSON of the last ``BENCHMARK_RESULT`` line of a worker's output, or None."""
+    for line in reversed(text.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            try:
+                return json.loads(line[len(RESULT_MARKER):])
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def effective_batch_size(trainer) -> tuple[int, int]:
+    """(labelled, unlabelled) patches per training step; unlabelled is 0 without an unlabelled stream."""
+    labelled = int(trainer.batch_size)
+    unlabelled = 0
+    if getattr(trainer, "use_unlabeled", False) and getattr(trainer, "dataloader_unlabeled", None) is not None:
+        unlabelled = int(getattr(trainer, "unlabeled_batch_size", None) or labelled)
+    return labelled, unlabelled
+
+
+def case_file_lists(file_names: Sequence[str], file_ending: str, max_cases: int) -> list[tuple[str, list[str]]]:
+    """Group nnU-Net image files (``CASE_XXXX<ending>``) by case: ``[(case, [files in channel order]), ...]`` for the
+    first ``max_cases`` cases in sorted order."""
+    pattern = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending) + "$")
+    cases: dict[str, list[tuple[int, str]]] = {}
+    for name in file_names:
+        match = pattern.match(os.path.basename(name))
+        if match:
+            cases.setdefault(match.group(1), []).append((int(match.group(2)), name))
+    return [(case, [f for _, f in sorted(cases[case])]) for case in sorted(cases)[:max_cases]]
+
+
+def format_errors(error: BaseException, limit: int = 300) -> str:
+    """One line: ``Type: message`` (shortened)."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def default_n_proc_da(device: str) -> int:
+    """Augmentation workers per trainer when ``--n-proc-da`` is not given: 2 on CPU (the CPU also trains), on CUDA
+    nnU-Net's own fallback of 12 limited to the machine's cores."""
+    return 2 if device == "cpu" else min(12, os.cpu_count() or 1)
+
+
+# ============================================================================ arguments
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Time nnUNetTrainer and our trainers on the same dataset and plans (see benchmarks/README.md).")
+    parser.add_argument("-d", "--dataset", default=None,
+                        help="nnU-Net dataset id or name (needs nnUNet_raw/nnUNet_preprocessed); default: phantom")
+    parser.add_argument("-c", "--configurations", nargs="+", default=list(DEFAULT_CONFIGURATIONS),
+                        help=f"configurations (default {' '.join(DEFAULT_CONFIGURATIONS)})")
+    parser.add_argument("-tr", "--trainers", nargs="+", default=list(DEFAULT_TRAINERS),
+                        help=f"trainers (default {' '.join(DEFAULT_TRAINERS)})")
+    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    parser.add_argument("-f", "--fold", default="all", help="fold: 'all' (default) or an integer")
+    parser.add_argument("--iterations", type=int, default=20, help="timed training iterations (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations before (default 3)")
+    parser.add_argument("-device", "--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--predict-cases", type=int, default=2,
+                        help="cases to predict (imagesTs, then imagesTr); 0 skips prediction (default 2)")
+    parser.add_argument("--mirror", action="store_true", help="test-time mirroring in prediction (default off)")
+    parser.add_argument("--phantom", action="store_true", help="build and use the phantom dataset (default without -d)")
+    parser.add_argument("--phantom-shape", nargs=3, type=int, default=[24, 96, 96], metavar=("Z", "Y", "X"),
+                        help="phantom voxels (default 24 96 96)")
+    parser.add_argument("--phantom-spacing", nargs=3, type=float, default=[3.0, 1.0, 1.0], metavar=("Z", "Y", "X"))
+    parser.add_argument("--phantom-cases", nargs=2, type=int, default=[4, 4], metavar=("LABELLED", "UNLABELLED"),
+                        help="phantom training cases (default 4 labelled, 4 unlabelled)")
+    parser.add_argument("--workdir", default=None, help="folder for the phantom, model folders, predictions and "
+                        "logs (default: a temporary folder, removed at the end unless a trainer failed)")
+    parser.add_argument("--keep-workdir", action="store_true", help="do not remove the temporary workdir")
+    parser.add_argument("--json", default=None, help="also write all results to this JSON file")
+    parser.add_argument("--n-proc-da", type=int, default=None,
+                        help="nnUNet_n_proc_DA for the trainers (default 2 on cpu, min(12, cores) on cuda)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads in each worker (default: all cores on cpu as nnUNetv2_train does; "
+                             "torch's default on cuda)")
+    parser.add_argument("--compile", action="store_true",
+                        help="let nnU-Net torch.compile the network on cuda (default: nnUNet_compile=false)")
+    parser.add_argument("-np", "--num-processes", type=int, default=2, help="processes for phantom preprocessing")
+    parser.add_argument("--worker-timeout", type=float, default=3600.0, help="seconds per (configuration, trainer)")
+    # hidden: one measurement in this process
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-configuration", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-trainer", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-output", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.dataset is None:
+        args.phantom = True
+    if args.phantom and args.dataset is not None:
+        parser.error("give either -d DATASET or --phantom, not both")
+    if args.iterations < 1 or args.warmup < 0 or args.predict_cases < 0:
+        parser.error("--iterations must be >= 1, --warmup and --predict-cases >= 0")
+    if args.fold != "all":
+        try:
+            args.fold = str(int(args.fold))
+        except ValueError:
+            parser.error(f"-f must be 'all' or an integer, got {args.fold!r}")
+    if args.n_proc_da is None:
+        args.n_proc_da = default_n_proc_da(args.device)
+    if args.threads is None and args.device == "cpu":
+        args.threads = os.cpu_count() or 1
+    if args.worker and not (args.worker_configuration and args.worker_trainer and args.dataset):
+        parser.error("--worker needs -d, --worker-configuration and --worker-trainer")
+    return args
+
+
+def worker_argv(args: argparse.Namespace, dataset: str, configuration: str, trainer: str,
+                output_folder: str) -> list[str]:
+    """Command line of the child process measuring one (configuration, trainer)."""
+    argv = [sys.executable, os.path.abspath(__file__), "--worker", "-d", str(dataset), "-p", args.plans,
+            "-f", str(args.fold), "--iterations", str(args.iterations), "--warmup", str(args.warmup),
+            "-device", args.device, "--predict-cases", str(args.predict_cases), "--n-proc-da", str(args.n_proc_da),
+            "--worker-configuration", configuration, "--worker-trainer", trainer, "--worker-output", output_folder]
+    if args.threads is not None:
+        argv += ["--threads", str(args.threads)]
+    if args.mirror:
+        argv.append("--mirror")
+    return argv
+
+
+# ============================================================================ worker (one child process)
+def _current_rss_mib() -> float | None:
+    try:
+        with open("/proc/self/statm") as handle:
+            pages = int(handle.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _ru_maxrss_mib() -> float:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _vm_hwm_mib() -> float | None:
+    """Peak RSS of this process's own address space (``VmHWM`` of /proc/self/status, Linux), or None."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def peak_rss_mib() -> tuple[float, str]:
+    """(peak RSS in MiB, how it was read). Linux keeps ``ru_maxrss`` across ``execve``, so a worker started by a big
+    parent reports at least the parent's RSS at fork time; ``VmHWM`` belongs to the worker's own address space and
+    is preferred where it exists."""
+    hwm = _vm_hwm_mib()
+    if hwm is not None:
+        return hwm, "peak RSS (VmHWM)"
+    return _ru_maxrss_mib(), "peak RSS (ru_maxrss)"
+
+
+def _bare_network(trainer):
+    from torch._dynamo import OptimizedModule
+
+    module = trainer.network.module if getattr(trainer, "is_ddp", False) else trainer.network
+    return module._orig_mod if isinstance(module, OptimizedModule) else module
+
+
+def _finish_augmenters(trainer) -> None:
+    for name in ("dataloader_train", "dataloader_val", "dataloader_unlabeled"):
+        loader = getattr(trainer, name, None)
+        if isinstance(loader, WaitTimer):
+            loader = loader.inner
+        if hasattr(loader, "_finish"):
+            try:
+                loader._finish()
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
+
+
+def measure_training(trainer, args, result: dict) -> None:
+    """Timed steps with waiting proxies, one FLOP-counted step, peak memory and the memory estimate."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cuda = trainer.device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(trainer.device)
+
+    labelled, unlabelled = effective_batch_size(trainer)
+    result.update(batch_labeled=labelled, batch_unlabeled=unlabelled,
+                  patch_size=[int(p) for p in trainer.configuration_manager.patch_size])
+    network = _bare_network(trainer)
+    feature_map = int(network.compute_conv_feature_map_size(trainer.configuration_manager.patch_size))
+    result.update(feature_map_size=feature_map, memory_estimate=feature_map * (labelled + unlabelled))
+
+    train_proxy = WaitTimer(trainer.dataloader_train)
+    trainer.dataloader_train = train_proxy
+    proxies = [train_proxy]
+    if getattr(trainer, "dataloader_unlabeled", None) is not None:
+        trainer.dataloader_unlabeled = WaitTimer(trainer.dataloader_unlabeled)
+        proxies.append(trainer.dataloader_unlabeled)
+
+    for _ in range(args.warmup):
+        trainer.train_step(next(trainer.dataloader_train))
+    sync()
+    result["rss_before_steps_mib"] = _current_rss_mib()
+    for proxy in proxies:
+        proxy.reset()
+    step_seconds = []
+    for _ in range(args.iterations):
+        sync()
+        start = time.perf_counter()
+        trainer.train_step(next(trainer.dataloader_train))
+        sync()
+        step_seconds.append(time.perf_counter() - start)
+    total = sum(step_seconds)
+    wait_labelled = train_proxy.seconds
+    wait_unlabelled = proxies[1].seconds if len(proxies) > 1 else 0.0
+    result.update(s_per_iter=total / len(step_seconds), s_per_iter_min=min(step_seconds),
+                  s_per_iter_median=sorted(step_seconds)[len(step_seconds) // 2], step_seconds=step_seconds,
+                  data_wait_s=wait_labelled + wait_unlabelled, data_wait_labeled_s=wait_labelled,
+                  data_wait_unlabeled_s=wait_unlabelled, data_wait_fraction=(wait_labelled + wait_unlabelled) / total)
+
+    # one more real step (its batch from the loaders, its optimizer step) inside the FLOP counter
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_step(next(trainer.dataloader_train))
+    sync()
+    result["flops_per_iter"] = int(counter.get_total_flops())
+
+    if cuda:
+        result["peak_mem_mib"] = torch.cuda.max_memory_allocated(trainer.device) / 2 ** 20
+        result["peak_mem_reserved_mib"] = torch.cuda.max_memory_reserved(trainer.device) / 2 ** 20
+        result["peak_mem_kind"] = "torch.cuda.max_memory_allocated"
+    else:
+        result["peak_mem_mib"], result["peak_mem_kind"] = peak_rss_mib()
+        result["ru_maxrss_mib"] = _ru_maxrss_mib()
+
+
+def measure_prediction(model_folder: str, fold, args, device, dataset_name: str, dataset_json: dict,
+                       output_folder: str, result: dict) -> None:
+    """Time nnUNetPredictor.predict_from_files on the first ``--predict-cases`` cases (imagesTs, then imagesTr)."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.paths import nnUNet_raw
+
+    raw = os.path.join(nnUNet_raw.require(), dataset_name)
+    ending = dataset_json["file_ending"]
+    cases: list[tuple[str, list[str]]] = []
+    for sub in ("imagesTs", "imagesTr"):
+        folder = os.path.join(raw, sub)
+        if os.path.isdir(folder) and len(cases) < args.predict_cases:
+            files = [os.path.join(folder, f) for f in sorted(os.listdir(folder))]
+            cases += case_file_lists(files, ending, args.predict_cases - len(cases))
+    if not cases:
+        raise FileNotFoundError(f"no images to predict in {raw}/imagesTs or imagesTr")
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=args.mirror,
+                                perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
+                                verbose_preprocessing=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(model_folder, use_folds=(fold,),
+                                                   checkpoint_name="checkpoint_final.pth")
+    network_seconds = []
+    predict_logits = predictor.predict_logits_from_preprocessed_data
+
+    def timed_predict_logits(data):  # the network part of each case (weights loading + sliding window)
+        start = time.perf_counter()
+        logits = predict_logits(data)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        network_seconds.append(time.perf_counter() - start)
+        return logits
+
+    predictor.predict_logits_from_preprocessed_data = timed_predict_logits
+    outputs = [os.path.join(output_folder, case) for case, _ in cases]
+    os.makedirs(output_folder, exist_ok=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    predictor.predict_from_files([files for _, files in cases], outputs, save_probabilities=False, overwrite=True,
+                                 num_processes_preprocessing=1, num_processes_segmentation_export=1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        result["predict_peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    seconds = time.perf_counter() - start
+    result.update(predict_cases=len(cases), predict_s=seconds, predict_s_per_case=seconds / len(cases),
+                  predict_network_s_per_case=sum(network_seconds) / len(network_seconds) if network_seconds else None)
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    """Measure one (configuration, trainer) in this process; return the result dict (``error`` on failure)."""
+    result: dict = {"trainer": args.worker_trainer, "configuration": args.worker_configuration}
+    errors: list[str] = []
+    trainer = None
+    try:
+        import torch
+        from batchgenerators.utilities.file_and_folder_operations import load_json
+        from nnunetv2.paths import nnUNet_preprocessed
+        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        device = torch.device(args.device)
+        if device.type == "cuda":  # as nnUNetv2_train
+            torch.backends.cudnn.deterministic = False
+            torch.backends.cudnn.benchmark = True
+        result["env"] = {"torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                         "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA"),
+                         "nnUNet_compile": os.environ.get("nnUNet_compile")}
+        dataset_name = maybe_convert_to_dataset_name(args.dataset)
+        folder = os.path.join(nnUNet_preprocessed.require(), dataset_name)
+        plans = load_json(os.path.join(folder, args.plans + ".json"))
+        plans["continue_training"] = False
+        dataset_json = load_json(os.path.join(folder, "dataset.json"))
+        trainer_class = recursive_find_trainer_class_by_name(args.worker_trainer)
+        if trainer_class is None:
+            raise RuntimeError(f"trainer class {args.worker_trainer!r} not found (nnunetv2 or nnUNet_extTrainer)")
+        fold = "all" if args.fold == "all" else int(args.fold)
+        result["rss_after_imports_mib"] = _current_rss_mib()  # the process's baseline, before any trainer exists
+        trainer = trainer_class(plans=plans, configuration=args.worker_configuration, fold=fold,
+                                dataset_json=dataset_json, device=device)
+        trainer.on_train_start()
+        trainer.on_train_epoch_start()
+        try:
+            measure_training(trainer, args, result)
+        except Exception as error:  # noqa: BLE001 - reported in the row
+            errors.append(f"training: {format_errors(error)}")
+            traceback.print_exc()
+        finally:
+            for name in ("dataloader_train", "dataloader_unlabeled"):
+                loader = getattr(trainer, name, None)
+                if isinstance(loader, WaitTimer):
+                    setattr(trainer, name, loader.inner)
+            try:
+                trainer.on_train_end()  # writes checkpoint_final.pth and shuts the augmenters down
+            except Exception as error:  # noqa: BLE001
+                errors.append(f"on_train_end: {format_errors(error)}")
+                traceback.print_exc()
+                _finish_augmenters(trainer)
+        checkpoint = os.path.join(trainer.output_folder, "checkpoint_final.pth")
+        trainer.save_checkpoint(checkpoint)
+        model_folder = trainer.output_folder_base
+        del trainer.network, trainer.optimizer
+        trainer = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if args.predict_cases > 0:
+            try:
+                measure_prediction(model_folder, fold, args, device, dataset_name, dataset_json,
+                                   args.worker_output, result)
+            except Exception as error:  # noqa: BLE001
+                errors.append(f"prediction: {format_errors(error)}")
+                traceback.print_exc()
+    except Exception as error:  # noqa: BLE001
+        errors.append(format_errors(error))
+        traceback.print_exc()
+        if trainer is not None:
+            _finish_augmenters(trainer)
+    if errors:
+        result["error"] = "; ".join(errors)
+    return result
+
+
+# ============================================================================ parent
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(args: argparse.Namespace, worker_env: dict | None = None) -> dict:
+    """Machine and software of this run (the worker's torch threads and GPU name when known)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def package_version(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    worker_env = worker_env or {}
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "gpu": worker_env.get("device_name"),
+            "device": args.device, "python": platform.python_version(), "platform": platform.platform(),
+            "torch": package_version("torch"), "nnunetv2": package_version("nnunetv2"),
+            "torch_threads": worker_env.get("torch_threads"), "nnUNet_n_proc_DA": args.n_proc_da,
+            "nnUNet_compile": bool(args.compile)}
+
+
+def format_header(info: dict, command: str, date: str, dataset: str) -> str:
+    device = f"cuda ({info['gpu']})" if info["device"] == "cuda" else "cpu"
+    return "\n".join([
+        f"date:     {date}",
+        f"command:  {command}",
+        f"machine:  {info['cpu']} ({info['cores']} cores), device {device}",
+        (f"software: python {info['python']}, torch {info['torch']}, nnunetv2 {info['nnunetv2']}, torch threads "
+         f"{info['torch_threads']}, nnUNet_n_proc_DA {info['nnUNet_n_proc_DA']}, compile {info['nnUNet_compile']}"),
+        f"dataset:  {dataset}",
+    ])
+
+
+def benchmark_environment(args: argparse.Namespace, workdir: str) -> dict:
+    """Environment of the children (and of this process's phantom build)."""
+    from nnunet_mmssl._ext_trainer_hook import EXT_TRAINER_FOLDER, EXT_TRAINER_VARIABLE
+
+    env = dict(os.environ)
+    if args.phantom:
+        env.update(nnUNet_raw=os.path.join(workdir, "nnUNet_raw"),
+                   nnUNet_preprocessed=os.path.join(workdir, "nnUNet_preprocessed"))
+    else:
+        for key in ("nnUNet_raw", "nnUNet_preprocessed"):
+            if not env.get(key):
+                raise SystemExit(f"-d needs {key} to be set (or use --phantom).")
+    env.update(nnUNet_results=os.path.join(workdir, "nnUNet_results"), nnUNet_n_proc_DA=str(args.n_proc_da),
+               nnUNet_compile="true" if args.compile else "false",
+               nnUNet_def_n_proc=env.get("nnUNet_def_n_proc", str(max(1, args.num_processes))))
+    paths = [p for p in env.get(EXT_TRAINER_VARIABLE, "").split(os.pathsep) if p]
+    if EXT_TRAINER_FOLDER not in paths:
+        env[EXT_TRAINER_VARIABLE] = os.pathsep.join(paths + [EXT_TRAINER_FOLDER])
+    env.pop("NNUNET_MMSSL_NO_EXT_TRAINER", None)
+    return env
+
+
+def prepare_phantom(args: argparse.Namespace, workdir: str) -> str:
+    """Build (or reuse) the phantom dataset with the requested configurations preprocessed; return its name."""
+    from nnunet_mmssl.dataset_conversion import PHANTOM_LABEL_GLOB, PHANTOM_MODALITY_GLOBS, convert_dataset
+    from nnunet_mmssl.dataset_conversion.phantom import make_phantom_cases
+    from nnunet_mmssl.planners.plan_and_preprocess import plan_and_preprocess
+
+    labelled, unlabelled = args.phantom_cases
+    num_test = max(1, args.predict_cases)
+    recipe = {"shape": list(args.phantom_shape), "spacing": list(args.phantom_spacing), "labelled": labelled,
+              "unlabelled": unlabelled, "test": num_test, "configurations": sorted(args.configurations)}
+    name = f"Dataset{PHANTOM_ID:03d}_{PHANTOM_NAME}"
+    marker = os.path.join(workdir, PHANTOM_MARKER)
+    if os.path.isfile(marker):
+        with open(marker) as handle:
+            old = json.load(handle)
+        if {**old, "configurations": []} == {**recipe, "configurations": []} and \
+                set(recipe["configurations"]) <= set(old["configurations"]):
+            print(f"reusing the phantom dataset in {workdir}", flush=True)
+            return name
+        os.remove(marker)
+    print(f"building the phantom dataset in {workdir}: {labelled} labelled + {unlabelled} unlabelled + {num_test} "
+          f"test cases of {tuple(args.phantom_shape)} voxels; planning {' '.join(args.configurations)}", flush=True)
+    sources = make_phantom_cases(os.path.join(workdir, "phantom"), num_labeled=labelled + num_test,
+                                 num_unlabeled=unlabelled, shape=tuple(args.phantom_shape),
+                                 spacing=tuple(args.phantom_spacing), seed=0)
+    convert_dataset([os.path.join(sources, "labeled"), os.path.join(sources, "unlabeled")], PHANTOM_MODALITY_GLOBS,
+                    PHANTOM_LABEL_GLOB, os.environ["nnUNet_raw"], PHANTOM_ID, PHANTOM_NAME, num_labeled=labelled,
+                    num_test=num_test, seed=0, labels={"background": 0, "lesion": 1}, overwrite=True)
+    log = os.path.join(workdir, "logs", "plan_and_preprocess.log")
+    with open(log, "w") as handle:
+        plan_and_preprocess(PHANTOM_ID, list(args.configurations), num_processes=max(1, args.num_processes),
+                            progress=lambda message: handle.write(message + "\n"))
+    with open(marker, "w") as handle:
+        json.dump(recipe, handle)
+    return name
+
+
+def run_one(args: argparse.Namespace, env: dict, dataset: str, configuration: str, trainer: str,
+            workdir: str) -> dict:
+    """Run the worker for one (configuration, trainer) in a child process; return its result."""
+    log_file = os.path.join(workdir, "logs", f"{configuration}__{trainer}.log")
+    output = os.path.join(workdir, "predictions", configuration, trainer)
+    argv = worker_argv(args, dataset, configuration, trainer, output)
+    start = time.perf_counter()
+    # own session, so that on a timeout the worker and its augmentation / prediction processes end together
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=args.worker_timeout)
+        code = process.returncode
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            process.kill()
+        stdout, stderr = process.communicate()
+        code = None
+    with open(log_file, "w") as handle:
+        handle.write(f"$ {shlex.join(argv)}\n\n--- stdout\n{stdout}\n--- stderr\n{stderr}")
+    result = parse_worker_output(stdout)
+    if result is None:
+        last = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or ["no output"]
+        reason = f"timed out after {args.worker_timeout:.0f} s" if code is None else f"exit code {code}"
+        result = {"trainer": trainer, "configuration": configuration, "error": f"worker {reason}: {last[0]}"}
+    result["wall_s"] = time.perf_counter() - start
+    if result.get("error"):
+        result["log"] = log_file
+    return result
+
+
+def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> dict:
+    command = shlex.join(["python", os.path.relpath(os.path.abspath(__file__)), *argv])
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    temporary = args.workdir is None
+    workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="mmssl_benchmark_"))
+    os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
+    env = benchmark_environment(args, workdir)
+    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
+                                           "nnUNet_n_proc_DA", "nnUNet_compile")})
+    if args.phantom:
+        dataset = prepare_phantom(args, workdir)
+    else:
+        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+        dataset = maybe_convert_to_dataset_name(args.dataset)
+    results: dict[str, list[dict]] = {}
+    baselines: dict[str, str | None] = {}
+    worker_env = None
+    for configuration in args.configurations:
+        rows = []
+        for trainer in args.trainers:
+            print(f"[{configuration}] {trainer}: measuring ...", flush=True)
+            row = run_one(args, env, dataset, configuration, trainer, workdir)
+            worker_env = worker_env or row.get("env")
+            summary = f"{row['s_per_iter']:.3f} s/iter" if row.get("s_per_iter") is not None else "no timing"
+            error = f"; error: {row['error']} (log {row['log']})" if row.get("error") else ""
+            print(f"[{configuration}] {trainer}: {summary} ({row['wall_s']:.0f} s){error}", flush=True)
+            rows.append(row)
+        baselines[configuration] = add_ratios(rows)
+        results[configuration] = rows
+    info = machine_info(args, worker_env)
+    report = [format_header(info, command, date, dataset)]
+    for configuration, rows in results.items():
+        title = (f"configuration {configuration} ({args.iterations} timed iterations after {args.warmup} warm-up; "
+                 f"prediction of {args.predict_cases} case(s), mirroring {'on' if args.mirror else 'off'})")
+        report += ["", title, format_table(rows, baselines[configuration])]
+    print("\n" + "\n".join(report), flush=True)
+    failed = any(row.get("error") for rows in results.values() for row in rows)
+    summary = {"date": date, "command": command, "machine": info, "dataset": dataset, "workdir": workdir,
+               "settings": {k: v for k, v in vars(args).items() if not k.startswith("worker")},
+               "baselines": baselines, "results": results}
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(summary, handle, indent=2)
+        print(f"\nresults written to {args.json}")
+    if temporary and not args.keep_workdir and not failed:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        print(f"workdir (model folders, predictions, logs): {workdir}")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.worker:
+        result = run_worker(args)
+        print("\n" + RESULT_MARKER + json.dumps(result), flush=True)  # own line, whatever nnU-Net printed last
+        return 0
+    summary = run_parent(args, argv)
+    return 1 if all(row.get("s_per_iter") is None for rows in summary["results"].values() for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

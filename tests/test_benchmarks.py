@@ -1,0 +1,210 @@
+"""Fast tests of the pure helpers of ``benchmarks/benchmark_trainers.py`` (no training, no child processes)."""
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark_trainers.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark_trainers", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def _row(trainer, s, flops, peak, estimate, predict, wait=0.0, labelled=2, unlabelled=0, network=None):
+    return {"trainer": trainer, "s_per_iter": s, "flops_per_iter": flops, "peak_mem_mib": peak,
+            "memory_estimate": estimate, "predict_s_per_case": predict, "predict_network_s_per_case": network,
+            "data_wait_fraction": wait, "batch_labeled": labelled, "batch_unlabeled": unlabelled}
+
+
+def test_ratio_and_efficiency_hand_values(bench):
+    assert bench.ratio(3.0, 1.5) == 2.0
+    assert bench.ratio(None, 1.0) is None and bench.ratio(1.0, None) is None
+    assert bench.ratio(1.0, 0.0) is None
+    assert bench.efficiency(4.5, 2.5) == pytest.approx(1.8)
+    assert bench.efficiency(None, 2.0) is None
+
+
+def test_add_ratios_against_nnunet_trainer(bench):
+    rows = [_row("MemCifSSLTrainer", 2.5, 45e9, 1500.0, 420, 3.0, wait=0.25, unlabelled=2, network=0.9),
+            _row("nnUNetTrainer", 1.0, 10e9, 1000.0, 100, 2.0, wait=0.1, network=0.3)]
+    assert bench.add_ratios(rows) == "nnUNetTrainer"
+    ours, base = rows
+    assert base["time_ratio"] == 1.0 and base["efficiency"] == 1.0
+    assert ours["time_ratio"] == pytest.approx(2.5)
+    assert ours["flop_ratio"] == pytest.approx(4.5)
+    assert ours["efficiency"] == pytest.approx(1.8)
+    assert ours["mem_ratio"] == pytest.approx(1.5)
+    assert ours["estimate_ratio"] == pytest.approx(4.2)
+    assert ours["predict_ratio"] == pytest.approx(1.5)
+    assert ours["predict_network_ratio"] == pytest.approx(3.0)
+    assert ours["gflop_per_iter"] == pytest.approx(45.0)
+    assert ours["data_wait_pct"] == pytest.approx(25.0)
+    assert ours["batch"] == "2+2" and base["batch"] == "2+0"
+
+
+def test_baseline_falls_back_to_first_measured_row(bench):
+    rows = [{"trainer": "nnUNetTrainer", "error": "boom"}, _row("A", 2.0, 4e9, 800.0, 10, None),
+            _row("B", 4.0, 8e9, 1600.0, 20, None)]
+    assert bench.add_ratios(rows) == "A"
+    assert rows[2]["time_ratio"] == 2.0 and rows[2]["flop_ratio"] == 2.0 and rows[2]["efficiency"] == 1.0
+    assert rows[2]["predict_ratio"] is None
+    assert rows[0]["time_ratio"] is None
+    assert bench.add_ratios([{"trainer": "X", "error": "boom"}]) is None
+
+
+def test_format_table_fixed_width_errors_and_missing_cells(bench):
+    rows = [_row("nnUNetTrainer", 1.0, 10e9, 1000.0, 100, 2.0),
+            {**_row("MemCifSSLTrainer", 2.0, 30e9, 1200.0, 300, None, unlabelled=2), "error": "prediction: boom"},
+            {"trainer": "MMFMCMLTrainer", "error": "RuntimeError: out of memory"}]
+    baseline = bench.add_ratios(rows)
+    table = bench.format_table(rows, baseline)
+    lines = table.splitlines()
+    header = lines[0]
+    for title in ("trainer", "s/iter", "time x", "FLOP x", "effic.", "peak MiB", "mem x", "est x", "wait %",
+                  "pred s/case", "pred x"):
+        assert title in header
+    assert set(lines[1]) == {"-"} and len(lines[1]) == len(header)
+    assert len(lines[2]) == len(header) and len(lines[3]) == len(header)  # numeric rows: fixed width
+    assert lines[2].startswith("nnUNetTrainer*")
+    assert " 2.000 " in lines[3] and lines[3].split()[-4] == "-"  # no prediction: "-" cells
+    assert lines[4].startswith("MMFMCMLTrainer") and "ERROR: RuntimeError: out of memory" in lines[4]
+    assert "* ratios are relative to nnUNetTrainer" in table
+    assert "MemCifSSLTrainer: prediction: boom" in table
+    # columns line up: every number of a column ends at the header title's end
+    end = header.index("s/iter") + len("s/iter")
+    assert lines[2][:end].endswith("1.000") and lines[3][:end].endswith("2.000")
+
+
+def test_wait_timer_on_fake_iterator(bench):
+    ticks = iter([0.0, 0.5, 1.0, 3.0, 10.0, 10.25])
+
+    class Fake:
+        finished = False
+
+        def __init__(self):
+            self.items = iter(["a", "b"])
+
+        def __next__(self):
+            return next(self.items)
+
+        def _finish(self):
+            self.finished = True
+
+    fake = Fake()
+    timer = bench.WaitTimer(fake, clock=lambda: next(ticks))
+    assert iter(timer) is timer
+    assert next(timer) == "a" and timer.seconds == pytest.approx(0.5) and timer.calls == 1
+    assert next(timer) == "b" and timer.seconds == pytest.approx(2.5) and timer.calls == 2
+    with pytest.raises(StopIteration):
+        next(timer)
+    assert timer.seconds == pytest.approx(2.75) and timer.calls == 3  # the failed wait counts too
+    timer._finish()  # attribute access falls through to the wrapped iterator
+    assert fake.finished and timer.inner is fake
+    timer.reset()
+    assert timer.seconds == 0.0 and timer.calls == 0
+
+
+def test_wait_timer_with_real_clock(bench):
+    timer = bench.WaitTimer(iter(range(3)))
+    assert list(timer) == [0, 1, 2]
+    assert timer.calls == 4 and timer.seconds >= 0.0
+
+
+def test_parse_args_defaults_and_phantom(bench):
+    args = bench.parse_args([])
+    assert args.phantom and args.dataset is None
+    assert args.configurations == ["2d", "3d_fullres"]
+    assert args.trainers == list(bench.DEFAULT_TRAINERS) and args.trainers[0] == "nnUNetTrainer"
+    assert (args.iterations, args.warmup, args.predict_cases, args.device) == (20, 3, 2, "cpu")
+    assert args.n_proc_da == 2 and args.threads == (os.cpu_count() or 1)
+    assert args.fold == "all" and not args.mirror and not args.worker
+    args = bench.parse_args(["-d", "501", "-c", "2d", "-tr", "nnUNetTrainer", "MemCifSSLTrainer", "--iterations", "2",
+                             "--warmup", "1", "-device", "cuda", "--predict-cases", "1", "-f", "0", "--json", "o.json",
+                             "--phantom-shape", "16", "48", "48"])
+    assert not args.phantom and args.dataset == "501" and args.configurations == ["2d"]
+    assert args.trainers == ["nnUNetTrainer", "MemCifSSLTrainer"] and args.fold == "0"
+    assert args.device == "cuda" and args.threads is None and args.n_proc_da >= 1
+    assert args.phantom_shape == [16, 48, 48] and args.json == "o.json"
+
+
+@pytest.mark.parametrize("argv", [["-d", "5", "--phantom"], ["--iterations", "0"], ["-f", "one"],
+                                  ["--worker", "-d", "5"], ["-device", "tpu"]])
+def test_parse_args_errors(bench, argv, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+
+
+def test_worker_argv_round_trip(bench):
+    args = bench.parse_args(["--iterations", "4", "--warmup", "0", "--mirror", "--n-proc-da", "1"])
+    argv = bench.worker_argv(args, "Dataset979_X", "3d_fullres", "MemCifSSLTrainer", "/tmp/out")
+    assert argv[0] == sys.executable and argv[1] == str(SCRIPT)
+    worker = bench.parse_args(argv[2:])
+    assert worker.worker and worker.dataset == "Dataset979_X" and not worker.phantom
+    assert (worker.worker_configuration, worker.worker_trainer, worker.worker_output) == \
+        ("3d_fullres", "MemCifSSLTrainer", "/tmp/out")
+    assert (worker.iterations, worker.warmup, worker.mirror, worker.n_proc_da, worker.threads) == \
+        (4, 0, True, 1, args.threads)
+
+
+def test_parse_worker_output(bench):
+    text = "noise\nBENCHMARK_RESULT {\"a\": 1}\nmore noise\nBENCHMARK_RESULT {\"a\": 2}\ntrailing"
+    assert bench.parse_worker_output(text) == {"a": 2}
+    assert bench.parse_worker_output("nothing here") is None
+    assert bench.parse_worker_output("BENCHMARK_RESULT {broken") is None
+    line = bench.RESULT_MARKER + json.dumps({"trainer": "x", "s_per_iter": 0.5})
+    assert bench.parse_worker_output(line)["s_per_iter"] == 0.5
+
+
+def test_effective_batch_size(bench):
+    assert bench.effective_batch_size(SimpleNamespace(batch_size=2)) == (2, 0)
+    ssl = SimpleNamespace(batch_size=2, use_unlabeled=True, unlabeled_batch_size=None, dataloader_unlabeled=object())
+    assert bench.effective_batch_size(ssl) == (2, 2)
+    ssl.unlabeled_batch_size = 4
+    assert bench.effective_batch_size(ssl) == (2, 4)
+    ssl.dataloader_unlabeled = None  # stream not built: nothing unlabelled in the step
+    assert bench.effective_batch_size(ssl) == (2, 0)
+    supervised = SimpleNamespace(batch_size=3, use_unlabeled=False, unlabeled_batch_size=None,
+                                 dataloader_unlabeled=None)
+    assert bench.effective_batch_size(supervised) == (3, 0)
+
+
+def test_case_file_lists(bench):
+    files = ["/x/B_0001.nii.gz", "/x/A_0001.nii.gz", "/x/A_0000.nii.gz", "/x/B_0000.nii.gz", "/x/C_0000.nii.gz",
+             "/x/readme.txt", "/x/D_0000.mha"]
+    assert bench.case_file_lists(files, ".nii.gz", 2) == [
+        ("A", ["/x/A_0000.nii.gz", "/x/A_0001.nii.gz"]), ("B", ["/x/B_0000.nii.gz", "/x/B_0001.nii.gz"])]
+    assert [c for c, _ in bench.case_file_lists(files, ".nii.gz", 10)] == ["A", "B", "C"]
+    assert bench.case_file_lists(files, ".nii.gz", 0) == []
+
+
+def test_benchmark_environment_phantom(bench, tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_results", "/somewhere/else")
+    monkeypatch.setenv("NNUNET_MMSSL_NO_EXT_TRAINER", "1")
+    args = bench.parse_args(["--compile", "--n-proc-da", "3"])
+    env = bench.benchmark_environment(args, str(tmp_path))
+    assert env["nnUNet_raw"] == str(tmp_path / "nnUNet_raw")
+    assert env["nnUNet_preprocessed"] == str(tmp_path / "nnUNet_preprocessed")
+    assert env["nnUNet_results"] == str(tmp_path / "nnUNet_results")  # never the user's results folder
+    assert env["nnUNet_n_proc_DA"] == "3" and env["nnUNet_compile"] == "true"
+    assert "NNUNET_MMSSL_NO_EXT_TRAINER" not in env
+    assert env["nnUNet_extTrainer"].split(os.pathsep)[-1].endswith("nnunet_ext")
+
+
+def test_format_header(bench):
+    args = bench.parse_args(["-device", "cuda"])
+    info = bench.machine_info(args, {"device_name": "NVIDIA H100", "torch_threads": 8})
+    header = bench.format_header(info, "python benchmarks/benchmark_trainers.py -device cuda", "2025-01-01", "D")
+    assert "NVIDIA H100" in header and "torch threads 8" in header and "benchmark_trainers.py" in header
+    assert info["cores"] == os.cpu_count() and info["device"] == "cuda"
