@@ -95,6 +95,12 @@ def test_plans_and_unlabelled_preprocessing(workspace):
         unlabelled = sorted(p.name for p in (pre / f"nnUNetPlans_{configuration}_unlabeled").glob("*.pkl"))
         assert len(labelled) == 3 and len(unlabelled) == 3
         assert not set(labelled) & set(unlabelled)
+    # the memory-budgeted plans for our trainers share nnU-Net's preprocessed data (same spacing, normalisation)
+    mmssl = json.loads((pre / "nnUNetMMSSLPlans.json").read_text())
+    assert {c: mmssl["configurations"][c]["data_identifier"] for c in ("2d", "3d_fullres")} == \
+        {"2d": "nnUNetPlans_2d", "3d_fullres": "nnUNetPlans_3d_fullres"}
+    assert set(mmssl["mmssl"]["memory"]) >= {"2d", "3d_fullres"}
+    assert not (pre / "nnUNetMMSSLPlans_2d").exists()
     fingerprint = json.loads((pre / "dataset_fingerprint.json").read_text())
     assert len(fingerprint["spacings"]) == 3, "the fingerprint must come from the labelled cases only"
 

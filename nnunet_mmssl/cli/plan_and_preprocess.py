@@ -17,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-np", type=int, default=2, help="processes for each step (default: 2)")
     parser.add_argument("-pl", default="ExperimentPlanner", help="nnU-Net experiment planner (PlainConvUNet planners)")
     parser.add_argument("-gpu_memory_target", type=float, default=None, help="as in nnUNetv2_plan_and_preprocess")
+    parser.add_argument("-overwrite_target_spacing", type=float, nargs="+", default=None, metavar="MM",
+                        help="as in nnUNetv2_plan_and_preprocess: target spacing of 3d_fullres (and 2d) in the plans' "
+                             "axis order, e.g. 2 2 2")
     parser.add_argument("-overwrite_plans_name", default=None, help="plans identifier (default nnUNetPlans)")
     parser.add_argument("--modality-groups", nargs="+", default=None, metavar="GROUP",
                         help="one argument per branch: channel names or indices separated by commas, e.g. "
@@ -24,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify_dataset_integrity", action="store_true", help="as in nnU-Net")
     parser.add_argument("--no_fingerprint", action="store_true", help="reuse an existing fingerprint")
     parser.add_argument("--no_pp", action="store_true", help="plan only, do not preprocess")
+    parser.add_argument("--no-mmssl-plans", action="store_true",
+                        help="do not write nnUNetMMSSLPlans (nnU-Net's planning budgeted for our trainers' memory)")
+    parser.add_argument("--budget-trainers", nargs="+", default=None, metavar="TRAINER",
+                        help="trainers whose whole step nnUNetMMSSLPlans must fit in the GPU memory target (default: "
+                             "MeanTeacherTrainer MemCifSSLTrainer MMFMCMLTrainer; the largest decides)")
     parser.add_argument("--no-unlabeled", action="store_true",
                         help="do not preprocess imagesUnlabeled/ (supervised-only trainers)")
     return parser
@@ -31,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from nnunet_mmssl.planners.memory import DEFAULT_BUDGET_TRAINERS, MMSSL_PLANS_NAME
     from nnunet_mmssl.planners.plan_and_preprocess import plan_and_preprocess
 
     try:
@@ -39,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
                 dataset_id, args.c, num_processes=args.np, planner=args.pl,
                 gpu_memory_target_in_gb=args.gpu_memory_target, plans_name=args.overwrite_plans_name,
                 modality_groups=args.modality_groups, verify_dataset_integrity=args.verify_dataset_integrity,
-                fingerprint=not args.no_fingerprint, preprocess=not args.no_pp, unlabeled=not args.no_unlabeled)
+                fingerprint=not args.no_fingerprint, preprocess=not args.no_pp, unlabeled=not args.no_unlabeled,
+                overwrite_target_spacing=args.overwrite_target_spacing,
+                mmssl_plans_name=None if args.no_mmssl_plans else MMSSL_PLANS_NAME,
+                budget_trainers=args.budget_trainers or DEFAULT_BUDGET_TRAINERS)
             print(f"Done: {plans_file}")
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

@@ -5,14 +5,26 @@
    unlabelled images change neither the plans nor the intensity fingerprint.
 2. The ``mmssl`` block (modality groups, ...) is added to the plans file.
 3. ``imagesUnlabeled/`` is preprocessed with the same plans into ``<data_identifier>_unlabeled/`` per configuration.
+4. A second plans file, ``nnUNetMMSSLPlans``, made by :class:`~nnunet_mmssl.planners.memory.MMSSLExperimentPlanner`:
+   nnU-Net's planning with the memory of our trainers' whole steps (dual-branch networks, unlabelled batch), so that
+   ``-p nnUNetMMSSLPlans`` stays within the GPU memory target. Configurations whose preprocessing equals nnU-Net's
+   share its data folders; others are preprocessed too.
 """
 
 import contextlib
 import os
 from collections.abc import Sequence
 
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
 from nnunet_mmssl.dataloading.unlabeled_preprocessing import find_unlabeled_cases, preprocess_unlabeled
-from nnunet_mmssl.planners.mmssl_plans import add_mmssl_block, parse_modality_groups
+from nnunet_mmssl.planners.memory import (
+    DEFAULT_BUDGET_TRAINERS,
+    MMSSL_PLANS_NAME,
+    MMSSLExperimentPlanner,
+    share_preprocessed_data,
+)
+from nnunet_mmssl.planners.mmssl_plans import MMSSL_KEY, add_mmssl_block, parse_modality_groups
 
 
 @contextlib.contextmanager
@@ -50,7 +62,9 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
                         gpu_memory_target_in_gb: float | None = None, plans_name: str | None = None,
                         modality_groups: Sequence[str] | None = None, verify_dataset_integrity: bool = False,
                         fingerprint: bool = True, plan: bool = True, preprocess: bool = True,
-                        unlabeled: bool = True, progress=print) -> str:
+                        unlabeled: bool = True, overwrite_target_spacing: Sequence[float] | None = None,
+                        mmssl_plans_name: str | None = MMSSL_PLANS_NAME,
+                        budget_trainers: Sequence[str] = DEFAULT_BUDGET_TRAINERS, progress=print) -> str:
     """Run the whole pipeline for one dataset; return the plans file path.
 
     Args:
@@ -63,6 +77,10 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
         modality_groups: one string per branch, channel names or indices separated by commas.
         verify_dataset_integrity, fingerprint, plan, preprocess: as in nnU-Net (skip steps already done).
         unlabeled: preprocess ``imagesUnlabeled/`` (error if it is empty or missing).
+        overwrite_target_spacing: nnU-Net's ``-overwrite_target_spacing`` (z, y, x in mm, the plans' axis order;
+            applies to 3d_fullres and, through it, to 2d), e.g. to train on coarser voxels than the images'.
+        mmssl_plans_name: name of the memory-budgeted plans for our trainers (None: do not make them).
+        budget_trainers: trainers whose steps those plans must fit (the largest decides).
         progress: callable taking a message.
     """
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
@@ -86,10 +104,12 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
         extract_fingerprints([dataset_id], num_processes=num_processes,
                              check_dataset_integrity=verify_dataset_integrity, clean=True, verbose=False)
     plans_identifier = plans_name or "nnUNetPlans"
+    target_spacing = tuple(float(s) for s in overwrite_target_spacing) if overwrite_target_spacing else None
     if plan:
         progress(f"Planning with nnU-Net's {planner}")
         with _at_least_one_da_process():
             plans_identifier = plan_experiments([dataset_id], planner, gpu_memory_target_in_gb,
+                                                overwrite_target_spacing=target_spacing,
                                                 overwrite_plans_name=plans_name) or plans_identifier
     plans_file = os.path.join(preprocessed_folder, plans_identifier + ".json")
     plans = load_json(plans_file)
@@ -101,10 +121,58 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
     save_json(plans, plans_file, sort_keys=False)
     progress(f"Modality groups {plans['mmssl']['modality_groups']} written to {plans_file}")
     _maybe_write_small_dataset_splits(preprocessed_folder, raw_folder, dataset_json, progress)
+    mmssl_plans, mmssl_own = None, []
+    if mmssl_plans_name:
+        mmssl_plans = _plan_memory_budgeted(dataset_id, preprocessed_folder, plans, dataset_json, mmssl_plans_name,
+                                            budget_trainers, gpu_memory_target_in_gb, target_spacing, groups,
+                                            num_unlabeled, plan, progress)
+        mmssl_own = [c for c in configurations if c in mmssl_plans["configurations"] and
+                     PlansManager(mmssl_plans).get_configuration(c).data_identifier !=
+                     PlansManager(plans).get_configuration(c).data_identifier]
     if preprocess:
         progress(f"Preprocessing labelled cases for {list(configurations)}")
         nnunet_preprocess([dataset_id], plans_identifier, configurations=list(configurations),
                           num_processes=[num_processes] * len(configurations), verbose=False)
         if unlabeled:
             preprocess_unlabeled(raw_folder, preprocessed_folder, plans, configurations, num_processes, progress)
+        if mmssl_own:
+            progress(f"Preprocessing {mmssl_own} of {mmssl_plans_name} (preprocessing differs from "
+                     f"{plans_identifier})")
+            nnunet_preprocess([dataset_id], mmssl_plans_name, configurations=mmssl_own,
+                              num_processes=[num_processes] * len(mmssl_own), verbose=False)
+            if unlabeled:
+                preprocess_unlabeled(raw_folder, preprocessed_folder, mmssl_plans, mmssl_own, num_processes, progress)
     return plans_file
+
+
+def _plan_memory_budgeted(dataset_id: int, preprocessed_folder: str, plans: dict, dataset_json: dict,
+                          mmssl_plans_name: str, budget_trainers: Sequence[str], gpu_memory_target_in_gb,
+                          target_spacing, groups, num_unlabeled: int, plan: bool, progress) -> dict:
+    """Make (or, with ``plan=False``, load) the memory-budgeted plans; return them."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+
+    mmssl_file = os.path.join(preprocessed_folder, mmssl_plans_name + ".json")
+    if not plan:
+        if not os.path.isfile(mmssl_file):
+            raise FileNotFoundError(f"{mmssl_file} does not exist: plan first, or pass "
+                                    f"--no-mmssl-plans.")
+        return load_json(mmssl_file)
+    progress(f"Planning {mmssl_plans_name}: nnU-Net's planner with the memory of one step of "
+             f"{', '.join(budget_trainers)} (the largest decides patch and batch)")
+    with _at_least_one_da_process():
+        planner = MMSSLExperimentPlanner(dataset_id, gpu_memory_target_in_gb or 8, plans_name=mmssl_plans_name,
+                                         overwrite_target_spacing=target_spacing, budget_trainers=budget_trainers,
+                                         modality_groups=groups)
+        planner.plan_experiment()
+    mmssl_plans, _ = share_preprocessed_data(load_json(mmssl_file), plans)
+    mmssl_plans = add_mmssl_block(mmssl_plans, dataset_json, groups, num_unlabeled)
+    manager = PlansManager(mmssl_plans)
+    mmssl_plans[MMSSL_KEY]["memory"] = {c: planner.memory_record(manager.get_configuration(c).configuration)
+                                        for c in mmssl_plans["configurations"]}
+    save_json(mmssl_plans, mmssl_file, sort_keys=False)
+    for c in mmssl_plans["configurations"]:
+        new, old = manager.get_configuration(c), PlansManager(plans).get_configuration(c) \
+            if c in plans["configurations"] else None
+        progress(f"  {c}: patch {new.patch_size}, batch {new.batch_size}" + (
+            f" (nnU-Net's plans: patch {old.patch_size}, batch {old.batch_size})" if old else ""))
+    return mmssl_plans

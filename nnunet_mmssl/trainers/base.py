@@ -67,18 +67,67 @@ class SSLTrainerBase(nnUNetTrainer):
     unsupervised_rampup_epochs: int = 0
     #: per-epoch log keys added to nnU-Net's
     extra_log_keys: tuple[str, ...] = ("train_sup_losses", "train_unsup_losses", "unsup_weights")
+    #: warn at the start of training when a step needs more than this times the feature-map memory the plans budget
+    memory_warning_factor: float = 1.25
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's exact signature)
         super().__init__(plans, configuration, fold, dataset_json, device)
         register_log_keys(self.logger, self.extra_log_keys)
         self.dataloader_unlabeled = None
+        #: nnU-Net's PlainConvUNet entry of the plans (the memory check's reference)
+        self.plain_architecture = copy.deepcopy(self.configuration_manager.configuration["architecture"])
 
     @property
     def network_module(self) -> torch.nn.Module:
         """The bare network (unwrapped from DDP and torch.compile)."""
         module = self.network.module if self.is_ddp else self.network
         return module._orig_mod if isinstance(module, OptimizedModule) else module
+
+    # ------------------------------------------------------------------ memory
+    def training_architecture(self, base_architecture: dict, modality_groups: list[list[int]]) -> dict:
+        """The architecture entry of the network this trainer trains, from nnU-Net's PlainConvUNet entry."""
+        return copy.deepcopy(dict(base_architecture))
+
+    def samples_per_step(self, batch_size: float) -> float:
+        """Samples one step sends through the network with gradient: labelled + unlabelled."""
+        if not self.use_unlabeled:
+            return batch_size
+        return batch_size + (self.unlabeled_batch_size if self.unlabeled_batch_size is not None else batch_size)
+
+    def memory_check(self) -> dict:
+        """Compare this trainer's step (feature-map elements, nnU-Net's memory proxy) with the plans' budget.
+
+        The budget is the one recorded by :class:`~nnunet_mmssl.planners.memory.MMSSLExperimentPlanner` in the
+        plans' ``mmssl`` block, else what nnU-Net planned for its own trainer (plain U-Net x batch size).
+        Logs a warning with the fix when the step needs more than :attr:`memory_warning_factor` times the budget.
+        """
+        from nnunet_mmssl.planners.memory import network_feature_map_size
+
+        patch = self.configuration_manager.patch_size
+        channels = self.num_input_channels
+        outputs = self.label_manager.num_segmentation_heads
+        need = float(self.network_module.compute_conv_feature_map_size(list(patch))) * \
+            self.samples_per_step(self.batch_size)
+        record = ((get_mmssl_block(self.plans_manager.plans) or {}).get("memory") or {}).get(self.configuration_name)
+        if record:
+            budget, source = record["feature_map_budget"], f"budget of {self.plans_manager.plans_name}"
+        else:
+            budget = float(network_feature_map_size(self.plain_architecture, patch, channels, outputs)) * \
+                self.batch_size
+            source = "what nnU-Net planned for nnUNetTrainer"
+        ratio = need / budget
+        if ratio > self.memory_warning_factor:
+            self.print_to_log_file(
+                f"WARNING: one step of {type(self).__name__} stores {ratio:.1f}x the feature maps of {source} "
+                f"(batch {self.batch_size}, patch {list(patch)}): it may not fit the GPU this plan was made for. Plan "
+                f"with nnUNetv2_mmssl_plan_and_preprocess (writes nnUNetMMSSLPlans, budgeted for our trainers) and "
+                f"train with -p nnUNetMMSSLPlans, or lower the batch size.", also_print_to_console=True)
+        return {"need": need, "budget": budget, "ratio": ratio, "source": source}
+
+    def on_train_start(self):
+        super().on_train_start()
+        self.memory_check()
 
     # ------------------------------------------------------------------ unlabelled stream
     def unlabeled_folder(self) -> str:
@@ -219,8 +268,10 @@ class MMSSLTrainerBase(SSLTrainerBase):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's exact signature)
+        plain = self._configuration_architecture(plans, configuration)
         plans = self.plans_with_network(plans, configuration, dataset_json)
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self.plain_architecture = plain
 
     # ------------------------------------------------------------------ network as data
     def network_kwargs(self) -> dict:
@@ -235,16 +286,24 @@ class MMSSLTrainerBase(SSLTrainerBase):
             return [list(g) for g in block["modality_groups"]]
         return default_modality_groups(len(dataset_json["channel_names"]))
 
+    @staticmethod
+    def _configuration_architecture(plans: dict, configuration: str) -> dict:
+        if configuration not in plans.get("configurations", {}):
+            raise ValueError(f"Configuration {configuration!r} is not in the plans "
+                             f"({sorted(plans.get('configurations', {}))}).")
+        return copy.deepcopy(PlansManager(plans).get_configuration(configuration).configuration["architecture"])
+
+    def training_architecture(self, base_architecture: dict, modality_groups: list[list[int]]) -> dict:
+        """Our network's architecture entry: the plain kwargs + modality groups + :meth:`network_kwargs`."""
+        return multi_branch_architecture(base_architecture, self.network_class_name, modality_groups,
+                                         self.network_kwargs())
+
     def plans_with_network(self, plans: dict, configuration: str, dataset_json: dict) -> dict:
         """Deep copy of ``plans`` whose ``configuration`` builds this trainer's network (input not modified)."""
+        base = self._configuration_architecture(plans, configuration)
         new_plans = copy.deepcopy(plans)
-        if configuration not in new_plans.get("configurations", {}):
-            raise ValueError(f"Configuration {configuration!r} is not in the plans "
-                             f"({sorted(new_plans.get('configurations', {}))}).")
-        base = copy.deepcopy(PlansManager(new_plans).get_configuration(configuration).configuration["architecture"])
-        groups = self.resolve_modality_groups(new_plans, dataset_json)
-        new_plans["configurations"][configuration]["architecture"] = multi_branch_architecture(
-            base, self.network_class_name, groups, self.network_kwargs())
+        new_plans["configurations"][configuration]["architecture"] = self.training_architecture(
+            base, self.resolve_modality_groups(new_plans, dataset_json))
         return new_plans
 
     @staticmethod

@@ -1,0 +1,166 @@
+"""GPU memory budgets for our trainers, in nnU-Net's own unit, and the planner that keeps plans within them.
+
+nnU-Net's planner estimates memory with ``network.compute_conv_feature_map_size(patch_size)`` (feature-map elements
+stored for backprop, per sample) and picks patch and batch so that ``estimate * batch_size`` stays within a reference
+scaled to the GPU memory target (``reference * ref_bs``, see :func:`feature_map_budget`). Our trainers store more
+per step: a dual-branch network has two encoders and decoders plus fusion blocks, and a semi-supervised step adds an
+unlabelled batch. :func:`step_feature_map_size` is a trainer's estimate in that unit; :class:`MMSSLExperimentPlanner`
+is nnU-Net's ``ExperimentPlanner`` with that estimate in place of the plain U-Net's, so nnU-Net's own search shrinks
+the patch and the batch until the trainer's whole step fits the target. Its plans (``nnUNetMMSSLPlans`` by default)
+share nnU-Net's preprocessed data wherever the preprocessing is identical.
+"""
+
+import copy
+import json
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+from nnunet_mmssl.planners.mmssl_plans import default_modality_groups
+
+MMSSL_PLANS_NAME = "nnUNetMMSSLPlans"
+#: trainers whose steps the default MMSSL plans must fit (the plans fit the largest of them)
+DEFAULT_BUDGET_TRAINERS = ("MeanTeacherTrainer", "MemCifSSLTrainer", "MMFMCMLTrainer")
+#: configuration keys that decide the preprocessed data; equal keys let two plans share one data folder
+PREPROCESSING_KEYS = ("spacing", "normalization_schemes", "use_mask_for_norm", "resampling_fn_data",
+                      "resampling_fn_seg", "resampling_fn_data_kwargs", "resampling_fn_seg_kwargs", "preprocessor_name")
+
+
+def network_feature_map_size(architecture: Mapping, patch_size: Sequence[int], num_input_channels: int,
+                             num_output_channels: int) -> int:
+    """``compute_conv_feature_map_size(patch_size)`` of the network an architecture entry builds (one sample)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    network = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                     architecture["_kw_requires_import"], num_input_channels, num_output_channels,
+                                     allow_init=False, deep_supervision=True)
+    torch.set_num_threads(threads)
+    return int(network.compute_conv_feature_map_size(list(patch_size)))
+
+
+def resolve_trainer_class(name_or_class):
+    """A trainer class from its name (ours, nnU-Net's, or one in ``nnUNet_extTrainer``) or the class itself.
+
+    Raises:
+        ValueError: naming the trainer when it is not found.
+    """
+    if not isinstance(name_or_class, str):
+        return name_or_class
+    import nnunet_mmssl.trainers as ours
+
+    if hasattr(ours, name_or_class):
+        return getattr(ours, name_or_class)
+    import nnunetv2
+    from batchgenerators.utilities.file_and_folder_operations import join
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    found = recursive_find_python_class(join(nnunetv2.__path__[0], "training", "nnUNetTrainer"), name_or_class,
+                                        "nnunetv2.training.nnUNetTrainer")
+    if found is None:
+        raise ValueError(f"Unknown trainer {name_or_class!r} for the memory budget. Give one of nnunet_mmssl's "
+                         f"trainers (e.g. {', '.join(DEFAULT_BUDGET_TRAINERS)}) or nnU-Net's.")
+    return found
+
+
+def step_feature_map_size(trainer_class, base_architecture: Mapping, modality_groups: Sequence[Sequence[int]],
+                          patch_size: Sequence[int], num_input_channels: int, num_output_channels: int,
+                          batch_size: float = 1) -> float:
+    """Feature-map elements one training step of ``trainer_class`` stores for backprop, for a labelled batch size.
+
+    The trainer's network (built from ``base_architecture``, nnU-Net's PlainConvUNet entry, as the trainer builds
+    it) times the samples of a step: labelled + unlabelled (the unlabelled batch defaults to the labelled one; a
+    fixed ``unlabeled_batch_size`` is counted as it is). A no-grad forward (a Mean Teacher's teacher) stores nothing.
+
+    Args:
+        trainer_class: a trainer class (ours: :class:`~nnunet_mmssl.trainers.SSLTrainerBase` subclasses; any other
+            trainer counts as nnU-Net's, one network and one batch).
+        base_architecture: ``configurations[c]["architecture"]`` of nnU-Net's plans (or the planner's candidate).
+        modality_groups: channel groups of multi-branch networks.
+        patch_size: patch size.
+        num_input_channels, num_output_channels: channels of the network.
+        batch_size: labelled batch size (1 = per labelled sample, what nnU-Net's planner works with).
+    """
+    probe = trainer_class.__new__(trainer_class)
+    architecture = probe.training_architecture(base_architecture, modality_groups) \
+        if hasattr(probe, "training_architecture") else base_architecture
+    per_sample = network_feature_map_size(architecture, patch_size, num_input_channels, num_output_channels)
+    samples = probe.samples_per_step(batch_size) if hasattr(probe, "samples_per_step") else batch_size
+    return float(per_sample * samples)
+
+
+def feature_map_budget(planner: ExperimentPlanner, ndim: int) -> float:
+    """The feature-map elements a whole batch may store under ``planner``'s GPU memory target (nnU-Net's rule:
+    ``estimate * batch_size <= reference * ref_bs``)."""
+    reference = (planner.UNet_reference_val_2d if ndim == 2 else planner.UNet_reference_val_3d) * \
+        (planner.UNet_vram_target_GB / planner.UNet_reference_val_corresp_GB)
+    ref_bs = planner.UNet_reference_val_corresp_bs_2d if ndim == 2 else planner.UNet_reference_val_corresp_bs_3d
+    return float(reference * ref_bs)
+
+
+class MMSSLExperimentPlanner(ExperimentPlanner):
+    """nnU-Net's ``ExperimentPlanner`` whose memory estimate is that of our trainers' whole steps.
+
+    Everything but the estimate is nnU-Net's: spacing, topology, the patch-shrinking search, the batch-size rule
+    (minimum 2, at most 5 % of the dataset). For each candidate patch the estimate is the largest
+    :func:`step_feature_map_size` per labelled sample over ``budget_trainers``, so the labelled batch it picks plus
+    the trainer's unlabelled batch fit the target that nnU-Net's plain plans fit.
+
+    Args:
+        budget_trainers: trainer classes or names whose steps must fit (default :data:`DEFAULT_BUDGET_TRAINERS`).
+        modality_groups: channel groups of the multi-branch networks (default first half / second half).
+        Others: as nnU-Net's ``ExperimentPlanner``; ``plans_name`` defaults to :data:`MMSSL_PLANS_NAME`.
+    """
+
+    def __init__(self, dataset_name_or_id, gpu_memory_target_in_gb: float = 8,
+                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str = MMSSL_PLANS_NAME,
+                 overwrite_target_spacing=None, suppress_transpose: bool = False,
+                 budget_trainers: Sequence = DEFAULT_BUDGET_TRAINERS,
+                 modality_groups: Sequence[Sequence[int]] | None = None):
+        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
+                         overwrite_target_spacing, suppress_transpose)
+        if not budget_trainers:
+            raise ValueError("MMSSLExperimentPlanner needs at least one trainer to budget for.")
+        self.budget_trainers = [resolve_trainer_class(t) for t in budget_trainers]
+        self.modality_groups = [list(g) for g in modality_groups] if modality_groups else \
+            default_modality_groups(len(self.dataset_json["channel_names"]))
+
+    def static_estimate_VRAM_usage(self, patch_size, input_channels, output_channels, arch_class_name, arch_kwargs,
+                                   arch_kwargs_req_import):
+        base = {"network_class_name": arch_class_name, "arch_kwargs": arch_kwargs,
+                "_kw_requires_import": arch_kwargs_req_import}
+        return max(step_feature_map_size(t, base, self.modality_groups, patch_size, input_channels, output_channels)
+                   for t in self.budget_trainers)
+
+    def memory_record(self, configuration: Mapping) -> dict:
+        """What the plans' ``mmssl`` block records about a configuration's budget (read by the trainers' check)."""
+        ndim = len(configuration["patch_size"])
+        return {"budget_trainers": [t.__name__ for t in self.budget_trainers],
+                "gpu_memory_target_in_gb": float(self.UNet_vram_target_GB),
+                "feature_map_budget": feature_map_budget(self, ndim)}
+
+
+def _canonical(mapping: Mapping, keys: Sequence[str]) -> str:
+    return json.dumps([mapping.get(k) for k in keys], sort_keys=True, default=lambda v: np.asarray(v).tolist())
+
+
+def share_preprocessed_data(plans: Mapping, base_plans: Mapping) -> tuple[dict, list[str]]:
+    """Point configurations of ``plans`` at ``base_plans``' data where the preprocessing is identical.
+
+    Returns:
+        A copy of ``plans`` and the configurations that still need their own preprocessing.
+    """
+    new_plans = copy.deepcopy(dict(plans))
+    own = []
+    for name, configuration in new_plans["configurations"].items():
+        base = base_plans.get("configurations", {}).get(name)
+        same = base is not None and "data_identifier" in base and "data_identifier" in configuration and \
+            _canonical(configuration, PREPROCESSING_KEYS) == _canonical(base, PREPROCESSING_KEYS) and \
+            _canonical(plans, ("transpose_forward",)) == _canonical(base_plans, ("transpose_forward",))
+        if same:
+            configuration["data_identifier"] = base["data_identifier"]
+        elif "data_identifier" in configuration:
+            own.append(name)
+    return new_plans, own
