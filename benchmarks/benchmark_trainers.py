@@ -52,7 +52,9 @@ COLUMNS = (
     ("efficiency", "effic.", 7, "{:.2f}"),
     ("peak_mem_mib", "peak MiB", 9, "{:.0f}"),
     ("mem_ratio", "mem x", 6, "{:.2f}"),
+    ("train_mem_ratio", "tmem x", 6, "{:.2f}"),
     ("estimate_ratio", "est x", 6, "{:.2f}"),
+    ("budget_ratio", "est/plan", 8, "{:.2f}"),
     ("data_wait_pct", "wait %", 7, "{:.1f}"),
     ("predict_s_per_case", "pred s/case", 11, "{:.2f}"),
     ("predict_ratio", "pred x", 7, "{:.2f}"),
@@ -125,6 +127,7 @@ def add_ratios(rows: Sequence[dict], preferred: str = BASELINE_TRAINER) -> str |
         row["flop_ratio"] = ratio(row.get("flops_per_iter"), base.get("flops_per_iter"))
         row["efficiency"] = efficiency(row["flop_ratio"], row["time_ratio"])
         row["mem_ratio"] = ratio(row.get("peak_mem_mib"), base.get("peak_mem_mib"))
+        row["train_mem_ratio"] = ratio(row.get("train_mem_mib"), base.get("train_mem_mib"))
         row["estimate_ratio"] = ratio(row.get("memory_estimate"), base.get("memory_estimate"))
         row["predict_ratio"] = ratio(row.get("predict_s_per_case"), base.get("predict_s_per_case"))
         row["predict_network_ratio"] = ratio(row.get("predict_network_s_per_case"),
@@ -223,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-tr", "--trainers", nargs="+", default=list(DEFAULT_TRAINERS),
                         help=f"trainers (default {' '.join(DEFAULT_TRAINERS)})")
     parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    parser.add_argument("--mmssl-plans", default=None, metavar="PLANS",
+                        help="plans identifier for our trainers (e.g. nnUNetMMSSLPlans, the memory-budgeted plans); "
+                             "nnU-Net's trainers keep -p")
     parser.add_argument("-f", "--fold", default="all", help="fold: 'all' (default) or an integer")
     parser.add_argument("--iterations", type=int, default=20, help="timed training iterations (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations before (default 3)")
@@ -291,6 +297,8 @@ def worker_argv(args: argparse.Namespace, dataset: str, configuration: str, trai
         argv += ["--threads", str(args.threads)]
     if args.mirror:
         argv.append("--mirror")
+    if args.mmssl_plans:
+        argv += ["--mmssl-plans", args.mmssl_plans]
     return argv
 
 
@@ -369,6 +377,8 @@ def measure_training(trainer, args, result: dict) -> None:
     network = _bare_network(trainer)
     feature_map = int(network.compute_conv_feature_map_size(trainer.configuration_manager.patch_size))
     result.update(feature_map_size=feature_map, memory_estimate=feature_map * (labelled + unlabelled))
+    # the step's estimate over what its plans budget (1 for nnU-Net's trainer on nnU-Net's plans, by definition)
+    result["budget_ratio"] = trainer.memory_check()["ratio"] if hasattr(trainer, "memory_check") else 1.0
 
     train_proxy = WaitTimer(trainer.dataloader_train)
     trainer.dataloader_train = train_proxy
@@ -411,6 +421,9 @@ def measure_training(trainer, args, result: dict) -> None:
     else:
         result["peak_mem_mib"], result["peak_mem_kind"] = peak_rss_mib()
         result["ru_maxrss_mib"] = _ru_maxrss_mib()
+    baseline = result.get("rss_after_imports_mib") if not cuda else 0.0
+    if result.get("peak_mem_mib") is not None and baseline is not None:
+        result["train_mem_mib"] = result["peak_mem_mib"] - baseline
 
 
 def measure_prediction(model_folder: str, fold, args, device, dataset_name: str, dataset_json: dict,
@@ -487,12 +500,16 @@ def run_worker(args: argparse.Namespace) -> dict:
                          "nnUNet_compile": os.environ.get("nnUNet_compile")}
         dataset_name = maybe_convert_to_dataset_name(args.dataset)
         folder = os.path.join(nnUNet_preprocessed.require(), dataset_name)
-        plans = load_json(os.path.join(folder, args.plans + ".json"))
-        plans["continue_training"] = False
         dataset_json = load_json(os.path.join(folder, "dataset.json"))
         trainer_class = recursive_find_trainer_class_by_name(args.worker_trainer)
         if trainer_class is None:
             raise RuntimeError(f"trainer class {args.worker_trainer!r} not found (nnunetv2 or nnUNet_extTrainer)")
+        from nnunet_mmssl.trainers import SSLTrainerBase
+
+        result["plans"] = args.mmssl_plans if args.mmssl_plans and issubclass(trainer_class, SSLTrainerBase) else \
+            args.plans
+        plans = load_json(os.path.join(folder, result["plans"] + ".json"))
+        plans["continue_training"] = False
         fold = "all" if args.fold == "all" else int(args.fold)
         result["rss_after_imports_mib"] = _current_rss_mib()  # the process's baseline, before any trainer exists
         trainer = trainer_class(plans=plans, configuration=args.worker_configuration, fold=fold,
@@ -709,6 +726,9 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         title = (f"configuration {configuration} ({args.iterations} timed iterations after {args.warmup} warm-up; "
                  f"prediction of {args.predict_cases} case(s), mirroring {'on' if args.mirror else 'off'})")
         report += ["", title, format_table(rows, baselines[configuration])]
+        plans_used = sorted({row.get("plans") for row in rows if row.get("plans")})
+        if len(plans_used) > 1:
+            report.append("plans: " + "; ".join(f"{row['trainer']} {row['plans']}" for row in rows if row.get("plans")))
     print("\n" + "\n".join(report), flush=True)
     failed = any(row.get("error") for rows in results.values() for row in rows)
     summary = {"date": date, "command": command, "machine": info, "dataset": dataset, "workdir": workdir,
