@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--phantom-spacing", nargs=3, type=float, default=[3.0, 1.0, 1.0], metavar=("Z", "Y", "X"))
     parser.add_argument("--phantom-cases", nargs=2, type=int, default=[4, 4], metavar=("LABELLED", "UNLABELLED"),
                         help="phantom training cases (default 4 labelled, 4 unlabelled)")
+    parser.add_argument("--gpu-memory-target", type=float, default=None, metavar="GB",
+                        help="nnU-Net's -gpu_memory_target for planning the phantom (default nnU-Net's 8); a small "
+                             "target makes the phantom's plans memory-bound, to exercise nnUNetMMSSLPlans")
     parser.add_argument("--workdir", default=None, help="folder for the phantom, model folders, predictions and "
                         "logs (default: a temporary folder, removed at the end unless a trainer failed)")
     parser.add_argument("--keep-workdir", action="store_true", help="do not remove the temporary workdir")
@@ -629,7 +632,8 @@ def prepare_phantom(args: argparse.Namespace, workdir: str) -> str:
     labelled, unlabelled = args.phantom_cases
     num_test = max(1, args.predict_cases)
     recipe = {"shape": list(args.phantom_shape), "spacing": list(args.phantom_spacing), "labelled": labelled,
-              "unlabelled": unlabelled, "test": num_test, "configurations": sorted(args.configurations)}
+              "unlabelled": unlabelled, "test": num_test, "configurations": sorted(args.configurations),
+              "gpu_memory_target": args.gpu_memory_target}
     name = f"Dataset{PHANTOM_ID:03d}_{PHANTOM_NAME}"
     marker = os.path.join(workdir, PHANTOM_MARKER)
     if os.path.isfile(marker):
@@ -651,6 +655,7 @@ def prepare_phantom(args: argparse.Namespace, workdir: str) -> str:
     log = os.path.join(workdir, "logs", "plan_and_preprocess.log")
     with open(log, "w") as handle:
         plan_and_preprocess(PHANTOM_ID, list(args.configurations), num_processes=max(1, args.num_processes),
+                            gpu_memory_target_in_gb=args.gpu_memory_target,
                             progress=lambda message: handle.write(message + "\n"))
     with open(marker, "w") as handle:
         json.dump(recipe, handle)
