@@ -50,6 +50,7 @@ COLUMNS = (
     ("gflop_per_iter", "GFLOP/it", 9, "{:.1f}"),
     ("flop_ratio", "FLOP x", 7, "{:.2f}"),
     ("efficiency", "effic.", 7, "{:.2f}"),
+    ("compute_efficiency", "eff.cmp", 7, "{:.2f}"),
     ("peak_mem_mib", "peak MiB", 9, "{:.0f}"),
     ("mem_ratio", "mem x", 6, "{:.2f}"),
     ("train_mem_ratio", "tmem x", 6, "{:.2f}"),
@@ -119,6 +120,13 @@ def choose_baseline(rows: Sequence[dict], preferred: str = BASELINE_TRAINER) -> 
     return measured[0] if measured else None
 
 
+def _compute_seconds(row: dict) -> float | None:
+    """Step time minus the time spent waiting for data (with ``--n-proc-da 0``: minus the augmentation itself)."""
+    if row.get("s_per_iter") is None or row.get("data_wait_fraction") is None:
+        return None
+    return row["s_per_iter"] * (1.0 - row["data_wait_fraction"])
+
+
 def add_ratios(rows: Sequence[dict], preferred: str = BASELINE_TRAINER) -> str | None:
     """Fill the ratio columns of ``rows`` (in place) relative to the baseline row; return the baseline's name."""
     base = choose_baseline(rows, preferred) or {}
@@ -126,6 +134,7 @@ def add_ratios(rows: Sequence[dict], preferred: str = BASELINE_TRAINER) -> str |
         row["time_ratio"] = ratio(row.get("s_per_iter"), base.get("s_per_iter"))
         row["flop_ratio"] = ratio(row.get("flops_per_iter"), base.get("flops_per_iter"))
         row["efficiency"] = efficiency(row["flop_ratio"], row["time_ratio"])
+        row["compute_efficiency"] = efficiency(row["flop_ratio"], ratio(_compute_seconds(row), _compute_seconds(base)))
         row["mem_ratio"] = ratio(row.get("peak_mem_mib"), base.get("peak_mem_mib"))
         row["train_mem_ratio"] = ratio(row.get("train_mem_mib"), base.get("train_mem_mib"))
         row["estimate_ratio"] = ratio(row.get("memory_estimate"), base.get("memory_estimate"))

@@ -45,6 +45,8 @@ def test_add_ratios_against_nnunet_trainer(bench):
     assert ours["time_ratio"] == pytest.approx(2.5)
     assert ours["flop_ratio"] == pytest.approx(4.5)
     assert ours["efficiency"] == pytest.approx(1.8)
+    # compute time = step time minus data wait: base 1.0 * 0.9, ours 2.5 * 0.75
+    assert ours["compute_efficiency"] == pytest.approx(4.5 / (1.875 / 0.9))
     assert ours["mem_ratio"] == pytest.approx(1.5)
     assert ours["estimate_ratio"] == pytest.approx(4.2)
     assert ours["predict_ratio"] == pytest.approx(1.5)
