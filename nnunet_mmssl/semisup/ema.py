@@ -62,8 +62,10 @@ def update_ema_(teacher: nn.Module, student: nn.Module, alpha: float, step: int 
         ValueError: if the two models' parameter or buffer names differ.
     """
     decay = ema_decay(alpha, step)
-    for t, s in _matching(dict(teacher.named_parameters()), dict(student.named_parameters()), "parameters"):
-        t.lerp_(s.detach().to(t.dtype), 1.0 - decay)
+    pairs = _matching(dict(teacher.named_parameters()), dict(student.named_parameters()), "parameters")
+    if pairs:
+        # one fused multi-tensor update instead of one small kernel per parameter (same arithmetic as lerp_)
+        torch._foreach_lerp_([t for t, _ in pairs], [s.detach().to(t.dtype) for t, s in pairs], 1.0 - decay)
     for t, s in _matching(dict(teacher.named_buffers()), dict(student.named_buffers()), "buffers"):
         t.copy_(s)
     return decay
