@@ -31,13 +31,9 @@ PREPROCESSING_KEYS = ("spacing", "normalization_schemes", "use_mask_for_norm", "
 def network_feature_map_size(architecture: Mapping, patch_size: Sequence[int], num_input_channels: int,
                              num_output_channels: int) -> int:
     """``compute_conv_feature_map_size(patch_size)`` of the network an architecture entry builds (one sample)."""
-    import torch
-
-    threads = torch.get_num_threads()
     network = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
                                      architecture["_kw_requires_import"], num_input_channels, num_output_channels,
                                      allow_init=False, deep_supervision=True)
-    torch.set_num_threads(threads)
     return int(network.compute_conv_feature_map_size(list(patch_size)))
 
 
