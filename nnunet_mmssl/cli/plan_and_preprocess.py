@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-np", type=int, default=2, help="processes for each step (default: 2)")
     parser.add_argument("-pl", default="ExperimentPlanner", help="nnU-Net experiment planner (PlainConvUNet planners)")
     parser.add_argument("-gpu_memory_target", type=float, default=None, help="as in nnUNetv2_plan_and_preprocess")
-    parser.add_argument("-overwrite_target_spacing", type=float, nargs="+", default=None, metavar="MM",
+    parser.add_argument("-overwrite_target_spacing", type=float, nargs=3, default=None, metavar="MM",
                         help="as in nnUNetv2_plan_and_preprocess: target spacing of 3d_fullres (and 2d) in the plans' "
                              "axis order, e.g. 2 2 2")
     parser.add_argument("-overwrite_plans_name", default=None, help="plans identifier (default nnUNetPlans)")
