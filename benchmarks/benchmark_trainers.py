@@ -51,6 +51,7 @@ COLUMNS = (
     ("flop_ratio", "FLOP x", 7, "{:.2f}"),
     ("efficiency", "effic.", 7, "{:.2f}"),
     ("compute_efficiency", "eff.cmp", 7, "{:.2f}"),
+    ("interleaved_efficiency", "eff.ilv", 7, "{:.2f}"),
     ("peak_mem_mib", "peak MiB", 9, "{:.0f}"),
     ("mem_ratio", "mem x", 6, "{:.2f}"),
     ("train_mem_ratio", "tmem x", 6, "{:.2f}"),
@@ -127,6 +128,55 @@ def _compute_seconds(row: dict) -> float | None:
     return row["s_per_iter"] * (1.0 - row["data_wait_fraction"])
 
 
+def rotated(items: Sequence[str], shift: int) -> list[str]:
+    """``items`` rotated left by ``shift`` (round ``r`` of ``--rounds`` starts with trainer ``r``)."""
+    items = list(items)
+    if not items:
+        return items
+    shift %= len(items)
+    return items[shift:] + items[:shift]
+
+
+def merge_rounds(rounds: Sequence[dict]) -> dict:
+    """One row from the rows of the same (configuration, trainer) measured in several rounds (``--rounds``).
+
+    The first round's row is the base (FLOPs, memory estimate, prediction: measured once). Timed steps of all rounds
+    are pooled: ``s_per_iter`` = mean of every timed step, ``data_wait_fraction`` = total wait / total step time,
+    peak memory = the largest of the rounds. ``round_s_per_iter`` keeps each round's mean; errors of all rounds are
+    joined.
+    """
+    if not rounds:
+        raise ValueError("merge_rounds needs at least one round")
+    merged = dict(rounds[0])
+    if len(rounds) == 1:
+        return merged
+    timed = [r for r in rounds if r.get("step_seconds")]
+    errors = [f"round {i + 1}: {r['error']}" for i, r in enumerate(rounds) if r.get("error")]
+    merged["error"] = "; ".join(errors) if errors else None
+    if not merged["error"]:
+        merged.pop("error")
+    merged["rounds"] = len(rounds)
+    merged["round_s_per_iter"] = [r.get("s_per_iter") for r in rounds]
+    if timed:
+        steps = [s for r in timed for s in r["step_seconds"]]
+        total = sum(steps)
+        waits = {key: sum(r.get(key) or 0.0 for r in timed)
+                 for key in ("data_wait_s", "data_wait_labeled_s", "data_wait_unlabeled_s")}
+        merged.update(step_seconds=steps, s_per_iter=total / len(steps), s_per_iter_min=min(steps),
+                      s_per_iter_median=sorted(steps)[len(steps) // 2], **waits,
+                      data_wait_fraction=waits["data_wait_s"] / total if total > 0 else None)
+        for key in ("flops_per_iter", "memory_estimate", "feature_map_size", "budget_ratio", "batch_labeled",
+                    "batch_unlabeled", "patch_size"):
+            if merged.get(key) is None:
+                merged[key] = next((r[key] for r in timed if r.get(key) is not None), None)
+    for key in ("peak_mem_mib", "train_mem_mib", "ru_maxrss_mib"):
+        values = [r[key] for r in rounds if r.get(key) is not None]
+        if values:
+            merged[key] = max(values)
+    merged["wall_s"] = sum(r.get("wall_s") or 0.0 for r in rounds)
+    return merged
+
+
 def add_ratios(rows: Sequence[dict], preferred: str = BASELINE_TRAINER) -> str | None:
     """Fill the ratio columns of ``rows`` (in place) relative to the baseline row; return the baseline's name."""
     base = choose_baseline(rows, preferred) or {}
@@ -135,6 +185,10 @@ def add_ratios(rows: Sequence[dict], preferred: str = BASELINE_TRAINER) -> str |
         row["flop_ratio"] = ratio(row.get("flops_per_iter"), base.get("flops_per_iter"))
         row["efficiency"] = efficiency(row["flop_ratio"], row["time_ratio"])
         row["compute_efficiency"] = efficiency(row["flop_ratio"], ratio(_compute_seconds(row), _compute_seconds(base)))
+        row["interleaved_time_ratio"] = ratio(row.get("interleaved_s_per_iter"), base.get("interleaved_s_per_iter"))
+        row["interleaved_efficiency"] = efficiency(
+            ratio(row.get("interleaved_flops_per_iter"), base.get("interleaved_flops_per_iter")),
+            row["interleaved_time_ratio"])
         row["mem_ratio"] = ratio(row.get("peak_mem_mib"), base.get("peak_mem_mib"))
         row["train_mem_ratio"] = ratio(row.get("train_mem_mib"), base.get("train_mem_mib"))
         row["estimate_ratio"] = ratio(row.get("memory_estimate"), base.get("memory_estimate"))
@@ -241,6 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-f", "--fold", default="all", help="fold: 'all' (default) or an integer")
     parser.add_argument("--iterations", type=int, default=20, help="timed training iterations (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations before (default 3)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every trainer this many times, each time in its own process, in rotated order "
+                             "(round r starts with the r-th trainer); the timed steps of all rounds are pooled, so "
+                             "that a slow phase of a shared machine is spread over all trainers (default 1)")
+    parser.add_argument("--interleaved-rounds", type=int, default=3,
+                        help="rounds of the interleaved compute measurement: every trainer in one process on one "
+                             "fixed batch, --interleaved-steps steps each per round, in rotated order (column "
+                             "eff.ilv); 0 skips it (default 3)")
+    parser.add_argument("--interleaved-steps", type=int, default=2,
+                        help="timed steps per trainer and round of the interleaved measurement (default 2)")
     parser.add_argument("-device", "--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--predict-cases", type=int, default=2,
                         help="cases to predict (imagesTs, then imagesTr); 0 skips prediction (default 2)")
@@ -272,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--worker-configuration", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-trainer", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-output", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-interleaved", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -284,6 +349,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("give either -d DATASET or --phantom, not both")
     if args.iterations < 1 or args.warmup < 0 or args.predict_cases < 0:
         parser.error("--iterations must be >= 1, --warmup and --predict-cases >= 0")
+    if args.rounds < 1 or args.interleaved_rounds < 0 or args.interleaved_steps < 1:
+        parser.error("--rounds and --interleaved-steps must be >= 1, --interleaved-rounds >= 0")
     if args.fold != "all":
         try:
             args.fold = str(int(args.fold))
@@ -299,11 +366,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def worker_argv(args: argparse.Namespace, dataset: str, configuration: str, trainer: str,
-                output_folder: str) -> list[str]:
-    """Command line of the child process measuring one (configuration, trainer)."""
+                output_folder: str, predict_cases: int | None = None, interleaved: bool = False) -> list[str]:
+    """Command line of the child process measuring one (configuration, trainer); with ``interleaved``, of the child
+    running the interleaved compute measurement of the comma-separated trainers ``trainer``."""
+    predict_cases = args.predict_cases if predict_cases is None else predict_cases
     argv = [sys.executable, os.path.abspath(__file__), "--worker", "-d", str(dataset), "-p", args.plans,
             "-f", str(args.fold), "--iterations", str(args.iterations), "--warmup", str(args.warmup),
-            "-device", args.device, "--predict-cases", str(args.predict_cases), "--n-proc-da", str(args.n_proc_da),
+            "-device", args.device, "--predict-cases", str(predict_cases), "--n-proc-da", str(args.n_proc_da),
+            "--interleaved-rounds", str(args.interleaved_rounds), "--interleaved-steps", str(args.interleaved_steps),
             "--worker-configuration", configuration, "--worker-trainer", trainer, "--worker-output", output_folder]
     if args.threads is not None:
         argv += ["--threads", str(args.threads)]
@@ -311,6 +381,8 @@ def worker_argv(args: argparse.Namespace, dataset: str, configuration: str, trai
         argv.append("--mirror")
     if args.mmssl_plans:
         argv += ["--mmssl-plans", args.mmssl_plans]
+    if interleaved:
+        argv.append("--worker-interleaved")
     return argv
 
 
@@ -488,6 +560,108 @@ def measure_prediction(model_folder: str, fold, args, device, dataset_name: str,
                   predict_network_s_per_case=sum(network_seconds) / len(network_seconds) if network_seconds else None)
 
 
+def build_trainer(args: argparse.Namespace, name: str, device, folder: str, dataset_json: dict):
+    """Construct trainer ``name`` as nnU-Net's ``get_trainer_from_args`` does; return ``(trainer, plans name)``.
+
+    Our trainers (``SSLTrainerBase`` subclasses) use ``--mmssl-plans`` when given, every other trainer ``-p``.
+    """
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunet_mmssl.trainers import SSLTrainerBase
+
+    trainer_class = recursive_find_trainer_class_by_name(name)
+    if trainer_class is None:
+        raise RuntimeError(f"trainer class {name!r} not found (nnunetv2 or nnUNet_extTrainer)")
+    plans_name = args.mmssl_plans if args.mmssl_plans and issubclass(trainer_class, SSLTrainerBase) else args.plans
+    plans = load_json(os.path.join(folder, plans_name + ".json"))
+    plans["continue_training"] = False
+    fold = "all" if args.fold == "all" else int(args.fold)
+    trainer = trainer_class(plans=plans, configuration=args.worker_configuration, fold=fold,
+                            dataset_json=dataset_json, device=device)
+    return trainer, plans_name
+
+
+def run_interleaved_worker(args: argparse.Namespace) -> dict:
+    """Interleaved compute measurement of the comma-separated ``--worker-trainer`` list in this one process.
+
+    Every trainer is built and started, draws one labelled batch and (if it has a stream) one unlabelled batch, and
+    its augmenters are shut down; its unlabelled stream becomes an endless repeat of that batch. After ``--warmup``
+    steps and one FLOP-counted step each, ``--interleaved-rounds`` rounds of ``--interleaved-steps`` timed
+    ``train_step`` calls per trainer follow, the order rotated each round. So every trainer runs the same work as in
+    its own row minus data loading, and a slow phase of the machine hits all trainers alike: the ratio of the
+    medians is the network step's cost alone. Run with ``nnUNet_n_proc_DA=0`` (no worker processes compete).
+    """
+    import itertools
+    import statistics
+
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from torch.utils.flop_counter import FlopCounterMode
+
+    names = [n for n in args.worker_trainer.split(",") if n]
+    result: dict = {"configuration": args.worker_configuration, "trainers": {}, "errors": {}}
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    dataset_name = maybe_convert_to_dataset_name(args.dataset)
+    folder = os.path.join(nnUNet_preprocessed.require(), dataset_name)
+    dataset_json = load_json(os.path.join(folder, "dataset.json"))
+    ready = {}
+    for name in names:
+        try:
+            trainer, _ = build_trainer(args, name, device, folder, dataset_json)
+            trainer.on_train_start()
+            trainer.on_train_epoch_start()
+            batch = next(trainer.dataloader_train)
+            unlabelled = None
+            if getattr(trainer, "dataloader_unlabeled", None) is not None:
+                unlabelled = next(trainer.dataloader_unlabeled)
+            _finish_augmenters(trainer)
+            if unlabelled is not None:
+                trainer.dataloader_unlabeled = itertools.repeat(unlabelled)
+            for _ in range(args.warmup):
+                trainer.train_step(batch)
+            with FlopCounterMode(display=False) as counter:
+                trainer.train_step(batch)
+            sync()
+            ready[name] = (trainer, batch)
+            result["trainers"][name] = {"flops_per_iter": int(counter.get_total_flops()), "step_seconds": []}
+        except Exception as error:  # noqa: BLE001 - reported per trainer
+            result["errors"][name] = format_errors(error)
+            traceback.print_exc()
+    order = [n for n in names if n in ready]
+    for round_index in range(args.interleaved_rounds):
+        for name in rotated(order, round_index):
+            if name in result["errors"]:
+                continue
+            trainer, batch = ready[name]
+            try:
+                for _ in range(args.interleaved_steps):
+                    sync()
+                    start = time.perf_counter()
+                    trainer.train_step(batch)
+                    sync()
+                    result["trainers"][name]["step_seconds"].append(time.perf_counter() - start)
+            except Exception as error:  # noqa: BLE001 - reported per trainer, the others go on
+                result["errors"][name] = format_errors(error)
+                traceback.print_exc()
+    for name in order:
+        entry = result["trainers"][name]
+        entry["s_per_iter_median"] = statistics.median(entry["step_seconds"]) if entry["step_seconds"] else None
+    return result
+
+
 def run_worker(args: argparse.Namespace) -> dict:
     """Measure one (configuration, trainer) in this process; return the result dict (``error`` on failure)."""
     result: dict = {"trainer": args.worker_trainer, "configuration": args.worker_configuration}
@@ -498,7 +672,6 @@ def run_worker(args: argparse.Namespace) -> dict:
         from batchgenerators.utilities.file_and_folder_operations import load_json
         from nnunetv2.paths import nnUNet_preprocessed
         from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
         if args.threads is not None:
             torch.set_num_threads(args.threads)
@@ -513,19 +686,9 @@ def run_worker(args: argparse.Namespace) -> dict:
         dataset_name = maybe_convert_to_dataset_name(args.dataset)
         folder = os.path.join(nnUNet_preprocessed.require(), dataset_name)
         dataset_json = load_json(os.path.join(folder, "dataset.json"))
-        trainer_class = recursive_find_trainer_class_by_name(args.worker_trainer)
-        if trainer_class is None:
-            raise RuntimeError(f"trainer class {args.worker_trainer!r} not found (nnunetv2 or nnUNet_extTrainer)")
-        from nnunet_mmssl.trainers import SSLTrainerBase
-
-        result["plans"] = args.mmssl_plans if args.mmssl_plans and issubclass(trainer_class, SSLTrainerBase) else \
-            args.plans
-        plans = load_json(os.path.join(folder, result["plans"] + ".json"))
-        plans["continue_training"] = False
         fold = "all" if args.fold == "all" else int(args.fold)
         result["rss_after_imports_mib"] = _current_rss_mib()  # the process's baseline, before any trainer exists
-        trainer = trainer_class(plans=plans, configuration=args.worker_configuration, fold=fold,
-                                dataset_json=dataset_json, device=device)
+        trainer, result["plans"] = build_trainer(args, args.worker_trainer, device, folder, dataset_json)
         trainer.on_train_start()
         trainer.on_train_epoch_start()
         try:
@@ -671,18 +834,13 @@ def prepare_phantom(args: argparse.Namespace, workdir: str) -> str:
     return name
 
 
-def run_one(args: argparse.Namespace, env: dict, dataset: str, configuration: str, trainer: str,
-            workdir: str) -> dict:
-    """Run the worker for one (configuration, trainer) in a child process; return its result."""
-    log_file = os.path.join(workdir, "logs", f"{configuration}__{trainer}.log")
-    output = os.path.join(workdir, "predictions", configuration, trainer)
-    argv = worker_argv(args, dataset, configuration, trainer, output)
-    start = time.perf_counter()
+def _run_child(argv: list[str], env: dict, log_file: str, timeout: float) -> tuple[dict | None, str | None]:
+    """Run one child process in its own session; return (parsed result or None, error text or None)."""
     # own session, so that on a timeout the worker and its augmentation / prediction processes end together
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
-        stdout, stderr = process.communicate(timeout=args.worker_timeout)
+        stdout, stderr = process.communicate(timeout=timeout)
         code = process.returncode
     except subprocess.TimeoutExpired:
         try:
@@ -694,10 +852,56 @@ def run_one(args: argparse.Namespace, env: dict, dataset: str, configuration: st
     with open(log_file, "w") as handle:
         handle.write(f"$ {shlex.join(argv)}\n\n--- stdout\n{stdout}\n--- stderr\n{stderr}")
     result = parse_worker_output(stdout)
+    if result is not None:
+        return result, None
+    last = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or ["no output"]
+    reason = f"timed out after {timeout:.0f} s" if code is None else f"exit code {code}"
+    return None, f"worker {reason}: {last[0]}"
+
+
+def run_interleaved(args: argparse.Namespace, env: dict, dataset: str, configuration: str,
+                    workdir: str) -> dict:
+    """The interleaved compute measurement of every trainer of one configuration in one child process.
+
+    The child gets ``nnUNet_n_proc_DA=0`` (its batches are fixed, no worker process may compete) and its own
+    ``nnUNet_results`` (``<workdir>/interleaved_results``), so the model folders of the rows stay untouched.
+    """
+    log_file = os.path.join(workdir, "logs", f"{configuration}__interleaved.log")
+    child_env = dict(env, nnUNet_n_proc_DA="0", nnUNet_results=os.path.join(workdir, "interleaved_results"))
+    argv = worker_argv(args, dataset, configuration, ",".join(args.trainers), os.path.join(workdir, "unused"),
+                       predict_cases=0, interleaved=True)
+    timeout = args.worker_timeout * max(1, len(args.trainers))
+    result, error = _run_child(argv, child_env, log_file, timeout)
     if result is None:
-        last = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or ["no output"]
-        reason = f"timed out after {args.worker_timeout:.0f} s" if code is None else f"exit code {code}"
-        result = {"trainer": trainer, "configuration": configuration, "error": f"worker {reason}: {last[0]}"}
+        return {"trainers": {}, "errors": {name: error for name in args.trainers}, "log": log_file}
+    result["log"] = log_file
+    return result
+
+
+def merge_interleaved(rows: Sequence[dict], interleaved: dict) -> None:
+    """Copy the interleaved medians and FLOPs into the rows (in place); note its errors in the rows' JSON."""
+    for row in rows:
+        entry = interleaved.get("trainers", {}).get(row["trainer"]) or {}
+        row["interleaved_s_per_iter"] = entry.get("s_per_iter_median")
+        row["interleaved_flops_per_iter"] = entry.get("flops_per_iter")
+        row["interleaved_step_seconds"] = entry.get("step_seconds")
+        if row["trainer"] in interleaved.get("errors", {}):
+            row["interleaved_error"] = interleaved["errors"][row["trainer"]]
+
+
+def run_one(args: argparse.Namespace, env: dict, dataset: str, configuration: str, trainer: str,
+            workdir: str, round_index: int = 0) -> dict:
+    """Run the worker for one (configuration, trainer) in a child process; return its result. Prediction is timed
+    in the first round only."""
+    suffix = "" if round_index == 0 else f"__round{round_index + 1}"
+    log_file = os.path.join(workdir, "logs", f"{configuration}__{trainer}{suffix}.log")
+    output = os.path.join(workdir, "predictions", configuration, trainer)
+    argv = worker_argv(args, dataset, configuration, trainer, output,
+                       predict_cases=None if round_index == 0 else 0)
+    start = time.perf_counter()
+    result, error = _run_child(argv, env, log_file, args.worker_timeout)
+    if result is None:
+        result = {"trainer": trainer, "configuration": configuration, "error": error}
     result["wall_s"] = time.perf_counter() - start
     if result.get("error"):
         result["log"] = log_file
@@ -723,22 +927,35 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     baselines: dict[str, str | None] = {}
     worker_env = None
     for configuration in args.configurations:
-        rows = []
-        for trainer in args.trainers:
-            print(f"[{configuration}] {trainer}: measuring ...", flush=True)
-            row = run_one(args, env, dataset, configuration, trainer, workdir)
-            worker_env = worker_env or row.get("env")
-            summary = f"{row['s_per_iter']:.3f} s/iter" if row.get("s_per_iter") is not None else "no timing"
-            error = f"; error: {row['error']} (log {row['log']})" if row.get("error") else ""
-            print(f"[{configuration}] {trainer}: {summary} ({row['wall_s']:.0f} s){error}", flush=True)
-            rows.append(row)
+        measured: dict[str, list[dict]] = {trainer: [] for trainer in args.trainers}
+        for round_index in range(args.rounds):
+            for trainer in rotated(args.trainers, round_index):
+                tag = f"[{configuration}]" + (f" round {round_index + 1}/{args.rounds}" if args.rounds > 1 else "")
+                print(f"{tag} {trainer}: measuring ...", flush=True)
+                row = run_one(args, env, dataset, configuration, trainer, workdir, round_index)
+                worker_env = worker_env or row.get("env")
+                summary = f"{row['s_per_iter']:.3f} s/iter" if row.get("s_per_iter") is not None else "no timing"
+                error = f"; error: {row['error']} (log {row['log']})" if row.get("error") else ""
+                print(f"{tag} {trainer}: {summary} ({row['wall_s']:.0f} s){error}", flush=True)
+                measured[trainer].append(row)
+        rows = [merge_rounds(measured[trainer]) for trainer in args.trainers]
+        if args.interleaved_rounds > 0:
+            print(f"[{configuration}] interleaved compute measurement of all trainers ...", flush=True)
+            interleaved = run_interleaved(args, env, dataset, configuration, workdir)
+            merge_interleaved(rows, interleaved)
+            for name, error in interleaved.get("errors", {}).items():
+                print(f"[{configuration}] interleaved {name}: error: {error} (log {interleaved['log']})", flush=True)
         baselines[configuration] = add_ratios(rows)
         results[configuration] = rows
     info = machine_info(args, worker_env)
     report = [format_header(info, command, date, dataset)]
     for configuration, rows in results.items():
-        title = (f"configuration {configuration} ({args.iterations} timed iterations after {args.warmup} warm-up; "
-                 f"prediction of {args.predict_cases} case(s), mirroring {'on' if args.mirror else 'off'})")
+        rounds = f" x {args.rounds} rounds" if args.rounds > 1 else ""
+        interleaved = (f"; eff.ilv: {args.interleaved_rounds} x {args.interleaved_steps} interleaved steps on fixed "
+                       f"batches" if args.interleaved_rounds > 0 else "")
+        title = (f"configuration {configuration} ({args.iterations} timed iterations{rounds} after {args.warmup} "
+                 f"warm-up{interleaved}; prediction of {args.predict_cases} case(s), mirroring "
+                 f"{'on' if args.mirror else 'off'})")
         report += ["", title, format_table(rows, baselines[configuration])]
         plans_used = sorted({row.get("plans") for row in rows if row.get("plans")})
         if len(plans_used) > 1:
@@ -763,7 +980,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.worker:
-        result = run_worker(args)
+        result = run_interleaved_worker(args) if args.worker_interleaved else run_worker(args)
         print("\n" + RESULT_MARKER + json.dumps(result), flush=True)  # own line, whatever nnU-Net printed last
         return 0
     summary = run_parent(args, argv)

@@ -21,7 +21,8 @@ def test_benchmark_on_tiny_phantom_with_budgeted_plans(tmp_path):
         [sys.executable, str(SCRIPT), "--phantom", "-c", "3d_fullres", "-tr", "nnUNetTrainer", "MemCifSSLTrainer",
          "--mmssl-plans", "nnUNetMMSSLPlans", "--gpu-memory-target", "0.3", "--iterations", "1", "--warmup", "1",
          "--predict-cases", "1", "--phantom-shape", "16", "48", "48", "--phantom-cases", "2", "2", "--n-proc-da", "1",
-         "--workdir", str(tmp_path / "work"), "--json", str(out)], capture_output=True, text=True)
+         "--interleaved-rounds", "1", "--interleaved-steps", "1", "--workdir", str(tmp_path / "work"),
+         "--json", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {r["trainer"]: r for r in json.loads(out.read_text())["results"]["3d_fullres"]}
     base, ours = rows["nnUNetTrainer"], rows["MemCifSSLTrainer"]
@@ -37,4 +38,9 @@ def test_benchmark_on_tiny_phantom_with_budgeted_plans(tmp_path):
     assert per_sample[1] > 1.8 * per_sample[0]
     assert ours["s_per_iter"] > 0 and 0.0 <= ours["data_wait_fraction"] <= 1.0
     assert base["predict_s_per_case"] > 0 and ours["predict_s_per_case"] > 0
+    # the interleaved compute measurement ran both trainers on fixed batches in one process, same FLOPs as the rows
+    for row in (base, ours):
+        assert row["interleaved_s_per_iter"] > 0 and row["interleaved_flops_per_iter"] == row["flops_per_iter"]
+        assert len(row["interleaved_step_seconds"]) == 1 and row["interleaved_efficiency"] is not None
+    assert base["interleaved_efficiency"] == 1.0 and "eff.ilv" in result.stdout
     assert "est/plan" in result.stdout and "MemCifSSLTrainer nnUNetMMSSLPlans" in result.stdout

@@ -210,3 +210,81 @@ def test_format_header(bench):
     header = bench.format_header(info, "python benchmarks/benchmark_trainers.py -device cuda", "2025-01-01", "D")
     assert "NVIDIA H100" in header and "torch threads 8" in header and "benchmark_trainers.py" in header
     assert info["cores"] == os.cpu_count() and info["device"] == "cuda"
+
+
+def test_rotated_orders_every_round_differently(bench):
+    names = ["nnUNetTrainer", "A", "B"]
+    assert bench.rotated(names, 0) == names
+    assert bench.rotated(names, 1) == ["A", "B", "nnUNetTrainer"]
+    assert bench.rotated(names, 4) == ["A", "B", "nnUNetTrainer"]
+    assert bench.rotated([], 3) == []
+    assert names == ["nnUNetTrainer", "A", "B"]  # input not modified
+
+
+def _round(s_steps, wait_l, wait_u=0.0, peak=1000.0, train=100.0, **extra):
+    total = sum(s_steps)
+    return {"trainer": "A", "step_seconds": list(s_steps), "s_per_iter": total / len(s_steps),
+            "data_wait_s": wait_l + wait_u, "data_wait_labeled_s": wait_l, "data_wait_unlabeled_s": wait_u,
+            "data_wait_fraction": (wait_l + wait_u) / total, "peak_mem_mib": peak, "train_mem_mib": train,
+            "flops_per_iter": 7e9, "wall_s": 10.0, **extra}
+
+
+def test_merge_rounds_pools_steps_and_keeps_first_round_prediction(bench):
+    first = _round([1.0, 3.0], 0.4, 0.1, peak=1000.0, predict_s_per_case=2.5)
+    second = _round([2.0, 2.0, 2.0], 0.3, peak=1200.0, train=150.0)
+    merged = bench.merge_rounds([first, second])
+    assert merged["step_seconds"] == [1.0, 3.0, 2.0, 2.0, 2.0]
+    assert merged["s_per_iter"] == pytest.approx(10.0 / 5)
+    assert (merged["s_per_iter_min"], merged["s_per_iter_median"]) == (1.0, 2.0)
+    assert merged["data_wait_s"] == pytest.approx(0.8) and merged["data_wait_unlabeled_s"] == pytest.approx(0.1)
+    assert merged["data_wait_fraction"] == pytest.approx(0.8 / 10.0)
+    assert merged["peak_mem_mib"] == 1200.0 and merged["train_mem_mib"] == 150.0
+    assert merged["round_s_per_iter"] == [2.0, 2.0] and merged["rounds"] == 2
+    assert merged["predict_s_per_case"] == 2.5 and merged["wall_s"] == 20.0
+    assert "error" not in merged
+    assert first["step_seconds"] == [1.0, 3.0]  # inputs not modified
+    assert bench.merge_rounds([first]) == first
+
+
+def test_merge_rounds_with_a_failed_round(bench):
+    failed = {"trainer": "A", "error": "worker exit code 1: boom", "wall_s": 1.0}
+    merged = bench.merge_rounds([failed, _round([2.0], 0.0)])
+    assert merged["s_per_iter"] == 2.0 and merged["flops_per_iter"] == 7e9
+    assert merged["error"] == "round 1: worker exit code 1: boom"
+    with pytest.raises(ValueError):
+        bench.merge_rounds([])
+
+
+def test_interleaved_efficiency_against_the_baseline(bench):
+    rows = [_row("nnUNetTrainer", 1.0, 10e9, 1000.0, 100, 2.0), _row("B", 3.0, 40e9, 1500.0, 400, 2.0),
+            _row("C", 2.0, 20e9, 1200.0, 200, 2.0)]
+    interleaved = {"trainers": {"nnUNetTrainer": {"s_per_iter_median": 0.5, "flops_per_iter": 10e9,
+                                                  "step_seconds": [0.5]},
+                                "B": {"s_per_iter_median": 1.6, "flops_per_iter": 40e9, "step_seconds": [1.6]}},
+                   "errors": {"C": "RuntimeError: out of memory"}}
+    bench.merge_interleaved(rows, interleaved)
+    bench.add_ratios(rows)
+    base, b, c = rows
+    assert base["interleaved_efficiency"] == 1.0
+    assert b["interleaved_time_ratio"] == pytest.approx(3.2)
+    assert b["interleaved_efficiency"] == pytest.approx(4.0 / 3.2)
+    assert b["efficiency"] == pytest.approx(4.0 / 3.0)  # the row's own columns are unchanged
+    assert c["interleaved_efficiency"] is None and c["interleaved_error"].startswith("RuntimeError")
+    assert "eff.ilv" in bench.format_table(rows, "nnUNetTrainer")
+
+
+def test_worker_argv_interleaved_and_prediction_override(bench):
+    args = bench.parse_args(["--interleaved-rounds", "4", "--interleaved-steps", "3", "--predict-cases", "2"])
+    argv = bench.worker_argv(args, "D", "2d", "nnUNetTrainer,MemCifSSLTrainer", "/tmp/o", predict_cases=0,
+                             interleaved=True)
+    worker = bench.parse_args(argv[2:])
+    assert worker.worker and worker.worker_interleaved and worker.predict_cases == 0
+    assert worker.worker_trainer.split(",") == ["nnUNetTrainer", "MemCifSSLTrainer"]
+    assert (worker.interleaved_rounds, worker.interleaved_steps) == (4, 3)
+    assert not bench.parse_args(bench.worker_argv(args, "D", "2d", "A", "/tmp/o")[2:]).worker_interleaved
+
+
+@pytest.mark.parametrize("argv", [["--rounds", "0"], ["--interleaved-rounds", "-1"], ["--interleaved-steps", "0"]])
+def test_parse_args_rejects_bad_rounds(bench, argv):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
