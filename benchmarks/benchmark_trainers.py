@@ -62,6 +62,8 @@ COLUMNS = (
     ("predict_ratio", "pred x", 7, "{:.2f}"),
     ("predict_network_s_per_case", "net s/case", 10, "{:.2f}"),
     ("predict_network_ratio", "net x", 6, "{:.2f}"),
+    ("inference_flop_ratio", "inf FLOP x", 10, "{:.2f}"),
+    ("inference_efficiency", "inf.ilv", 7, "{:.2f}"),
 )
 
 
@@ -189,6 +191,9 @@ def add_ratios(rows: Sequence[dict], preferred: str = BASELINE_TRAINER) -> str |
         row["interleaved_efficiency"] = efficiency(
             ratio(row.get("interleaved_flops_per_iter"), base.get("interleaved_flops_per_iter")),
             row["interleaved_time_ratio"])
+        row["inference_flop_ratio"] = ratio(row.get("inference_flops_per_patch"), base.get("inference_flops_per_patch"))
+        row["inference_time_ratio"] = ratio(row.get("inference_s_per_patch"), base.get("inference_s_per_patch"))
+        row["inference_efficiency"] = efficiency(row["inference_flop_ratio"], row["inference_time_ratio"])
         row["mem_ratio"] = ratio(row.get("peak_mem_mib"), base.get("peak_mem_mib"))
         row["train_mem_ratio"] = ratio(row.get("train_mem_mib"), base.get("train_mem_mib"))
         row["estimate_ratio"] = ratio(row.get("memory_estimate"), base.get("memory_estimate"))
@@ -656,10 +661,56 @@ def run_interleaved_worker(args: argparse.Namespace) -> dict:
             except Exception as error:  # noqa: BLE001 - reported per trainer, the others go on
                 result["errors"][name] = format_errors(error)
                 traceback.print_exc()
+    # inference: the network as nnUNetv2_predict runs it (eval, no deep supervision, mean of the heads) on one patch
+    patches = {}
+    for name in order:
+        if name in result["errors"]:
+            continue
+        trainer, _ = ready[name]
+        try:
+            network = _bare_network(trainer)
+            trainer.set_deep_supervision_enabled(False)
+            if hasattr(network, "return_heads"):
+                network.return_heads = False
+            network.eval()
+            patch = torch.randn((1, trainer.num_input_channels, *trainer.configuration_manager.patch_size),
+                                device=device)
+            with torch.no_grad(), _inference_autocast(device):
+                network(patch)
+                with FlopCounterMode(display=False) as counter:
+                    network(patch)
+            result["trainers"][name].update(inference_flops_per_patch=int(counter.get_total_flops()),
+                                            inference_seconds=[])
+            patches[name] = (network, patch)
+        except Exception as error:  # noqa: BLE001 - reported per trainer
+            result["errors"][name] = f"inference: {format_errors(error)}"
+            traceback.print_exc()
+    inference_order = [n for n in order if n in patches]
+    for round_index in range(args.interleaved_rounds):
+        for name in rotated(inference_order, round_index):
+            network, patch = patches[name]
+            with torch.no_grad(), _inference_autocast(device):
+                for _ in range(args.interleaved_steps):
+                    sync()
+                    start = time.perf_counter()
+                    network(patch)
+                    sync()
+                    result["trainers"][name]["inference_seconds"].append(time.perf_counter() - start)
     for name in order:
         entry = result["trainers"][name]
         entry["s_per_iter_median"] = statistics.median(entry["step_seconds"]) if entry["step_seconds"] else None
+        if entry.get("inference_seconds"):
+            entry["inference_s_per_patch"] = statistics.median(entry["inference_seconds"])
     return result
+
+
+def _inference_autocast(device):
+    """Autocast as nnU-Net's predictor uses it: on CUDA only."""
+    import contextlib
+
+    import torch
+
+    return torch.autocast(device.type, enabled=True) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def run_worker(args: argparse.Namespace) -> dict:
@@ -885,6 +936,8 @@ def merge_interleaved(rows: Sequence[dict], interleaved: dict) -> None:
         row["interleaved_s_per_iter"] = entry.get("s_per_iter_median")
         row["interleaved_flops_per_iter"] = entry.get("flops_per_iter")
         row["interleaved_step_seconds"] = entry.get("step_seconds")
+        row["inference_flops_per_patch"] = entry.get("inference_flops_per_patch")
+        row["inference_s_per_patch"] = entry.get("inference_s_per_patch")
         if row["trainer"] in interleaved.get("errors", {}):
             row["interleaved_error"] = interleaved["errors"][row["trainer"]]
 

@@ -43,4 +43,9 @@ def test_benchmark_on_tiny_phantom_with_budgeted_plans(tmp_path):
         assert row["interleaved_s_per_iter"] > 0 and row["interleaved_flops_per_iter"] == row["flops_per_iter"]
         assert len(row["interleaved_step_seconds"]) == 1 and row["interleaved_efficiency"] is not None
     assert base["interleaved_efficiency"] == 1.0 and "eff.ilv" in result.stdout
+    # inference FLOPs of one patch: both branches (plus fusion) against one plain U-Net
+    assert 1.8 * base["inference_flops_per_patch"] < ours["inference_flops_per_patch"] * \
+        (base["patch_size"][0] * base["patch_size"][1] * base["patch_size"][2]) / \
+        (ours["patch_size"][0] * ours["patch_size"][1] * ours["patch_size"][2])
+    assert ours["inference_s_per_patch"] > 0 and ours["inference_efficiency"] is not None
     assert "est/plan" in result.stdout and "MemCifSSLTrainer nnUNetMMSSLPlans" in result.stdout

@@ -259,8 +259,10 @@ def test_interleaved_efficiency_against_the_baseline(bench):
     rows = [_row("nnUNetTrainer", 1.0, 10e9, 1000.0, 100, 2.0), _row("B", 3.0, 40e9, 1500.0, 400, 2.0),
             _row("C", 2.0, 20e9, 1200.0, 200, 2.0)]
     interleaved = {"trainers": {"nnUNetTrainer": {"s_per_iter_median": 0.5, "flops_per_iter": 10e9,
-                                                  "step_seconds": [0.5]},
-                                "B": {"s_per_iter_median": 1.6, "flops_per_iter": 40e9, "step_seconds": [1.6]}},
+                                                  "step_seconds": [0.5], "inference_flops_per_patch": 2e9,
+                                                  "inference_s_per_patch": 0.1},
+                                "B": {"s_per_iter_median": 1.6, "flops_per_iter": 40e9, "step_seconds": [1.6],
+                                      "inference_flops_per_patch": 4.4e9, "inference_s_per_patch": 0.25}},
                    "errors": {"C": "RuntimeError: out of memory"}}
     bench.merge_interleaved(rows, interleaved)
     bench.add_ratios(rows)
@@ -269,7 +271,10 @@ def test_interleaved_efficiency_against_the_baseline(bench):
     assert b["interleaved_time_ratio"] == pytest.approx(3.2)
     assert b["interleaved_efficiency"] == pytest.approx(4.0 / 3.2)
     assert b["efficiency"] == pytest.approx(4.0 / 3.0)  # the row's own columns are unchanged
+    assert b["inference_flop_ratio"] == pytest.approx(2.2) and b["inference_time_ratio"] == pytest.approx(2.5)
+    assert b["inference_efficiency"] == pytest.approx(2.2 / 2.5) and base["inference_efficiency"] == 1.0
     assert c["interleaved_efficiency"] is None and c["interleaved_error"].startswith("RuntimeError")
+    assert c["inference_efficiency"] is None
     assert "eff.ilv" in bench.format_table(rows, "nnUNetTrainer")
 
 
