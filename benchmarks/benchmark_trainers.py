@@ -142,10 +142,11 @@ def rotated(items: Sequence[str], shift: int) -> list[str]:
 def merge_rounds(rounds: Sequence[dict]) -> dict:
     """One row from the rows of the same (configuration, trainer) measured in several rounds (``--rounds``).
 
-    The first round's row is the base (FLOPs, memory estimate, prediction: measured once). Timed steps of all rounds
-    are pooled: ``s_per_iter`` = mean of every timed step, ``data_wait_fraction`` = total wait / total step time,
-    peak memory = the largest of the rounds. ``round_s_per_iter`` keeps each round's mean; errors of all rounds are
-    joined.
+    The first round's row is the base (FLOPs, memory estimate, prediction: measured once). ``s_per_iter`` is the
+    median of the rounds' mean step times (``round_s_per_iter``), so that one round in a slow phase of the machine
+    does not move it (with three rounds or more); the timed steps of all rounds are pooled for
+    ``s_per_iter_pooled_mean``, min, median and ``data_wait_fraction`` (total wait / total step time); peak memory is
+    the largest of the rounds; errors of all rounds are joined.
     """
     if not rounds:
         raise ValueError("merge_rounds needs at least one round")
@@ -164,7 +165,11 @@ def merge_rounds(rounds: Sequence[dict]) -> dict:
         total = sum(steps)
         waits = {key: sum(r.get(key) or 0.0 for r in timed)
                  for key in ("data_wait_s", "data_wait_labeled_s", "data_wait_unlabeled_s")}
-        merged.update(step_seconds=steps, s_per_iter=total / len(steps), s_per_iter_min=min(steps),
+        means = sorted(r["s_per_iter"] for r in timed if r.get("s_per_iter") is not None)
+        middle = len(means) // 2
+        median_of_means = means[middle] if len(means) % 2 else (means[middle - 1] + means[middle]) / 2
+        merged.update(step_seconds=steps, s_per_iter=median_of_means, s_per_iter_pooled_mean=total / len(steps),
+                      s_per_iter_min=min(steps),
                       s_per_iter_median=sorted(steps)[len(steps) // 2], **waits,
                       data_wait_fraction=waits["data_wait_s"] / total if total > 0 else None)
         for key in ("flops_per_iter", "memory_estimate", "feature_map_size", "budget_ratio", "batch_labeled",
@@ -304,10 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="measure every trainer this many times, each time in its own process, in rotated order "
                              "(round r starts with the r-th trainer); the timed steps of all rounds are pooled, so "
                              "that a slow phase of a shared machine is spread over all trainers (default 1)")
-    parser.add_argument("--interleaved-rounds", type=int, default=3,
+    parser.add_argument("--interleaved-rounds", type=int, default=5,
                         help="rounds of the interleaved compute measurement: every trainer in one process on one "
                              "fixed batch, --interleaved-steps steps each per round, in rotated order (column "
-                             "eff.ilv); 0 skips it (default 3)")
+                             "eff.ilv); 0 skips it (default 5)")
     parser.add_argument("--interleaved-steps", type=int, default=2,
                         help="timed steps per trainer and round of the interleaved measurement (default 2)")
     parser.add_argument("-device", "--device", default="cpu", choices=["cpu", "cuda"])
@@ -593,9 +598,10 @@ def run_interleaved_worker(args: argparse.Namespace) -> dict:
     Every trainer is built and started, draws one labelled batch and (if it has a stream) one unlabelled batch, and
     its augmenters are shut down; its unlabelled stream becomes an endless repeat of that batch. After ``--warmup``
     steps and one FLOP-counted step each, ``--interleaved-rounds`` rounds of ``--interleaved-steps`` timed
-    ``train_step`` calls per trainer follow, the order rotated each round. So every trainer runs the same work as in
-    its own row minus data loading, and a slow phase of the machine hits all trainers alike: the ratio of the
-    medians is the network step's cost alone. Run with ``nnUNet_n_proc_DA=0`` (no worker processes compete).
+    ``train_step`` calls per trainer follow, the order rotated each round; then the same for one inference forward
+    of one patch. So every trainer repeats the same work as in its own row minus data loading, and each is sampled
+    across the whole run: the fastest repetition (``s_per_iter_min``; the median is kept too) is the step's own
+    cost. Run with ``nnUNet_n_proc_DA=0`` (no worker processes compete).
     """
     import itertools
     import statistics
@@ -698,9 +704,12 @@ def run_interleaved_worker(args: argparse.Namespace) -> dict:
                     result["trainers"][name]["inference_seconds"].append(time.perf_counter() - start)
     for name in order:
         entry = result["trainers"][name]
-        entry["s_per_iter_median"] = statistics.median(entry["step_seconds"]) if entry["step_seconds"] else None
+        if entry["step_seconds"]:
+            entry["s_per_iter_min"] = min(entry["step_seconds"])
+            entry["s_per_iter_median"] = statistics.median(entry["step_seconds"])
         if entry.get("inference_seconds"):
-            entry["inference_s_per_patch"] = statistics.median(entry["inference_seconds"])
+            entry["inference_s_min"] = min(entry["inference_seconds"])
+            entry["inference_s_median"] = statistics.median(entry["inference_seconds"])
     return result
 
 
@@ -933,11 +942,14 @@ def merge_interleaved(rows: Sequence[dict], interleaved: dict) -> None:
     """Copy the interleaved medians and FLOPs into the rows (in place); note its errors in the rows' JSON."""
     for row in rows:
         entry = interleaved.get("trainers", {}).get(row["trainer"]) or {}
-        row["interleaved_s_per_iter"] = entry.get("s_per_iter_median")
+        # identical work repeated: noise only adds time, so the fastest repetition is the step's own cost (timeit)
+        row["interleaved_s_per_iter"] = entry.get("s_per_iter_min")
+        row["interleaved_s_per_iter_median"] = entry.get("s_per_iter_median")
         row["interleaved_flops_per_iter"] = entry.get("flops_per_iter")
         row["interleaved_step_seconds"] = entry.get("step_seconds")
         row["inference_flops_per_patch"] = entry.get("inference_flops_per_patch")
-        row["inference_s_per_patch"] = entry.get("inference_s_per_patch")
+        row["inference_s_per_patch"] = entry.get("inference_s_min")
+        row["inference_s_per_patch_median"] = entry.get("inference_s_median")
         if row["trainer"] in interleaved.get("errors", {}):
             row["interleaved_error"] = interleaved["errors"][row["trainer"]]
 

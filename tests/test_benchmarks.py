@@ -234,7 +234,8 @@ def test_merge_rounds_pools_steps_and_keeps_first_round_prediction(bench):
     second = _round([2.0, 2.0, 2.0], 0.3, peak=1200.0, train=150.0)
     merged = bench.merge_rounds([first, second])
     assert merged["step_seconds"] == [1.0, 3.0, 2.0, 2.0, 2.0]
-    assert merged["s_per_iter"] == pytest.approx(10.0 / 5)
+    assert merged["s_per_iter"] == pytest.approx(2.0)  # median of the two rounds' means (2.0, 2.0)
+    assert merged["s_per_iter_pooled_mean"] == pytest.approx(10.0 / 5)
     assert (merged["s_per_iter_min"], merged["s_per_iter_median"]) == (1.0, 2.0)
     assert merged["data_wait_s"] == pytest.approx(0.8) and merged["data_wait_unlabeled_s"] == pytest.approx(0.1)
     assert merged["data_wait_fraction"] == pytest.approx(0.8 / 10.0)
@@ -244,6 +245,15 @@ def test_merge_rounds_pools_steps_and_keeps_first_round_prediction(bench):
     assert "error" not in merged
     assert first["step_seconds"] == [1.0, 3.0]  # inputs not modified
     assert bench.merge_rounds([first]) == first
+
+
+def test_merge_rounds_median_of_round_means_ignores_one_slow_round(bench):
+    rounds = [_round([0.9, 1.5], 0.0), _round([0.5, 0.5], 0.0), _round([0.4, 0.4], 0.0)]
+    merged = bench.merge_rounds(rounds)
+    assert merged["round_s_per_iter"] == pytest.approx([1.2, 0.5, 0.4])
+    assert merged["s_per_iter"] == pytest.approx(0.5)
+    assert merged["s_per_iter_pooled_mean"] == pytest.approx(4.2 / 6)
+    assert bench.merge_rounds(rounds[1:])["s_per_iter"] == pytest.approx(0.45)  # even count: mean of the middle two
 
 
 def test_merge_rounds_with_a_failed_round(bench):
@@ -258,17 +268,20 @@ def test_merge_rounds_with_a_failed_round(bench):
 def test_interleaved_efficiency_against_the_baseline(bench):
     rows = [_row("nnUNetTrainer", 1.0, 10e9, 1000.0, 100, 2.0), _row("B", 3.0, 40e9, 1500.0, 400, 2.0),
             _row("C", 2.0, 20e9, 1200.0, 200, 2.0)]
-    interleaved = {"trainers": {"nnUNetTrainer": {"s_per_iter_median": 0.5, "flops_per_iter": 10e9,
-                                                  "step_seconds": [0.5], "inference_flops_per_patch": 2e9,
-                                                  "inference_s_per_patch": 0.1},
-                                "B": {"s_per_iter_median": 1.6, "flops_per_iter": 40e9, "step_seconds": [1.6],
-                                      "inference_flops_per_patch": 4.4e9, "inference_s_per_patch": 0.25}},
+    interleaved = {"trainers": {"nnUNetTrainer": {"s_per_iter_min": 0.5, "s_per_iter_median": 0.6,
+                                                  "flops_per_iter": 10e9, "step_seconds": [0.5, 0.6, 0.7],
+                                                  "inference_flops_per_patch": 2e9, "inference_s_min": 0.1,
+                                                  "inference_s_median": 0.2},
+                                "B": {"s_per_iter_min": 1.6, "s_per_iter_median": 3.0, "flops_per_iter": 40e9,
+                                      "step_seconds": [1.6, 3.0, 3.1], "inference_flops_per_patch": 4.4e9,
+                                      "inference_s_min": 0.25, "inference_s_median": 0.3}},
                    "errors": {"C": "RuntimeError: out of memory"}}
     bench.merge_interleaved(rows, interleaved)
     bench.add_ratios(rows)
     base, b, c = rows
     assert base["interleaved_efficiency"] == 1.0
-    assert b["interleaved_time_ratio"] == pytest.approx(3.2)
+    assert b["interleaved_time_ratio"] == pytest.approx(3.2)  # the fastest repetitions: 1.6 / 0.5
+    assert b["interleaved_s_per_iter_median"] == 3.0 and b["inference_s_per_patch_median"] == 0.3
     assert b["interleaved_efficiency"] == pytest.approx(4.0 / 3.2)
     assert b["efficiency"] == pytest.approx(4.0 / 3.0)  # the row's own columns are unchanged
     assert b["inference_flop_ratio"] == pytest.approx(2.2) and b["inference_time_ratio"] == pytest.approx(2.5)
