@@ -612,8 +612,13 @@ def run_interleaved_worker(args: argparse.Namespace) -> dict:
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from torch.utils.flop_counter import FlopCounterMode
 
+    from nnunet_mmssl.trainers.cpu_allocator import keep_freed_memory_in_process
+
     names = [n for n in args.worker_trainer.split(",") if n]
     result: dict = {"configuration": args.worker_configuration, "trainers": {}, "errors": {}}
+    # one process for all trainers: the allocator setting our trainers make on CPU would otherwise reach the trainers
+    # built before them in some rounds and not in others; set it for all, so that eff.ilv compares compute alone
+    result["keep_freed_memory"] = keep_freed_memory_in_process() if args.device == "cpu" else False
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -45,6 +45,7 @@ from nnunet_mmssl.planners import (
     unlabeled_data_identifier,
 )
 from nnunet_mmssl.semisup.ramps import sigmoid_rampup
+from nnunet_mmssl.trainers.cpu_allocator import keep_freed_memory_in_process
 from nnunet_mmssl.trainers.logging import register_log_keys
 
 CHECKPOINT_KEY = "mmssl_state"
@@ -69,6 +70,9 @@ class SSLTrainerBase(nnUNetTrainer):
     extra_log_keys: tuple[str, ...] = ("train_sup_losses", "train_unsup_losses", "unsup_weights")
     #: warn at the start of training when a step needs more than this times the feature-map memory the plans budget
     memory_warning_factor: float = 1.25
+    #: on CPU, keep freed memory in the process (glibc) so that steps do not page-fault their tensors in again
+    #: (:mod:`nnunet_mmssl.trainers.cpu_allocator`); no effect on CUDA
+    cpu_keep_freed_memory: bool = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's exact signature)
@@ -126,6 +130,11 @@ class SSLTrainerBase(nnUNetTrainer):
         return {"need": need, "budget": budget, "ratio": ratio, "source": source}
 
     def on_train_start(self):
+        if self.device.type == "cpu" and self.cpu_keep_freed_memory:
+            applied = keep_freed_memory_in_process()
+            self.print_to_log_file("CPU training: freed memory stays in the process (glibc mallopt M_MMAP_MAX=0, "
+                                   "M_TRIM_THRESHOLD=-1), so steps reuse it without page faults." if applied else
+                                   "CPU training: the C library is not glibc; memory allocation left as it is.")
         super().on_train_start()
         self.memory_check()
 
