@@ -3,10 +3,11 @@
 glibc's ``malloc`` serves large blocks with ``mmap`` and gives them back to the kernel on ``free`` (and trims the top
 of the heap); the next step's tensors of the same size are then faulted in page by page and zero-filled by the
 kernel. PyTorch's CPU allocator has no cache of its own, so a training step on CPU allocates and frees the same
-activations every iteration. Measured here on 2 cores (3d_fullres phantom): 60,000 minor page faults per second and
-13 % of the step in the kernel for ``nnUNetTrainer``, 120,000-140,000 per second and 30-40 % for our trainers, whose
-joint labelled + unlabelled batch puts their full-resolution activations above glibc's largest dynamic mmap threshold
-(32 MiB), so every one of them is mapped and unmapped again in every step.
+activations every iteration. Measured here on 2 cores (3d_fullres phantom): about 60,000 minor page faults per second
+and the kernel busy for 13 % of a core for ``nnUNetTrainer``, 120,000-140,000 per second and 30-40 % of a core for our
+trainers, whose joint labelled + unlabelled batch puts their full-resolution activations above glibc's largest dynamic
+mmap threshold (32 MiB), so every one of them is mapped and unmapped again in every step (benchmarks/README.md,
+2026-12-01: their 3d steps became 25-37 % faster with this setting).
 
 :func:`keep_freed_memory_in_process` sets ``M_MMAP_MAX = 0`` (no block is served by ``mmap``: all come from the heap)
 and ``M_TRIM_THRESHOLD = -1`` (the heap is never trimmed). After the first steps the heap holds the step's peak and
