@@ -26,6 +26,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -154,10 +155,10 @@ def merge_rounds(rounds: Sequence[dict]) -> dict:
     if len(rounds) == 1:
         return merged
     timed = [r for r in rounds if r.get("step_seconds")]
+    merged.pop("error", None)
     errors = [f"round {i + 1}: {r['error']}" for i, r in enumerate(rounds) if r.get("error")]
-    merged["error"] = "; ".join(errors) if errors else None
-    if not merged["error"]:
-        merged.pop("error")
+    if errors:
+        merged["error"] = "; ".join(errors)
     merged["rounds"] = len(rounds)
     merged["round_s_per_iter"] = [r.get("s_per_iter") for r in rounds]
     if timed:
@@ -165,11 +166,8 @@ def merge_rounds(rounds: Sequence[dict]) -> dict:
         total = sum(steps)
         waits = {key: sum(r.get(key) or 0.0 for r in timed)
                  for key in ("data_wait_s", "data_wait_labeled_s", "data_wait_unlabeled_s")}
-        means = sorted(r["s_per_iter"] for r in timed if r.get("s_per_iter") is not None)
-        middle = len(means) // 2
-        median_of_means = means[middle] if len(means) % 2 else (means[middle - 1] + means[middle]) / 2
-        merged.update(step_seconds=steps, s_per_iter=median_of_means, s_per_iter_pooled_mean=total / len(steps),
-                      s_per_iter_min=min(steps),
+        merged.update(step_seconds=steps, s_per_iter=statistics.median(r["s_per_iter"] for r in timed),
+                      s_per_iter_pooled_mean=total / len(steps), s_per_iter_min=min(steps),
                       s_per_iter_median=sorted(steps)[len(steps) // 2], **waits,
                       data_wait_fraction=waits["data_wait_s"] / total if total > 0 else None)
         for key in ("flops_per_iter", "memory_estimate", "feature_map_size", "budget_ratio", "batch_labeled",
@@ -307,8 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations before (default 3)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every trainer this many times, each time in its own process, in rotated order "
-                             "(round r starts with the r-th trainer); the timed steps of all rounds are pooled, so "
-                             "that a slow phase of a shared machine is spread over all trainers (default 1)")
+                             "(round r starts with the r-th trainer); s/iter is the median of the rounds' means, so "
+                             "that one slow phase of a shared machine does not decide a row (default 1)")
     parser.add_argument("--interleaved-rounds", type=int, default=5,
                         help="rounds of the interleaved compute measurement: every trainer in one process on one "
                              "fixed batch, --interleaved-steps steps each per round, in rotated order (column "
@@ -462,8 +460,7 @@ def measure_training(trainer, args, result: dict) -> None:
     cuda = trainer.device.type == "cuda"
 
     def sync():
-        if cuda:
-            torch.cuda.synchronize(trainer.device)
+        _sync(trainer.device)
 
     labelled, unlabelled = effective_batch_size(trainer)
     result.update(batch_labeled=labelled, batch_unlabeled=unlabelled,
@@ -570,6 +567,62 @@ def measure_prediction(model_folder: str, fold, args, device, dataset_name: str,
                   predict_network_s_per_case=sum(network_seconds) / len(network_seconds) if network_seconds else None)
 
 
+def _sync(device) -> None:
+    """Wait for the GPU (timings of CUDA work); nothing on CPU."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def worker_setup(args: argparse.Namespace):
+    """What every worker process does first: torch threads, device and cuDNN as ``nnUNetv2_train``, the dataset.
+
+    Returns:
+        (device, dataset name, preprocessed dataset folder, dataset.json).
+    """
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":  # as nnUNetv2_train
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
+    dataset_name = maybe_convert_to_dataset_name(args.dataset)
+    folder = os.path.join(nnUNet_preprocessed.require(), dataset_name)
+    return device, dataset_name, folder, load_json(os.path.join(folder, "dataset.json"))
+
+
+def interleave(calls: dict, rounds: int, repeats: int, device, errors: dict) -> dict[str, list[float]]:
+    """Time ``calls[name]()`` ``repeats`` times per name and round, the order rotated each round.
+
+    A call that raises is recorded in ``errors`` (name -> message) and left out of later rounds.
+
+    Returns:
+        name -> the seconds of each timed call.
+    """
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for round_index in range(rounds):
+        for name in rotated(list(calls), round_index):
+            if name in errors:
+                continue
+            try:
+                for _ in range(repeats):
+                    _sync(device)
+                    start = time.perf_counter()
+                    calls[name]()
+                    _sync(device)
+                    seconds[name].append(time.perf_counter() - start)
+            except Exception as error:  # noqa: BLE001 - reported per name, the others go on
+                errors[name] = format_errors(error)
+                traceback.print_exc()
+    return seconds
+
+
 def build_trainer(args: argparse.Namespace, name: str, device, folder: str, dataset_json: dict):
     """Construct trainer ``name`` as nnU-Net's ``get_trainer_from_args`` does; return ``(trainer, plans name)``.
 
@@ -603,13 +656,10 @@ def run_interleaved_worker(args: argparse.Namespace) -> dict:
     across the whole run: the fastest repetition (``s_per_iter_min``; the median is kept too) is the step's own
     cost. Run with ``nnUNet_n_proc_DA=0`` (no worker processes compete).
     """
+    import functools
     import itertools
-    import statistics
 
     import torch
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from torch.utils.flop_counter import FlopCounterMode
 
     from nnunet_mmssl.trainers.cpu_allocator import keep_freed_memory_in_process
@@ -619,20 +669,7 @@ def run_interleaved_worker(args: argparse.Namespace) -> dict:
     # one process for all trainers: the allocator setting our trainers make on CPU would otherwise reach the trainers
     # built before them in some rounds and not in others; set it for all, so that eff.ilv compares compute alone
     result["keep_freed_memory"] = keep_freed_memory_in_process() if args.device == "cpu" else False
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.deterministic = False
-        torch.backends.cudnn.benchmark = True
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    dataset_name = maybe_convert_to_dataset_name(args.dataset)
-    folder = os.path.join(nnUNet_preprocessed.require(), dataset_name)
-    dataset_json = load_json(os.path.join(folder, "dataset.json"))
+    device, _, folder, dataset_json = worker_setup(args)
     ready = {}
     for name in names:
         try:
@@ -650,28 +687,17 @@ def run_interleaved_worker(args: argparse.Namespace) -> dict:
                 trainer.train_step(batch)
             with FlopCounterMode(display=False) as counter:
                 trainer.train_step(batch)
-            sync()
+            _sync(device)
             ready[name] = (trainer, batch)
-            result["trainers"][name] = {"flops_per_iter": int(counter.get_total_flops()), "step_seconds": []}
+            result["trainers"][name] = {"flops_per_iter": int(counter.get_total_flops())}
         except Exception as error:  # noqa: BLE001 - reported per trainer
             result["errors"][name] = format_errors(error)
             traceback.print_exc()
     order = [n for n in names if n in ready]
-    for round_index in range(args.interleaved_rounds):
-        for name in rotated(order, round_index):
-            if name in result["errors"]:
-                continue
-            trainer, batch = ready[name]
-            try:
-                for _ in range(args.interleaved_steps):
-                    sync()
-                    start = time.perf_counter()
-                    trainer.train_step(batch)
-                    sync()
-                    result["trainers"][name]["step_seconds"].append(time.perf_counter() - start)
-            except Exception as error:  # noqa: BLE001 - reported per trainer, the others go on
-                result["errors"][name] = format_errors(error)
-                traceback.print_exc()
+    steps = interleave({name: functools.partial(ready[name][0].train_step, ready[name][1]) for name in order},
+                       args.interleaved_rounds, args.interleaved_steps, device, result["errors"])
+    for name in order:
+        result["trainers"][name]["step_seconds"] = steps[name]
     # inference: the network as nnUNetv2_predict runs it (eval, no deep supervision, mean of the heads) on one patch
     patches = {}
     for name in order:
@@ -690,26 +716,19 @@ def run_interleaved_worker(args: argparse.Namespace) -> dict:
                 network(patch)
                 with FlopCounterMode(display=False) as counter:
                     network(patch)
-            result["trainers"][name].update(inference_flops_per_patch=int(counter.get_total_flops()),
-                                            inference_seconds=[])
+            result["trainers"][name]["inference_flops_per_patch"] = int(counter.get_total_flops())
             patches[name] = (network, patch)
         except Exception as error:  # noqa: BLE001 - reported per trainer
             result["errors"][name] = f"inference: {format_errors(error)}"
             traceback.print_exc()
-    inference_order = [n for n in order if n in patches]
-    for round_index in range(args.interleaved_rounds):
-        for name in rotated(inference_order, round_index):
-            network, patch = patches[name]
-            with torch.no_grad(), _inference_autocast(device):
-                for _ in range(args.interleaved_steps):
-                    sync()
-                    start = time.perf_counter()
-                    network(patch)
-                    sync()
-                    result["trainers"][name]["inference_seconds"].append(time.perf_counter() - start)
+    with torch.no_grad(), _inference_autocast(device):
+        forwards = interleave({name: functools.partial(network, patch) for name, (network, patch) in patches.items()},
+                              args.interleaved_rounds, args.interleaved_steps, device, result["errors"])
+    for name, seconds in forwards.items():
+        result["trainers"][name]["inference_seconds"] = seconds
     for name in order:
         entry = result["trainers"][name]
-        if entry["step_seconds"]:
+        if entry.get("step_seconds"):
             entry["s_per_iter_min"] = min(entry["step_seconds"])
             entry["s_per_iter_median"] = statistics.median(entry["step_seconds"])
         if entry.get("inference_seconds"):
@@ -734,23 +753,12 @@ def run_worker(args: argparse.Namespace) -> dict:
     trainer = None
     try:
         import torch
-        from batchgenerators.utilities.file_and_folder_operations import load_json
-        from nnunetv2.paths import nnUNet_preprocessed
-        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
-        device = torch.device(args.device)
-        if device.type == "cuda":  # as nnUNetv2_train
-            torch.backends.cudnn.deterministic = False
-            torch.backends.cudnn.benchmark = True
+        device, dataset_name, folder, dataset_json = worker_setup(args)
         result["env"] = {"torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                          "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                          "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA"),
                          "nnUNet_compile": os.environ.get("nnUNet_compile")}
-        dataset_name = maybe_convert_to_dataset_name(args.dataset)
-        folder = os.path.join(nnUNet_preprocessed.require(), dataset_name)
-        dataset_json = load_json(os.path.join(folder, "dataset.json"))
         fold = "all" if args.fold == "all" else int(args.fold)
         result["rss_after_imports_mib"] = _current_rss_mib()  # the process's baseline, before any trainer exists
         trainer, result["plans"] = build_trainer(args, args.worker_trainer, device, folder, dataset_json)
@@ -944,7 +952,8 @@ def run_interleaved(args: argparse.Namespace, env: dict, dataset: str, configura
 
 
 def merge_interleaved(rows: Sequence[dict], interleaved: dict) -> None:
-    """Copy the interleaved medians and FLOPs into the rows (in place); note its errors in the rows' JSON."""
+    """Copy the interleaved timings (fastest repetition; medians too) and FLOPs into the rows (in place); note its
+    errors in the rows' JSON."""
     for row in rows:
         entry = interleaved.get("trainers", {}).get(row["trainer"]) or {}
         # identical work repeated: noise only adds time, so the fastest repetition is the step's own cost (timeit)

@@ -17,7 +17,6 @@ nnU-Net's caching allocator's business and is not affected.
 """
 
 import ctypes
-import ctypes.util
 import sys
 
 #: glibc's mallopt parameter numbers (malloc.h)
@@ -30,7 +29,7 @@ def _glibc():
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the symbols of this process, the C library's among them
         libc.gnu_get_libc_version.restype = ctypes.c_char_p
         libc.gnu_get_libc_version()
     except (OSError, AttributeError):
