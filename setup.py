@@ -14,7 +14,10 @@ from setuptools.command.build_py import build_py
 from setuptools.command.editable_wheel import editable_wheel
 
 PTH_NAME = "nnunet_mmssl_ext_trainer.pth"
-PTH_LINE = "import nnunet_mmssl._ext_trainer_hook as _h; _h.register()\n"
+# One line, run by Python's site module at every start-up. It does nothing when the package cannot be found (an
+# editable install whose source folder was deleted, say) instead of printing a traceback at every start.
+PTH_LINE = ("import importlib.util as _u; _u.find_spec('nnunet_mmssl') is not None and "
+            "__import__('nnunet_mmssl._ext_trainer_hook')._ext_trainer_hook.register()\n")
 
 
 class BuildPyWithPth(build_py):

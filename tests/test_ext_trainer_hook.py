@@ -38,3 +38,19 @@ def test_nnunet_finds_our_trainer_by_name():
     os.environ["nnUNet_extTrainer"] = EXT_TRAINER_FOLDER
     assert recursive_find_trainer_class_by_name("MemCifSSLTrainer") is MemCifSSLTrainer
     assert recursive_find_trainer_class_by_name("MemCifSupervisedTrainer") is MemCifSupervisedTrainer
+
+
+def test_installed_pth_line_is_silent_when_the_package_is_gone(tmp_path):
+    """An editable install whose source folder was deleted must not print a traceback at every Python start."""
+    import sysconfig
+
+    pth = os.path.join(sysconfig.get_paths()["purelib"], "nnunet_mmssl_ext_trainer.pth")
+    assert os.path.isfile(pth), "is the package installed with pip (the .pth hook)?"
+    with open(pth) as f:
+        line = f.read()
+    assert line.startswith("import ") and line.count("\n") == 1  # site.py executes exactly such lines
+    code = f"import os; exec({line!r}); print(os.environ.get('nnUNet_extTrainer'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("nnUNet_extTrainer", DISABLE_VARIABLE, "PYTHONPATH")}
+    # -S: no site-packages on sys.path, and cwd is an empty folder, so nnunet_mmssl cannot be found
+    done = subprocess.run([sys.executable, "-S", "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == "" and done.stdout.strip() == "None"
