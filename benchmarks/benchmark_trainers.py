@@ -907,21 +907,34 @@ def prepare_phantom(args: argparse.Namespace, workdir: str) -> str:
     return name
 
 
+def exit_on_sigterm() -> None:
+    """Let SIGTERM (kill, timeout) end this process through SystemExit, so that :func:`_run_child` stops the
+    running worker's session too instead of leaving it running (it is in a session of its own)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def _run_child(argv: list[str], env: dict, log_file: str, timeout: float) -> tuple[dict | None, str | None]:
     """Run one child process in its own session; return (parsed result or None, error text or None)."""
     # own session, so that on a timeout the worker and its augmentation / prediction processes end together
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-        code = process.returncode
-    except subprocess.TimeoutExpired:
+    def kill_group() -> None:
         try:
             os.killpg(process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             process.kill()
+
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+        code = process.returncode
+    except subprocess.TimeoutExpired:
+        kill_group()
         stdout, stderr = process.communicate()
         code = None
+    except BaseException:  # Ctrl-C or a kill of the benchmark: its worker's session would outlive it
+        kill_group()
+        process.wait()
+        raise
     with open(log_file, "w") as handle:
         handle.write(f"$ {shlex.join(argv)}\n\n--- stdout\n{stdout}\n--- stderr\n{stderr}")
     result = parse_worker_output(stdout)
@@ -1062,6 +1075,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_interleaved_worker(args) if args.worker_interleaved else run_worker(args)
         print("\n" + RESULT_MARKER + json.dumps(result), flush=True)  # own line, whatever nnU-Net printed last
         return 0
+    exit_on_sigterm()
     summary = run_parent(args, argv)
     return 1 if all(row.get("s_per_iter") is None for rows in summary["results"].values() for row in rows) else 0
 
