@@ -1018,27 +1018,35 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     results: dict[str, list[dict]] = {}
     baselines: dict[str, str | None] = {}
     worker_env = None
-    for configuration in args.configurations:
-        measured: dict[str, list[dict]] = {trainer: [] for trainer in args.trainers}
-        for round_index in range(args.rounds):
-            for trainer in rotated(args.trainers, round_index):
-                tag = f"[{configuration}]" + (f" round {round_index + 1}/{args.rounds}" if args.rounds > 1 else "")
-                print(f"{tag} {trainer}: measuring ...", flush=True)
-                row = run_one(args, env, dataset, configuration, trainer, workdir, round_index)
-                worker_env = worker_env or row.get("env")
-                summary = f"{row['s_per_iter']:.3f} s/iter" if row.get("s_per_iter") is not None else "no timing"
-                error = f"; error: {row['error']} (log {row['log']})" if row.get("error") else ""
-                print(f"{tag} {trainer}: {summary} ({row['wall_s']:.0f} s){error}", flush=True)
-                measured[trainer].append(row)
-        rows = [merge_rounds(measured[trainer]) for trainer in args.trainers]
-        if args.interleaved_rounds > 0:
-            print(f"[{configuration}] interleaved compute measurement of all trainers ...", flush=True)
-            interleaved = run_interleaved(args, env, dataset, configuration, workdir)
-            merge_interleaved(rows, interleaved)
-            for name, error in interleaved.get("errors", {}).items():
-                print(f"[{configuration}] interleaved {name}: error: {error} (log {interleaved['log']})", flush=True)
-        baselines[configuration] = add_ratios(rows)
-        results[configuration] = rows
+    interrupted = None
+    try:
+        for configuration in args.configurations:
+            measured: dict[str, list[dict]] = {trainer: [] for trainer in args.trainers}
+            for round_index in range(args.rounds):
+                for trainer in rotated(args.trainers, round_index):
+                    tag = f"[{configuration}]" + (f" round {round_index + 1}/{args.rounds}" if args.rounds > 1 else "")
+                    print(f"{tag} {trainer}: measuring ...", flush=True)
+                    row = run_one(args, env, dataset, configuration, trainer, workdir, round_index)
+                    worker_env = worker_env or row.get("env")
+                    summary = f"{row['s_per_iter']:.3f} s/iter" if row.get("s_per_iter") is not None else "no timing"
+                    error = f"; error: {row['error']} (log {row['log']})" if row.get("error") else ""
+                    print(f"{tag} {trainer}: {summary} ({row['wall_s']:.0f} s){error}", flush=True)
+                    measured[trainer].append(row)
+                    # the rows so far stand in the report even if the run is stopped before the configuration ends
+                    results[configuration] = [merge_rounds(measured[t]) for t in args.trainers if measured[t]]
+                    baselines[configuration] = add_ratios(results[configuration])
+            rows = results[configuration]
+            if args.interleaved_rounds > 0:
+                print(f"[{configuration}] interleaved compute measurement of all trainers ...", flush=True)
+                interleaved = run_interleaved(args, env, dataset, configuration, workdir)
+                merge_interleaved(rows, interleaved)
+                for name, error in interleaved.get("errors", {}).items():
+                    print(f"[{configuration}] interleaved {name}: error: {error} (log {interleaved['log']})",
+                          flush=True)
+                baselines[configuration] = add_ratios(rows)
+    except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C, kill, timeout: report what was measured
+        interrupted = "SIGINT" if isinstance(stop, KeyboardInterrupt) else f"exit {stop.code}"
+        print(f"\ninterrupted ({interrupted}): the tables below hold the rows measured so far", flush=True)
     info = machine_info(args, worker_env)
     report = [format_header(info, command, date, dataset)]
     for configuration, rows in results.items():
@@ -1056,12 +1064,12 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> dict:
     failed = any(row.get("error") for rows in results.values() for row in rows)
     summary = {"date": date, "command": command, "machine": info, "dataset": dataset, "workdir": workdir,
                "settings": {k: v for k, v in vars(args).items() if not k.startswith("worker")},
-               "baselines": baselines, "results": results}
+               "baselines": baselines, "results": results, "interrupted": interrupted}
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(summary, handle, indent=2)
         print(f"\nresults written to {args.json}")
-    if temporary and not args.keep_workdir and not failed:
+    if temporary and not args.keep_workdir and not failed and not interrupted:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
         print(f"workdir (model folders, predictions, logs): {workdir}")
@@ -1077,6 +1085,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     exit_on_sigterm()
     summary = run_parent(args, argv)
+    if summary["interrupted"]:
+        return 130 if summary["interrupted"] == "SIGINT" else 143
     return 1 if all(row.get("s_per_iter") is None for rows in summary["results"].values() for row in rows) else 0
 
 

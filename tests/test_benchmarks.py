@@ -306,3 +306,35 @@ def test_worker_argv_interleaved_and_prediction_override(bench):
 def test_parse_args_rejects_bad_rounds(bench, argv):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
+
+
+@pytest.mark.parametrize("stop,code,reason", [(KeyboardInterrupt, 130, "SIGINT"), (SystemExit(143), 143, "exit 143")])
+def test_interrupted_run_reports_and_saves_the_rows_measured_so_far(bench, tmp_path, monkeypatch, capsys, stop, code,
+                                                                    reason):
+    """Ctrl-C / SIGTERM / timeout during the second trainer: the first trainer's row is printed and in the JSON."""
+    calls = []
+
+    def fake_run_one(args, env, dataset, configuration, trainer, workdir, round_index):
+        calls.append(trainer)
+        if len(calls) == 2:
+            raise stop
+        return {**_row(trainer, 0.5, 1e9, 100.0, 10.0, None), "wall_s": 1.0}
+
+    monkeypatch.setattr(bench, "prepare_phantom", lambda args, workdir: "Dataset979_X")
+    monkeypatch.setattr(bench, "run_one", fake_run_one)
+    monkeypatch.setattr(bench, "exit_on_sigterm", lambda: None)  # keep pytest's own SIGTERM handling
+    saved = dict(os.environ)
+    try:
+        out = tmp_path / "o.json"
+        code_returned = bench.main(["-c", "2d", "-tr", "nnUNetTrainer", "MemCifSSLTrainer", "--workdir",
+                                    str(tmp_path / "w"), "--json", str(out), "--interleaved-rounds", "0"])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert calls == ["nnUNetTrainer", "MemCifSSLTrainer"] and code_returned == code
+    summary = json.loads(out.read_text())
+    assert summary["interrupted"] == reason
+    assert [row["trainer"] for row in summary["results"]["2d"]] == ["nnUNetTrainer"]
+    assert summary["results"]["2d"][0]["s_per_iter"] == 0.5 and summary["results"]["2d"][0]["time_ratio"] == 1.0
+    printed = capsys.readouterr().out
+    assert "interrupted" in printed and "nnUNetTrainer*" in printed
