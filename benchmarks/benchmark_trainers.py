@@ -124,6 +124,24 @@ def choose_baseline(rows: Sequence[dict], preferred: str = BASELINE_TRAINER) -> 
     return measured[0] if measured else None
 
 
+def paired_time_ratio(seconds: Sequence[float] | None, reference: Sequence[float] | None,
+                      repeats: int = 1) -> float | None:
+    """Median over rounds of (fastest of ``seconds`` in a round) / (fastest of ``reference`` in the same round).
+
+    Both lists hold ``repeats`` consecutive timings per round, rounds in order (as :func:`interleave` returns them).
+    Pairing by round compares two trainers measured seconds apart, in the same phase of a machine whose speed
+    drifts over minutes (seen here: the same step 1.15 s in one round and 1.74 s in another); the fastest repetition
+    of each over the whole run may come from different phases. Rounds present in both lists only (a trainer that
+    failed is left out of the later rounds). None without a common round.
+    """
+    if not seconds or not reference or repeats < 1:
+        return None
+    rounds = min(len(seconds), len(reference)) // repeats
+    ratios = [min(seconds[r * repeats:(r + 1) * repeats]) / min(reference[r * repeats:(r + 1) * repeats])
+              for r in range(rounds) if min(reference[r * repeats:(r + 1) * repeats]) > 0]
+    return statistics.median(ratios) if ratios else None
+
+
 def _compute_seconds(row: dict) -> float | None:
     """Step time minus the time spent waiting for data (with ``--n-proc-da 0``: minus the augmentation itself)."""
     if row.get("s_per_iter") is None or row.get("data_wait_fraction") is None:
@@ -190,12 +208,17 @@ def add_ratios(rows: Sequence[dict], preferred: str = BASELINE_TRAINER) -> str |
         row["flop_ratio"] = ratio(row.get("flops_per_iter"), base.get("flops_per_iter"))
         row["efficiency"] = efficiency(row["flop_ratio"], row["time_ratio"])
         row["compute_efficiency"] = efficiency(row["flop_ratio"], ratio(_compute_seconds(row), _compute_seconds(base)))
-        row["interleaved_time_ratio"] = ratio(row.get("interleaved_s_per_iter"), base.get("interleaved_s_per_iter"))
+        repeats = row.get("interleaved_repeats") or 1
+        row["interleaved_time_ratio"] = paired_time_ratio(
+            row.get("interleaved_step_seconds"), base.get("interleaved_step_seconds"), repeats) \
+            or ratio(row.get("interleaved_s_per_iter"), base.get("interleaved_s_per_iter"))
         row["interleaved_efficiency"] = efficiency(
             ratio(row.get("interleaved_flops_per_iter"), base.get("interleaved_flops_per_iter")),
             row["interleaved_time_ratio"])
         row["inference_flop_ratio"] = ratio(row.get("inference_flops_per_patch"), base.get("inference_flops_per_patch"))
-        row["inference_time_ratio"] = ratio(row.get("inference_s_per_patch"), base.get("inference_s_per_patch"))
+        row["inference_time_ratio"] = paired_time_ratio(
+            row.get("inference_step_seconds"), base.get("inference_step_seconds"), repeats) \
+            or ratio(row.get("inference_s_per_patch"), base.get("inference_s_per_patch"))
         row["inference_efficiency"] = efficiency(row["inference_flop_ratio"], row["inference_time_ratio"])
         row["mem_ratio"] = ratio(row.get("peak_mem_mib"), base.get("peak_mem_mib"))
         row["train_mem_ratio"] = ratio(row.get("train_mem_mib"), base.get("train_mem_mib"))
@@ -652,9 +675,9 @@ def run_interleaved_worker(args: argparse.Namespace) -> dict:
     its augmenters are shut down; its unlabelled stream becomes an endless repeat of that batch. After ``--warmup``
     steps and one FLOP-counted step each, ``--interleaved-rounds`` rounds of ``--interleaved-steps`` timed
     ``train_step`` calls per trainer follow, the order rotated each round; then the same for one inference forward
-    of one patch. So every trainer repeats the same work as in its own row minus data loading, and each is sampled
-    across the whole run: the fastest repetition (``s_per_iter_min``; the median is kept too) is the step's own
-    cost. Run with ``nnUNet_n_proc_DA=0`` (no worker processes compete).
+    of one patch. So every trainer repeats the same work as in its own row minus data loading, sampled in every
+    round; :func:`paired_time_ratio` compares trainers within each round (the fastest repetition and the median
+    over the run are kept too). Run with ``nnUNet_n_proc_DA=0`` (no worker processes compete).
     """
     import functools
     import itertools
@@ -665,7 +688,8 @@ def run_interleaved_worker(args: argparse.Namespace) -> dict:
     from nnunet_mmssl.trainers.cpu_allocator import keep_freed_memory_in_process
 
     names = [n for n in args.worker_trainer.split(",") if n]
-    result: dict = {"configuration": args.worker_configuration, "trainers": {}, "errors": {}}
+    result: dict = {"configuration": args.worker_configuration, "trainers": {}, "errors": {},
+                    "repeats": args.interleaved_steps}
     # one process for all trainers: the allocator setting our trainers make on CPU would otherwise reach the trainers
     # built before them in some rounds and not in others; set it for all, so that eff.ilv compares compute alone
     result["keep_freed_memory"] = keep_freed_memory_in_process() if args.device == "cpu" else False
@@ -965,11 +989,11 @@ def run_interleaved(args: argparse.Namespace, env: dict, dataset: str, configura
 
 
 def merge_interleaved(rows: Sequence[dict], interleaved: dict) -> None:
-    """Copy the interleaved timings (fastest repetition; medians too) and FLOPs into the rows (in place); note its
-    errors in the rows' JSON."""
+    """Copy the interleaved timings (every repetition, the fastest, the median) and FLOPs into the rows (in place);
+    note its errors in the rows' JSON. :func:`add_ratios` pairs the repetitions by round."""
     for row in rows:
         entry = interleaved.get("trainers", {}).get(row["trainer"]) or {}
-        # identical work repeated: noise only adds time, so the fastest repetition is the step's own cost (timeit)
+        # identical work repeated: noise only adds time; the fastest repetition over the run (the ratios pair rounds)
         row["interleaved_s_per_iter"] = entry.get("s_per_iter_min")
         row["interleaved_s_per_iter_median"] = entry.get("s_per_iter_median")
         row["interleaved_flops_per_iter"] = entry.get("flops_per_iter")
@@ -977,6 +1001,8 @@ def merge_interleaved(rows: Sequence[dict], interleaved: dict) -> None:
         row["inference_flops_per_patch"] = entry.get("inference_flops_per_patch")
         row["inference_s_per_patch"] = entry.get("inference_s_min")
         row["inference_s_per_patch_median"] = entry.get("inference_s_median")
+        row["inference_step_seconds"] = entry.get("inference_seconds")
+        row["interleaved_repeats"] = interleaved.get("repeats", 1)
         if row["trainer"] in interleaved.get("errors", {}):
             row["interleaved_error"] = interleaved["errors"][row["trainer"]]
 

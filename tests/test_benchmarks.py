@@ -280,15 +280,32 @@ def test_interleaved_efficiency_against_the_baseline(bench):
     bench.add_ratios(rows)
     base, b, c = rows
     assert base["interleaved_efficiency"] == 1.0
-    assert b["interleaved_time_ratio"] == pytest.approx(3.2)  # the fastest repetitions: 1.6 / 0.5
+    # paired by round: 1.6 / 0.5, 3.0 / 0.6, 3.1 / 0.7 -> median 3.1 / 0.7 (not 1.6 / 0.5 of the fastest of each)
+    assert b["interleaved_time_ratio"] == pytest.approx(3.1 / 0.7)
+    assert b["interleaved_s_per_iter"] == 1.6 and b["interleaved_repeats"] == 1
     assert b["interleaved_s_per_iter_median"] == 3.0 and b["inference_s_per_patch_median"] == 0.3
-    assert b["interleaved_efficiency"] == pytest.approx(4.0 / 3.2)
+    assert b["interleaved_efficiency"] == pytest.approx(4.0 / (3.1 / 0.7))
     assert b["efficiency"] == pytest.approx(4.0 / 3.0)  # the row's own columns are unchanged
+    # no per-round inference timings in this input: the fastest of each (0.25 / 0.1)
     assert b["inference_flop_ratio"] == pytest.approx(2.2) and b["inference_time_ratio"] == pytest.approx(2.5)
     assert b["inference_efficiency"] == pytest.approx(2.2 / 2.5) and base["inference_efficiency"] == 1.0
     assert c["interleaved_efficiency"] is None and c["interleaved_error"].startswith("RuntimeError")
     assert c["inference_efficiency"] is None
     assert "eff.ilv" in bench.format_table(rows, "nnUNetTrainer")
+
+
+def test_paired_time_ratio_follows_the_machine_through_its_phases(bench):
+    # the machine slows down by 1.5x in round 2 and speeds up again; B is always exactly 2x the baseline
+    baseline = [1.0, 1.5, 1.0]
+    assert bench.paired_time_ratio([2.0, 3.0, 2.0], baseline) == pytest.approx(2.0)
+    # one slow repetition of B (round 1) does not decide
+    assert bench.paired_time_ratio([3.0, 3.0, 2.0], baseline) == pytest.approx(2.0)  # median of 3, 2, 2
+    # two repetitions per round: the fastest within each round, then pair
+    assert bench.paired_time_ratio([2.2, 2.0, 3.3, 3.0], [1.0, 1.1, 1.5, 1.6], repeats=2) == pytest.approx(2.0)
+    # a trainer that failed after the first round: only the common rounds
+    assert bench.paired_time_ratio([4.0], baseline) == pytest.approx(4.0)
+    assert bench.paired_time_ratio(None, baseline) is None and bench.paired_time_ratio([], baseline) is None
+    assert bench.paired_time_ratio([1.0], [1.0, 1.0], repeats=2) is None  # no complete common round
 
 
 def test_worker_argv_interleaved_and_prediction_override(bench):

@@ -96,13 +96,13 @@ print("trainer lookup:", recursive_find_trainer_class_by_name("MemCifSSLTrainer"
 EOF
 }
 
-bench() {  # bench CONFIGURATION NAME [extra args]: one benchmark run into $OUT/NAME.{log,json}
-    local configuration=$1 name=$2
+bench() {  # bench CONFIGURATION JSON [extra args]: one benchmark run, its results also in the file JSON
+    local configuration=$1 json=$2
     shift 2
     "$PY" benchmarks/benchmark_trainers.py -device "$DEVICE" -c "$configuration" --phantom-shape $BENCH_SHAPE \
         --phantom-spacing 1 1 1 --workdir "$WORK/bench_$configuration" --iterations "${BENCH_ITERATIONS:-10}" \
         --warmup "${BENCH_WARMUP:-3}" --predict-cases 1 --interleaved-rounds "${BENCH_ILV_ROUNDS:-3}" \
-        --interleaved-steps 2 -np "$nnUNet_def_n_proc" --json "$OUT/$name.json" ${BENCH_TRAINERS:+-tr $BENCH_TRAINERS} "$@"
+        --interleaved-steps 2 -np "$nnUNet_def_n_proc" --json "$json" ${BENCH_TRAINERS:+-tr $BENCH_TRAINERS} "$@"
 }
 
 export PY DEVICE BENCH_SHAPE WORK OUT
@@ -111,9 +111,10 @@ log "gpu_check: device $DEVICE, stages '$STAGES', budget $BUDGET_S s, phantom $B
 TAIL_LINES=40 stage env 120 "$OUT/env.txt" env_report
 [ -f "$OUT/env.txt" ] && { cat "$OUT/env.txt" >> "$SUMMARY"; rm -f "$OUT/env.txt"; }
 stage tests 240 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py
-stage bench3d 330 "$OUT/bench_3d.log" bench 3d_fullres bench_3d
-stage bench2d 240 "$OUT/bench_2d.log" bench 2d bench_2d
-stage compile 300 "$OUT/compile.log" bench 3d_fullres compile -tr nnUNetTrainer MemCifSSLTrainer --compile \
+stage bench3d 330 "$OUT/bench_3d.log" bench 3d_fullres "$OUT/bench_3d.json"
+stage bench2d 240 "$OUT/bench_2d.log" bench 2d "$OUT/bench_2d.json"
+# its JSON stays on the machine: 8 files come back at most, and its table is in compile.log
+stage compile 300 "$OUT/compile.log" bench 3d_fullres "$WORK/compile.json" -tr nnUNetTrainer MemCifSSLTrainer --compile \
     --interleaved-rounds 0
 if compgen -G "$WORK/bench_*/logs/*__*.log" > /dev/null; then
     for f in "$WORK"/bench_*/logs/*__*.log; do
