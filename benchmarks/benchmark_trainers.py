@@ -137,8 +137,9 @@ def paired_time_ratio(seconds: Sequence[float] | None, reference: Sequence[float
     if not seconds or not reference or repeats < 1:
         return None
     rounds = min(len(seconds), len(reference)) // repeats
-    ratios = [min(seconds[r * repeats:(r + 1) * repeats]) / min(reference[r * repeats:(r + 1) * repeats])
-              for r in range(rounds) if min(reference[r * repeats:(r + 1) * repeats]) > 0]
+    pairs = [(min(seconds[r * repeats:(r + 1) * repeats]), min(reference[r * repeats:(r + 1) * repeats]))
+             for r in range(rounds)]
+    ratios = [value / base for value, base in pairs if base > 0]
     return statistics.median(ratios) if ratios else None
 
 
@@ -481,10 +482,6 @@ def measure_training(trainer, args, result: dict) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     cuda = trainer.device.type == "cuda"
-
-    def sync():
-        _sync(trainer.device)
-
     labelled, unlabelled = effective_batch_size(trainer)
     result.update(batch_labeled=labelled, batch_unlabeled=unlabelled,
                   patch_size=[int(p) for p in trainer.configuration_manager.patch_size])
@@ -503,16 +500,16 @@ def measure_training(trainer, args, result: dict) -> None:
 
     for _ in range(args.warmup):
         trainer.train_step(next(trainer.dataloader_train))
-    sync()
+    _sync(trainer.device)
     result["rss_before_steps_mib"] = _current_rss_mib()
     for proxy in proxies:
         proxy.reset()
     step_seconds = []
     for _ in range(args.iterations):
-        sync()
+        _sync(trainer.device)
         start = time.perf_counter()
         trainer.train_step(next(trainer.dataloader_train))
-        sync()
+        _sync(trainer.device)
         step_seconds.append(time.perf_counter() - start)
     total = sum(step_seconds)
     wait_labelled = train_proxy.seconds
@@ -525,7 +522,7 @@ def measure_training(trainer, args, result: dict) -> None:
     # one more real step (its batch from the loaders, its optimizer step) inside the FLOP counter
     with FlopCounterMode(display=False) as counter:
         trainer.train_step(next(trainer.dataloader_train))
-    sync()
+    _sync(trainer.device)
     result["flops_per_iter"] = int(counter.get_total_flops())
 
     if cuda:

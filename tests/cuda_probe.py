@@ -3,16 +3,18 @@
     python tests/cuda_probe.py WORKDIR OUTPUT.json [cuda|cpu]
 
 In its own process because nnU-Net reads ``nnUNet_raw`` / ``nnUNet_preprocessed`` / ``nnUNet_results`` when it is
-first imported. Builds a small two-modality phantom (3 labelled + 3 unlabelled cases, 3d_fullres planned with our
-planner, unlabelled cases preprocessed), then for nnUNetTrainer and each of our trainers: constructs it as
-``nnUNetv2_train`` does, ``on_train_start``, two warm-up steps, and one measured step on a fresh batch, during which
-host-device synchronisations are counted (``torch.cuda.set_sync_debug_mode('warn')`` warns once per synchronising
+first imported. Builds, with the benchmark script's own helpers, a small two-modality phantom (3 labelled + 3
+unlabelled cases, 3d_fullres planned with our planner, unlabelled cases preprocessed), then for nnUNetTrainer and
+each of our trainers: constructs it as ``nnUNetv2_train`` does (the benchmark's ``build_trainer``),
+``on_train_start``, two warm-up steps, and one measured step on a fresh batch, during which host-device
+synchronisations are counted (``torch.cuda.set_sync_debug_mode('warn')`` warns once per synchronising
 call). Records the step's returned losses, whether every parameter is finite afterwards, whether nnU-Net's AMP is
 active (GradScaler and float16 logits under autocast), the peak allocated memory of the step, and one inference
 forward of one patch. Runs on ``cpu`` too (no syncs, no AMP), which is how the script itself is checked without a
 GPU.
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -21,35 +23,22 @@ import warnings
 
 TRAINERS = ("nnUNetTrainer", "PlainSupervisedTrainer", "MeanTeacherTrainer", "MemCifSupervisedTrainer",
             "MemCifSSLTrainer", "MMFMCMLTrainer")
-DATASET_ID = 978
-DATASET_NAME = "CudaProbe"
+BENCHMARK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                         "benchmark_trainers.py")
 
 
-def _environment(workdir: str) -> None:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for key, folder in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
-        os.environ[key] = os.path.join(workdir, folder)
-        os.makedirs(os.environ[key], exist_ok=True)
-    os.environ.update(nnUNet_compile="false", nnUNet_n_proc_DA="0")
-    os.environ.setdefault("nnUNet_def_n_proc", "2")
-    ext = os.path.join(root, "nnunet_mmssl", "nnunet_ext")
-    paths = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
-    if ext not in paths:
-        os.environ["nnUNet_extTrainer"] = os.pathsep.join(paths + [ext])
+def _benchmark_module():
+    """The benchmark script as a module: its phantom, environment and trainer construction are reused here."""
+    spec = importlib.util.spec_from_file_location("benchmark_trainers", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _build_dataset(workdir: str) -> str:
-    from nnunet_mmssl.dataset_conversion import PHANTOM_LABEL_GLOB, PHANTOM_MODALITY_GLOBS, convert_dataset
-    from nnunet_mmssl.dataset_conversion.phantom import make_phantom_cases
-    from nnunet_mmssl.planners.plan_and_preprocess import plan_and_preprocess
-
-    sources = make_phantom_cases(os.path.join(workdir, "phantom"), num_labeled=4, num_unlabeled=3,
-                                 shape=(16, 48, 48), spacing=(2.0, 1.0, 1.0), seed=1)
-    convert_dataset([os.path.join(sources, "labeled"), os.path.join(sources, "unlabeled")], PHANTOM_MODALITY_GLOBS,
-                    PHANTOM_LABEL_GLOB, os.environ["nnUNet_raw"], DATASET_ID, DATASET_NAME, num_labeled=3,
-                    num_test=1, seed=0, labels={"background": 0, "lesion": 1}, overwrite=True)
-    plan_and_preprocess(DATASET_ID, ["3d_fullres"], num_processes=2, progress=lambda message: None)
-    return f"Dataset{DATASET_ID:03d}_{DATASET_NAME}"
+def _arguments(bench, workdir: str, device_name: str):
+    return bench.parse_args(["-c", "3d_fullres", "-device", device_name, "--phantom-shape", "16", "48", "48",
+                             "--phantom-spacing", "2", "1", "1", "--phantom-cases", "3", "3", "--predict-cases", "1",
+                             "--n-proc-da", "0", "-np", "2", "--workdir", workdir])
 
 
 def _counted_syncs(step, device) -> tuple[object, int]:
@@ -69,18 +58,11 @@ def _counted_syncs(step, device) -> tuple[object, int]:
     return result, sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
-def probe_trainer(name: str, dataset: str, device) -> dict:
+def probe_trainer(bench, args, name: str, device, folder: str, dataset_json: dict) -> dict:
     import numpy as np
     import torch
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    folder = os.path.join(os.environ["nnUNet_preprocessed"], dataset)
-    trainer_class = recursive_find_trainer_class_by_name(name)
-    plans = load_json(os.path.join(folder, "nnUNetPlans.json"))
-    plans["continue_training"] = False  # what nnUNetv2_train's get_trainer_from_args adds
-    trainer = trainer_class(plans=plans, configuration="3d_fullres", fold="all",
-                            dataset_json=load_json(os.path.join(folder, "dataset.json")), device=device)
+    trainer, _ = bench.build_trainer(args, name, device, folder, dataset_json)
     trainer.on_train_start()
     trainer.on_train_epoch_start()
     result = {"amp_grad_scaler": trainer.grad_scaler is not None}
@@ -95,7 +77,7 @@ def probe_trainer(name: str, dataset: str, device) -> dict:
         result["step_syncs"] = syncs
         result["losses"] = {key: float(np.asarray(value)) for key, value in outputs.items()}
         result["losses_finite"] = all(math.isfinite(v) for v in result["losses"].values())
-        network = trainer.network.module if hasattr(trainer.network, "module") else trainer.network
+        network = bench._bare_network(trainer)
         result["parameters_finite"] = all(bool(torch.isfinite(p).all()) for p in network.parameters())
         if device.type == "cuda":
             result["step_peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -109,25 +91,27 @@ def probe_trainer(name: str, dataset: str, device) -> dict:
         result["inference_dtype"] = str(logits.dtype).replace("torch.", "")
         result["inference_finite"] = bool(torch.isfinite(logits).all())
     finally:
-        for loader in ("dataloader_train", "dataloader_val", "dataloader_unlabeled"):
-            if hasattr(getattr(trainer, loader, None), "_finish"):
-                getattr(trainer, loader)._finish()
+        bench._finish_augmenters(trainer)
     return result
 
 
 def main(argv: list[str]) -> int:
     workdir, output = argv[0], argv[1]
     device_name = argv[2] if len(argv) > 2 else "cuda"
-    _environment(workdir)
+    bench = _benchmark_module()
+    args = _arguments(bench, workdir, device_name)
+    os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
+    os.environ.update(bench.benchmark_environment(args, workdir))  # before nnU-Net is imported: it reads its paths
     import torch
 
-    device = torch.device(device_name)
-    dataset = _build_dataset(workdir)
+    args.dataset = bench.prepare_phantom(args, workdir)
+    args.worker_configuration = "3d_fullres"
+    device, _, folder, dataset_json = bench.worker_setup(args)
     results = {"device": device_name, "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "trainers": {}}
     for name in TRAINERS:
         try:
-            results["trainers"][name] = probe_trainer(name, dataset, device)
+            results["trainers"][name] = probe_trainer(bench, args, name, device, folder, dataset_json)
         except Exception as error:  # noqa: BLE001 - recorded per trainer, asserted by the test
             results["trainers"][name] = {"error": f"{type(error).__name__}: {error}"}
         print(name, json.dumps(results["trainers"][name]), flush=True)
