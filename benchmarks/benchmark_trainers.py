@@ -464,6 +464,14 @@ def _bare_network(trainer):
     return module._orig_mod if isinstance(module, OptimizedModule) else module
 
 
+def _network_for_inference(trainer):
+    """The trainer's bare network as ``nnUNetv2_predict`` runs it: eval mode and no deep supervision, through the
+    trainer's own hooks (ours also switch their networks to the fused output alone)."""
+    trainer.on_validation_epoch_start()
+    trainer.set_deep_supervision_enabled(False)
+    return _bare_network(trainer)
+
+
 def _finish_augmenters(trainer) -> None:
     for name in ("dataloader_train", "dataloader_val", "dataloader_unlabeled"):
         loader = getattr(trainer, name, None)
@@ -726,11 +734,7 @@ def run_interleaved_worker(args: argparse.Namespace) -> dict:
             continue
         trainer, _ = ready[name]
         try:
-            network = _bare_network(trainer)
-            trainer.set_deep_supervision_enabled(False)
-            if hasattr(network, "return_heads"):
-                network.return_heads = False
-            network.eval()
+            network = _network_for_inference(trainer)
             patch = torch.randn((1, trainer.num_input_channels, *trainer.configuration_manager.patch_size),
                                 device=device)
             with torch.no_grad(), _inference_autocast(device):
@@ -1038,13 +1042,13 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
         dataset = maybe_convert_to_dataset_name(args.dataset)
-    results: dict[str, list[dict]] = {}
-    baselines: dict[str, str | None] = {}
+    measured: dict[str, dict[str, list[dict]]] = {}  # configuration -> trainer -> its rows, one per round
+    interleaved_runs: dict[str, dict] = {}
     worker_env = None
     interrupted = None
     try:
         for configuration in args.configurations:
-            measured: dict[str, list[dict]] = {trainer: [] for trainer in args.trainers}
+            measured[configuration] = {trainer: [] for trainer in args.trainers}
             for round_index in range(args.rounds):
                 for trainer in rotated(args.trainers, round_index):
                     tag = f"[{configuration}]" + (f" round {round_index + 1}/{args.rounds}" if args.rounds > 1 else "")
@@ -1054,22 +1058,28 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> dict:
                     summary = f"{row['s_per_iter']:.3f} s/iter" if row.get("s_per_iter") is not None else "no timing"
                     error = f"; error: {row['error']} (log {row['log']})" if row.get("error") else ""
                     print(f"{tag} {trainer}: {summary} ({row['wall_s']:.0f} s){error}", flush=True)
-                    measured[trainer].append(row)
-                    # the rows so far stand in the report even if the run is stopped before the configuration ends
-                    results[configuration] = [merge_rounds(measured[t]) for t in args.trainers if measured[t]]
-                    baselines[configuration] = add_ratios(results[configuration])
-            rows = results[configuration]
+                    measured[configuration][trainer].append(row)
             if args.interleaved_rounds > 0:
                 print(f"[{configuration}] interleaved compute measurement of all trainers ...", flush=True)
                 interleaved = run_interleaved(args, env, dataset, configuration, workdir)
-                merge_interleaved(rows, interleaved)
+                interleaved_runs[configuration] = interleaved
                 for name, error in interleaved.get("errors", {}).items():
                     print(f"[{configuration}] interleaved {name}: error: {error} (log {interleaved['log']})",
                           flush=True)
-                baselines[configuration] = add_ratios(rows)
     except (KeyboardInterrupt, SystemExit) as stop:  # Ctrl-C, kill, timeout: report what was measured
         interrupted = "SIGINT" if isinstance(stop, KeyboardInterrupt) else f"exit {stop.code}"
         print(f"\ninterrupted ({interrupted}): the tables below hold the rows measured so far", flush=True)
+    # the rows of every configuration measured so far, whole or (stopped) in part
+    results: dict[str, list[dict]] = {}
+    baselines: dict[str, str | None] = {}
+    for configuration, by_trainer in measured.items():
+        rows = [merge_rounds(by_trainer[t]) for t in args.trainers if by_trainer[t]]
+        if not rows:
+            continue
+        if configuration in interleaved_runs:
+            merge_interleaved(rows, interleaved_runs[configuration])
+        baselines[configuration] = add_ratios(rows)
+        results[configuration] = rows
     info = machine_info(args, worker_env)
     report = [format_header(info, command, date, dataset)]
     for configuration, rows in results.items():

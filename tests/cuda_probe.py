@@ -83,10 +83,8 @@ def probe_trainer(bench, args, name: str, device, folder: str, dataset_json: dic
             result["step_peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
         patch = [int(s) for s in trainer.configuration_manager.patch_size]
         x = torch.randn(1, trainer.num_input_channels, *patch, device=device)
-        trainer.on_validation_epoch_start()  # eval mode; our networks return the fused logits only
-        trainer.set_deep_supervision_enabled(False)  # as the predictor builds the network
-        with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
-            logits = network(x)
+        with torch.no_grad(), bench._inference_autocast(device):
+            logits = bench._network_for_inference(trainer)(x)
         result["inference_shape"] = list(logits.shape)
         result["inference_dtype"] = str(logits.dtype).replace("torch.", "")
         result["inference_finite"] = bool(torch.isfinite(logits).all())
