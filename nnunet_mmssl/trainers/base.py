@@ -36,7 +36,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import autocast
 from torch._dynamo import OptimizedModule
 
-from nnunet_mmssl.architectures.multi_branch import MultiBranchUNet
+from nnunet_mmssl.architectures.multi_branch import MultiBranchUNet, mean_of_heads
 from nnunet_mmssl.dataloading.unlabeled_loader import build_unlabeled_augmenter, open_unlabeled_dataset
 from nnunet_mmssl.planners import (
     default_modality_groups,
@@ -44,6 +44,7 @@ from nnunet_mmssl.planners import (
     multi_branch_architecture,
     unlabeled_data_identifier,
 )
+from nnunet_mmssl.semisup.gradient_share import difference_norm, global_norm, gradient_share, share_ratio
 from nnunet_mmssl.semisup.ramps import sigmoid_rampup
 from nnunet_mmssl.trainers.cpu_allocator import keep_freed_memory_in_process
 from nnunet_mmssl.trainers.logging import register_log_keys
@@ -64,10 +65,15 @@ class SSLTrainerBase(nnUNetTrainer):
     unlabeled_batch_size: int | None = None
     #: weight of the unsupervised loss, multiplied by the ramp
     unsupervised_weight: float = 1.0
-    #: sigmoid ramp-up length in epochs (Laine & Aila 2017); 0 = constant weight
-    unsupervised_rampup_epochs: int = 0
+    #: sigmoid ramp-up (Laine & Aila 2017) length as a fraction of the whole run (``num_epochs`` x iterations), so
+    #: that a short run and a 1000-epoch run see the same schedule; 0 = constant weight
+    unsupervised_rampup_fraction: float = 0.0
+    #: measure the gradient share ``|grad(w L_unsup)| / |grad(L_sup)|`` every this many training iterations
+    #: (one extra backward pass of the supervised loss then); 0 = never
+    gradient_share_every: int = 20
     #: per-epoch log keys added to nnU-Net's
-    extra_log_keys: tuple[str, ...] = ("train_sup_losses", "train_unsup_losses", "unsup_weights")
+    extra_log_keys: tuple[str, ...] = ("train_sup_losses", "train_unsup_losses", "unsup_weights",
+                                       "train_objectives", "unsup_grad_shares")
     #: warn at the start of training when a step needs more than this times the feature-map memory the plans budget
     memory_warning_factor: float = 1.25
     #: on CPU, keep freed memory in the process (glibc) so that steps do not page-fault their tensors in again
@@ -79,6 +85,12 @@ class SSLTrainerBase(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         register_log_keys(self.logger, self.extra_log_keys)
         self.dataloader_unlabeled = None
+        #: training iterations taken in the current epoch (the ramp's position inside the epoch)
+        self.iteration_in_epoch = 0
+        self._optimizer_stepped = False
+        self._step_hook_optimizer = None
+        #: loss to log as nnU-Net's ``train_losses`` (comparable with ``val_losses``); None = the supervised loss
+        self.monitor_loss = None
         #: nnU-Net's PlainConvUNet entry of the plans (the memory check's reference)
         self.plain_architecture = copy.deepcopy(self.configuration_manager.configuration["architecture"])
 
@@ -177,11 +189,49 @@ class SSLTrainerBase(nnUNetTrainer):
         self.dataloader_unlabeled = None
 
     # ------------------------------------------------------------------ training step
+    def training_progress(self) -> float:
+        """Fraction of the run done before the current step: ``(epoch + iteration / iterations) / num_epochs``."""
+        iterations = max(1, self.num_iterations_per_epoch)
+        return (self.current_epoch + min(self.iteration_in_epoch, iterations) / iterations) / max(1, self.num_epochs)
+
     def current_unsupervised_weight(self) -> float:
-        """``unsupervised_weight * sigmoid_rampup(epoch, unsupervised_rampup_epochs)``; 0 without unlabelled data."""
+        """``unsupervised_weight * sigmoid_rampup(progress, unsupervised_rampup_fraction)``; 0 without unlabelled data.
+
+        ``progress`` is :meth:`training_progress` (0 at the first step, 1 at the end of the run), so the ramp has the
+        same value at the same fraction of any run length.
+        """
         if not self.use_unlabeled:
             return 0.0
-        return self.unsupervised_weight * sigmoid_rampup(self.current_epoch, self.unsupervised_rampup_epochs)
+        if self.unsupervised_rampup_fraction == 0:
+            return float(self.unsupervised_weight)
+        return self.unsupervised_weight * sigmoid_rampup(self.training_progress(), self.unsupervised_rampup_fraction)
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self.iteration_in_epoch = 0
+
+    def measure_gradient_share_now(self) -> bool:
+        """Whether this step measures the gradient share (every :attr:`gradient_share_every` iterations)."""
+        if not self.use_unlabeled or self.gradient_share_every <= 0:
+            return False
+        return (self.current_epoch * self.num_iterations_per_epoch + self.iteration_in_epoch) % \
+            self.gradient_share_every == 0
+
+    def _trained_parameters(self) -> list[torch.Tensor]:
+        return [p for p in self.network.parameters() if p.requires_grad]
+
+    def _mark_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self._optimizer_stepped = True
+
+    def _watch_optimizer_steps(self) -> None:
+        """Register (once per optimizer) a post-step hook telling whether ``optimizer.step()`` really ran.
+
+        nnU-Net's GradScaler skips the optimizer step when the scaled gradients overflow; a hook on the optimizer
+        sees that without a host-device synchronisation.
+        """
+        if self._step_hook_optimizer is not self.optimizer:
+            self.optimizer.register_step_post_hook(self._mark_optimizer_step)
+            self._step_hook_optimizer = self.optimizer
 
     def compute_losses(self, data: torch.Tensor, target, unlabeled: torch.Tensor | None):
         """Return ``(supervised_loss, unsupervised_loss)`` for one step (inside autocast).
@@ -193,7 +243,10 @@ class SSLTrainerBase(nnUNetTrainer):
         raise NotImplementedError
 
     def after_optimizer_step(self) -> None:
-        """Hook after each optimizer step (e.g. an EMA teacher update)."""
+        """Hook after each optimizer step that was taken (e.g. an EMA teacher update).
+
+        Not called when AMP's GradScaler skipped the step (overflowing gradients): the weights did not move.
+        """
 
     def train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
@@ -204,38 +257,69 @@ class SSLTrainerBase(nnUNetTrainer):
         if self.use_unlabeled:
             unlabeled = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
         weight = self.current_unsupervised_weight()
+        measure = unlabeled is not None and self.measure_gradient_share_now()
+        self.iteration_in_epoch += 1
+        self._watch_optimizer_steps()
 
         self.optimizer.zero_grad(set_to_none=True)
+        self.monitor_loss = None
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             sup_loss, unsup_loss = self.compute_losses(data, target, unlabeled)
             loss = sup_loss if unlabeled is None else sup_loss + weight * unsup_loss
 
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
+        scaler = self.grad_scaler
+        scaled = scaler.scale if scaler is not None else (lambda x: x)
+        params = self._trained_parameters() if measure else []
+        share = float("nan")
+        sup_grads = None
+        if measure and self.is_ddp:
+            # the step's gradients are averaged over ranks, so measure both terms on this rank's graph
+            share = gradient_share(scaled(sup_loss), scaled(weight * unsup_loss), params)
+        elif measure:
+            # one extra backward: the supervised gradient; the unsupervised one is the step's gradient minus it
+            sup_grads = torch.autograd.grad(scaled(sup_loss), params, retain_graph=True, allow_unused=True)
+
+        self._optimizer_stepped = False
+        scaled(loss).backward()
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        if sup_grads is not None:
+            scale = float(scaler.get_scale()) if scaler is not None else 1.0
+            share = share_ratio(difference_norm([p.grad for p in params], sup_grads, scale),
+                                global_norm(sup_grads) / scale)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
         else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
-        self.after_optimizer_step()
-        values = torch.stack([loss.detach().float(), sup_loss.detach().float(), unsup_loss.detach().float()]).cpu()
-        return {"loss": values[0].numpy(), "sup_loss": values[1].numpy(), "unsup_loss": values[2].numpy()}
+        if self._optimizer_stepped:
+            self.after_optimizer_step()
+        monitor = sup_loss if self.monitor_loss is None else self.monitor_loss
+        values = torch.stack([monitor.detach().float(), sup_loss.detach().float(), unsup_loss.detach().float(),
+                              loss.detach().float()]).cpu()
+        return {"loss": values[0].numpy(), "sup_loss": values[1].numpy(), "unsup_loss": values[2].numpy(),
+                "objective": values[3].numpy(), "unsup_weight": np.float64(weight),
+                "grad_share": np.float64(share if np.isfinite(share) else np.nan)}
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         super().on_train_epoch_end(train_outputs)
         outputs = collate_outputs(train_outputs)
+        shares = np.asarray(outputs["grad_share"], dtype=np.float64)
         self.logger.log("train_sup_losses", float(np.mean(outputs["sup_loss"])), self.current_epoch)
         self.logger.log("train_unsup_losses", float(np.mean(outputs["unsup_loss"])), self.current_epoch)
-        self.logger.log("unsup_weights", self.current_unsupervised_weight(), self.current_epoch)
+        self.logger.log("unsup_weights", float(np.mean(outputs["unsup_weight"])), self.current_epoch)
+        self.logger.log("train_objectives", float(np.mean(outputs["objective"])), self.current_epoch)
+        self.logger.log("unsup_grad_shares", float(np.nanmean(shares)) if np.isfinite(shares).any() else float("nan"),
+                        self.current_epoch)
 
     def on_epoch_end(self):
+        share = self.logger.get_value("unsup_grad_shares", step=-1)
         self.print_to_log_file(
             f"sup_loss {np.round(self.logger.get_value('train_sup_losses', step=-1), decimals=4)}, unsup_loss "
             f"{np.round(self.logger.get_value('train_unsup_losses', step=-1), decimals=6)}, unsup_weight "
-            f"{np.round(self.logger.get_value('unsup_weights', step=-1), decimals=6)}")
+            f"{np.round(self.logger.get_value('unsup_weights', step=-1), decimals=6)}, unsup_grad_share "
+            f"{'n/a' if not np.isfinite(share) else f'{share:.4g}'}")
         super().on_epoch_end()
 
     # ------------------------------------------------------------------ checkpoints
@@ -356,6 +440,15 @@ class MMSSLTrainerBase(SSLTrainerBase):
         """Sum over heads of nnU-Net's (deep-supervised) Dice+CE loss."""
         return sum(self.loss(output, target) for output in labelled_outputs)
 
+    @torch.no_grad()
+    def fused_supervised_loss(self, labelled_outputs: list, target) -> torch.Tensor:
+        """nnU-Net's loss of the heads' mean logits (what the network predicts and nnU-Net validates), no gradient.
+
+        Logged as nnU-Net's ``train_losses`` so that progress.png compares it with ``val_losses`` (the same loss of
+        the same fused output on validation patches) instead of the sum over heads that is optimised.
+        """
+        return self.loss(mean_of_heads(labelled_outputs), target).detach()
+
     def compute_losses(self, data: torch.Tensor, target, unlabeled: torch.Tensor | None):
         num_labelled = data.shape[0]
         inputs = data if unlabeled is None else torch.cat((data, unlabeled))
@@ -363,6 +456,7 @@ class MMSSLTrainerBase(SSLTrainerBase):
         labelled = [[o[:num_labelled] for o in h] if isinstance(h, (list, tuple)) else h[:num_labelled]
                     for h in heads]
         sup_loss = self.supervised_loss(labelled, target)
+        self.monitor_loss = self.fused_supervised_loss(labelled, target)
         if unlabeled is None:
             return sup_loss, torch.zeros((), device=self.device)
         full_res = [h[0] if isinstance(h, (list, tuple)) else h for h in heads]

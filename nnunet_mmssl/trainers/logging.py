@@ -2,13 +2,16 @@
 
 nnU-Net's ``LocalLogger`` only accepts the keys it declares and plots a fixed figure. :func:`register_log_keys`
 replaces the trainer's local logger once, before anything is logged, with :class:`MMSSLLocalLogger`, which declares
-the extra keys, stores them in the checkpoint's ``logging`` entry like nnU-Net's own, and adds one panel with them
-(the unsupervised loss and its weight) under nnU-Net's three panels.
+the extra keys, stores them in the checkpoint's ``logging`` entry like nnU-Net's own, and adds two panels under
+nnU-Net's three: the loss terms with the unsupervised weight, and the gradient share of the unsupervised term
+(log scale). nnU-Net's first panel compares ``train_losses`` with ``val_losses``: our trainers log as
+``train_losses`` the same loss of the same (fused) output that nnU-Net validates, so the two curves are comparable.
 """
 
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
+import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.training.logging.nnunet_logger import LocalLogger  # sets matplotlib's 'agg' backend, as in nnU-Net
 
@@ -28,9 +31,12 @@ class MMSSLLocalLogger(LocalLogger):
             self.my_fantastic_logging.setdefault(key, [])
 
     def load_checkpoint(self, checkpoint: dict):
+        """nnU-Net's loading; keys that an older checkpoint lacks are filled with NaN for its epochs."""
         super().load_checkpoint(checkpoint)
+        epochs = len(self.my_fantastic_logging.get("train_losses", []))
         for key in self.extra_keys:
-            self.my_fantastic_logging.setdefault(key, [])
+            values = self.my_fantastic_logging.setdefault(key, [])
+            values.extend([float("nan")] * (epochs - len(values)))
 
     def plot_progress_png(self, output_folder: str) -> None:
         log = self.my_fantastic_logging
@@ -38,9 +44,9 @@ class MMSSLLocalLogger(LocalLogger):
         if epoch < 0:
             return
         x = list(range(epoch + 1))
-        fig, axes = plt.subplots(4, 1, figsize=(14, 24))
+        fig, axes = plt.subplots(5, 1, figsize=(14, 30))
         ax = axes[0]
-        ax.plot(x, log["train_losses"][:epoch + 1], color="b", label="loss_tr")
+        ax.plot(x, log["train_losses"][:epoch + 1], color="b", label="loss_tr (labelled, output as validated)")
         ax.plot(x, log["val_losses"][:epoch + 1], color="r", label="loss_val")
         twin = ax.twinx()
         twin.plot(x, log["mean_fg_dice"][:epoch + 1], color="g", ls="dotted", label="pseudo dice")
@@ -60,7 +66,8 @@ class MMSSLLocalLogger(LocalLogger):
         axes[2].legend(loc="upper left")
         ax = axes[3]
         weight_keys = [k for k in self.extra_keys if "weight" in k]
-        loss_keys = [k for k in self.extra_keys if k not in weight_keys]
+        share_keys = [k for k in self.extra_keys if "share" in k]
+        loss_keys = [k for k in self.extra_keys if k not in weight_keys and k not in share_keys]
         for key in loss_keys:
             ax.plot(x, log[key][:epoch + 1], label=key)
         ax.set_ylabel("loss")
@@ -71,6 +78,14 @@ class MMSSLLocalLogger(LocalLogger):
                 twin.plot(x, log[key][:epoch + 1], ls="--", color="k", label=key)
             twin.set_ylabel("weight")
             twin.legend(loc="upper right")
+        ax = axes[4]
+        for key in share_keys:
+            values = np.asarray(log[key][:epoch + 1], dtype=float)
+            ax.plot(x, values, marker=".", label=key)
+        ax.axhline(0.01, color="grey", ls=":", label="1 % of the supervised gradient")
+        ax.set_yscale("log")
+        ax.set_ylabel("|grad w*L_unsup| / |grad L_sup|")
+        ax.legend(loc="upper left")
         for ax in axes:
             ax.set_xlabel("epoch")
         fig.tight_layout()

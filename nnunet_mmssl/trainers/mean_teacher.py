@@ -18,9 +18,12 @@ One training step:
   (``train()`` while training, as in Tarvainen & Valpola's code); with nnU-Net's instance norm (no running
   statistics) and no dropout the mode changes nothing;
 * unsupervised loss: ``mean((softmax(student_u) - softmax(teacher_u))^2)`` at full resolution (the first
-  deep-supervision output), weighted by ``unsupervised_weight * sigmoid_rampup(epoch, unsupervised_rampup_epochs)``
-  = ``0.1 * exp(-5 (1 - min(epoch, 40) / 40)^2)`` (sigmoid ramp of Laine & Aila 2017; weight 0.1 and the softmax
-  MSE as in SSL4MIS, whose ramp is 200 units of 150 iterations; 40 nnU-Net epochs = 10,000 iterations);
+  deep-supervision output), weighted by ``unsupervised_weight * sigmoid_rampup(progress, unsupervised_rampup_fraction)``
+  = ``0.1 * exp(-5 (1 - min(progress, 0.04) / 0.04)^2)`` with ``progress`` the fraction of the run done (sigmoid ramp
+  of Laine & Aila 2017; weight 0.1 and the softmax MSE as in SSL4MIS). The ramp covers the first 4 % of the run: 40
+  of nnU-Net's 1000 epochs, as Tarvainen & Valpola ramp over 5 of 180 CIFAR epochs (3 %). SSL4MIS instead ramps over
+  its whole run (200 units of 150 iterations = its 30,000 iterations); we do not follow it, because a whole-run ramp
+  leaves the average weight at 38 % of the nominal one;
 * after each optimizer step the teacher becomes the EMA of the student (:attr:`ema_alpha` 0.99, warm-up
   ``min(1 - 1 / (step + 1), alpha)``, :mod:`nnunet_mmssl.semisup.ema`).
 
@@ -73,7 +76,8 @@ class MeanTeacherTrainer(SSLTrainerBase):
     #: clip the noise to [-clip, clip]; None = no clipping (SSL4MIS: 0.2)
     input_noise_clip: float | None = None
     unsupervised_weight: float = 0.1
-    unsupervised_rampup_epochs: int = 40
+    #: the sigmoid ramp covers the first 4 % of the run (40 of nnU-Net's 1000 epochs)
+    unsupervised_rampup_fraction: float = 0.04
     #: the EMA teacher, created in :meth:`initialize`
     teacher: EMATeacher | None = None
     #: set by :meth:`load_checkpoint_extra_state` (tells :meth:`load_checkpoint` whether the checkpoint had a teacher)

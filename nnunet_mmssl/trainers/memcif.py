@@ -3,8 +3,12 @@ Semi-Supervised Multi-Modal Brain Tumor Segmentation" (METHODS.md §1).
 
 Dual-branch U-Net (one nnU-Net encoder/decoder per modality group) with MEM on each bottleneck and CIF between
 them (:class:`nnunet_mmssl.architectures.MemCifUNet`). Loss: Dice+CE on both heads (eqs. 2-3) +
-``0.01 * mean((softmax p1_u - softmax p2_u)^2)`` on unlabelled data (eqs. 4-5), gradient to both branches, constant
-weight (the paper uses no ramp). Inference: mean of the two heads' logits.
+``0.01 * L_cons`` on unlabelled data (eqs. 4-5), gradient to both branches, constant weight (the paper uses no ramp).
+``L_cons`` is eq. 4 as printed (:attr:`MemCifSSLTrainer.consistency_reduction` ``"printed"``: per-sample squared norm
+of ``softmax p1_u - softmax p2_u`` over pixels and classes, averaged over samples, in the patch-size-independent form
+of :func:`~nnunet_mmssl.losses.consistency.cross_modal_consistency_loss`, referenced to the paper's 240 x 240
+slices); ``"mean"`` (the mean over voxels and classes, 4-5 orders of magnitude weaker) stays a setting.
+Inference: mean of the two heads' logits.
 
 Variants (paper Table 3 and an honest baseline): ``_noMEM``, ``_noCIF``, ``_plain`` (neither), and
 :class:`MemCifSupervisedTrainer` (same network, labelled data only).
@@ -12,7 +16,7 @@ Variants (paper Table 3 and an honest baseline): ``_noMEM``, ``_noCIF``, ``_plai
 
 import torch
 
-from nnunet_mmssl.losses.consistency import pairwise_consistency_loss
+from nnunet_mmssl.losses.consistency import PAPER_SAMPLE_VOXELS, pairwise_consistency_loss
 from nnunet_mmssl.trainers.base import MMSSLTrainerBase
 
 
@@ -23,14 +27,21 @@ class MemCifSSLTrainer(MMSSLTrainerBase):
     use_mem: bool = True
     use_cif: bool = True
     mem_type: str = "channel_attention"
+    #: gamma_cons of eq. 5
     unsupervised_weight: float = 0.01
-    unsupervised_rampup_epochs: int = 0
+    unsupervised_rampup_fraction: float = 0.0
+    #: reduction of eq. 4: ``"printed"`` (per-sample squared norm, as the paper prints it) or ``"mean"``
+    consistency_reduction: str = "printed"
+    #: voxels of the reference sample of the ``"printed"`` reduction (the paper's 240 x 240 slices)
+    consistency_reference_voxels: int = PAPER_SAMPLE_VOXELS
 
     def network_kwargs(self) -> dict:
         return {"use_mem": self.use_mem, "use_cif": self.use_cif, "mem_type": self.mem_type}
 
     def unsupervised_loss(self, unlabeled_logits: list[torch.Tensor], unlabeled_data: torch.Tensor) -> torch.Tensor:
-        return pairwise_consistency_loss(unlabeled_logits, use_sigmoid=self.label_manager.has_regions)
+        return pairwise_consistency_loss(unlabeled_logits, use_sigmoid=self.label_manager.has_regions,
+                                         reduction=self.consistency_reduction,
+                                         reference_voxels=self.consistency_reference_voxels)
 
 
 class MemCifSSLTrainer_noMEM(MemCifSSLTrainer):
@@ -50,6 +61,12 @@ class MemCifSSLTrainer_plain(MemCifSSLTrainer):
 
     use_mem = False
     use_cif = False
+
+
+class MemCifSSLTrainer_meanConsistency(MemCifSSLTrainer):
+    """Eq. 4 reduced as a mean over voxels and classes (this project's reading before 2026-12; far weaker term)."""
+
+    consistency_reduction = "mean"
 
 
 class MemCifSupervisedTrainer(MemCifSSLTrainer):

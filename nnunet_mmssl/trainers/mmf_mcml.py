@@ -32,7 +32,7 @@ class MMFMCMLTrainer(MMSSLTrainerBase):
     use_mcml: bool = True
     #: alpha of ``L_sup + alpha * L_unsup``
     unsupervised_weight: float = 1.0
-    unsupervised_rampup_epochs: int = 0
+    unsupervised_rampup_fraction: float = 0.0
 
     def network_kwargs(self) -> dict:
         return {"use_mmf": self.use_mmf, "use_mae": self.use_mae}
