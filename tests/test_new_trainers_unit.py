@@ -132,9 +132,10 @@ def mean_teacher(seed: int = 0) -> MeanTeacherTrainer:
 def test_mean_teacher_settings_and_ramp():
     assert (MeanTeacherTrainer.ema_alpha, MeanTeacherTrainer.input_noise_std) == (0.99, 0.1)
     trainer = object.__new__(MeanTeacherTrainer)
+    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.iteration_in_epoch = 1000, 250, 0
     trainer.current_epoch = 0
     assert trainer.current_unsupervised_weight() == pytest.approx(0.1 * np.exp(-5))
-    trainer.current_epoch = 40
+    trainer.current_epoch = 40  # 4 % of nnU-Net's 1000 epochs
     assert trainer.current_unsupervised_weight() == pytest.approx(0.1)
 
 

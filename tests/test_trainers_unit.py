@@ -91,7 +91,11 @@ def test_logger_registration_checkpoint_and_plot(tmp_path):
     fresh = MetaLogger(str(tmp_path), True)
     register_log_keys(fresh, ("train_unsup_losses", "unsup_weights", "new_key"))
     fresh.load_checkpoint(checkpoint)
-    assert fresh.get_value("unsup_weights", None) == [1.0, 2.0] and fresh.get_value("new_key", None) == []
+    assert fresh.get_value("unsup_weights", None) == [1.0, 2.0]
+    # a key the checkpoint lacks (an older version's log) is NaN for its epochs, so the lists stay aligned
+    assert len(fresh.get_value("new_key", None)) == 2 and np.isnan(fresh.get_value("new_key", None)).all()
+    fresh.log("new_key", 0.25, 2)
+    assert fresh.get_value("new_key", None)[2] == 0.25
 
 
 def _write(path, shape=(4, 8, 8)):
