@@ -65,6 +65,7 @@ COLUMNS = (
     ("predict_network_ratio", "net x", 6, "{:.2f}"),
     ("inference_flop_ratio", "inf FLOP x", 10, "{:.2f}"),
     ("inference_efficiency", "inf.ilv", 7, "{:.2f}"),
+    ("unsup_grad_share", "u.share", 8, "{:.3g}"),
 )
 
 
@@ -327,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-f", "--fold", default="all", help="fold: 'all' (default) or an integer")
     parser.add_argument("--iterations", type=int, default=20, help="timed training iterations (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations before (default 3)")
+    parser.add_argument("--share-steps", type=int, default=2,
+                        help="untimed steps after the timed ones that measure the gradient share of the "
+                             "unsupervised term, |grad w*L_unsup| / |grad L_sup| at the trainer's full weight "
+                             "(column u.share; 0 skips it; default 2)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every trainer this many times, each time in its own process, in rotated order "
                              "(round r starts with the r-th trainer); s/iter is the median of the rounds' means, so "
@@ -532,6 +537,7 @@ def measure_training(trainer, args, result: dict) -> None:
         trainer.train_step(next(trainer.dataloader_train))
     _sync(trainer.device)
     result["flops_per_iter"] = int(counter.get_total_flops())
+    result["unsup_grad_share"] = measure_gradient_share(trainer, args.share_steps)
 
     if cuda:
         result["peak_mem_mib"] = torch.cuda.max_memory_allocated(trainer.device) / 2 ** 20
@@ -543,6 +549,29 @@ def measure_training(trainer, args, result: dict) -> None:
     baseline = result.get("rss_after_imports_mib") if not cuda else 0.0
     if result.get("peak_mem_mib") is not None and baseline is not None:
         result["train_mem_mib"] = result["peak_mem_mib"] - baseline
+
+
+def measure_gradient_share(trainer, steps: int) -> float | None:
+    """Median gradient share of the unsupervised term over ``steps`` real steps, at the trainer's full weight.
+
+    ``|grad(w L_unsup)|`` is linear in ``w``, so a share measured while the weight ramps up is scaled to
+    ``unsupervised_weight`` (the weight after the ramp). None for trainers without an unlabelled stream.
+    """
+    import numpy as np
+
+    if steps <= 0 or not getattr(trainer, "use_unlabeled", False) or not hasattr(trainer, "gradient_share_every"):
+        return None
+    every, trainer.gradient_share_every = trainer.gradient_share_every, 1
+    shares = []
+    try:
+        for _ in range(steps):
+            weight = trainer.current_unsupervised_weight()
+            share = float(trainer.train_step(next(trainer.dataloader_train))["grad_share"])
+            if weight > 0 and np.isfinite(share):
+                shares.append(share * trainer.unsupervised_weight / weight)
+    finally:
+        trainer.gradient_share_every = every
+    return float(np.median(shares)) if shares else None
 
 
 def measure_prediction(model_folder: str, fold, args, device, dataset_name: str, dataset_json: dict,

@@ -49,3 +49,5 @@ def test_benchmark_on_tiny_phantom_with_budgeted_plans(tmp_path):
         (ours["patch_size"][0] * ours["patch_size"][1] * ours["patch_size"][2])
     assert ours["inference_s_per_patch"] > 0 and ours["inference_efficiency"] is not None
     assert "est/plan" in result.stdout and "MemCifSSLTrainer nnUNetMMSSLPlans" in result.stdout
+    # the gradient share of the unsupervised term: measured for the SSL trainer, absent for nnU-Net's
+    assert base["unsup_grad_share"] is None and 0 < ours["unsup_grad_share"] < 1e3 and "u.share" in result.stdout
