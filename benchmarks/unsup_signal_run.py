@@ -150,10 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         plans["configurations"][args.configuration]["batch_size"] = args.batch_size
         save_json(plans, os.path.join(preprocessed, plans_name + ".json"), sort_keys=False)
     configuration = load_json(os.path.join(preprocessed, plans_name + ".json"))["configurations"][args.configuration]
-    splits = load_json(os.path.join(preprocessed, "splits_final.json"))
     print(f"plans {plans_name}: patch {configuration['patch_size']}, spacing {configuration['spacing']}, batch "
-          f"{configuration['batch_size']}; fold 0: {len(splits[0]['train'])} train, {len(splits[0]['val'])} val",
-          flush=True)
+          f"{configuration['batch_size']}", flush=True)
 
     os.makedirs(ext_folder, exist_ok=True)
     with open(os.path.join(ext_folder, "mmssl_signal_trainers.py"), "w") as f:
@@ -177,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {trainer}: share median {_fmt(r['grad_share_median'], '.3g')}, val Dice "
               f"{_fmt(r['val_dice'], '.3f')}", flush=True)
 
+    splits = load_json(os.path.join(preprocessed, "splits_final.json"))  # nnU-Net's, written by the first training
     header = (f"{'trainer':<34} {'share med':>10} {'share last':>10} {'weight':>8} {'unsup loss':>11} "
               f"{'sup loss':>9} {'pseudo Dice':>11} {'val Dice':>9}")
     lines = [header, "-" * len(header)]
