@@ -151,7 +151,8 @@ def write_float_map(array, path: str, properties: dict) -> None:
 
 
 def _readme(model_folder: str, input_folder: str, multi_head: bool, sigmoid: bool, rank_by: str,
-            margin_mm: float, uncertain_fraction: float, file_ending: str, raw_dataset: str | None) -> str:
+            margin_mm: float, uncertain_fraction: float, file_ending: str, raw_dataset: str) -> str:
+    score_of = "head disagreement" if rank_by == "disagreement" else "entropy"
     entropy_text = ("mean over regions of the binary entropy h(p) = -p log p - (1-p) log(1-p) of each region's "
                     "sigmoid probability (a region model has no single class distribution), in [0, log 2]"
                     if sigmoid else "H(p) = -sum_c p_c log p_c of the softmax probabilities, in [0, log C]")
@@ -161,7 +162,7 @@ def _readme(model_folder: str, input_folder: str, multi_head: bool, sigmoid: boo
         f"cases: {input_folder}",
         "",
         "Layout",
-        f"  labels/CASE{file_ending}              predicted segmentation (nnU-Net's export, dataset.json labels)",
+        f"  labels/CASE{file_ending:<22}predicted segmentation (nnU-Net's export, dataset.json labels)",
         "  uncertainty/CASE_entropy.nii.gz   per-voxel uncertainty, float32, in nats, on the grid of the images:",
         f"                                    {entropy_text}.",
         "                                    The probabilities are those nnU-Net exports for the labels (mean logits",
@@ -169,7 +170,8 @@ def _readme(model_folder: str, input_folder: str, multi_head: bool, sigmoid: boo
     ]
     if multi_head:
         lines += [
-            "  uncertainty/CASE_disagreement.nii.gz  disagreement of the network's heads: the mean over heads k of",
+            "  uncertainty/CASE_disagreement.nii.gz",
+            "                                    disagreement of the network's heads: the mean over heads k of",
             "                                    KL(p_k || p_mean), p_mean = mean of the heads' probabilities",
             "                                    (= H(p_mean) - mean_k H(p_k), the Jensen-Shannon divergence of the",
             "                                    heads; per region and averaged for region models), in nats.",
@@ -179,17 +181,17 @@ def _readme(model_folder: str, input_folder: str, multi_head: bool, sigmoid: boo
         "  pseudolabel.json                  settings of this run",
         "",
         "Ranking",
-        f"  score = mean {'head disagreement' if rank_by == 'disagreement' else 'entropy'} over the ranking region:",
-        f"  the predicted foreground, every voxel within {margin_mm:g} mm of it, and every voxel whose entropy is",
-        f"  at least {uncertain_fraction:g} x its maximum (where the model nearly predicted foreground); the",
-        "  whole-image mean when that region is empty. image_mean_entropy (the mean over the whole image) is listed",
-        "  but not ranked by: it mostly measures how much confidently predicted background the field of view holds.",
+        f"  score = mean {score_of} over the ranking region: the predicted foreground, every voxel within",
+        f"  {margin_mm:g} mm of it, and every voxel whose entropy is at least {uncertain_fraction:g} x its maximum",
+        "  (where the model nearly predicted foreground); the whole-image mean when that region is empty.",
+        "  image_mean_entropy (the mean over the whole image) is listed but not ranked by: it mostly measures how",
+        "  much confidently predicted background the field of view holds.",
         "",
         "Using the labels",
         "  Open a case's images with labels/CASE and uncertainty/CASE_entropy as overlays, correct the label where",
         "  needed, then make it a labelled training case of the raw dataset:",
     ]
-    raw = raw_dataset or "$nnUNet_raw/DatasetXXX_NAME"
+    raw = raw_dataset
     lines += [
         f"    mv labels/CASE{file_ending} {raw}/labelsTr/CASE{file_ending}",
         f"    mv {raw}/imagesUnlabeled/CASE_XXXX{file_ending} {raw}/imagesTr/    (every channel of the case)",
@@ -277,7 +279,7 @@ def pseudolabel(model_folder: str, input_folder: str | None, output_folder: str,
     dataset_json = load_json(os.path.join(model_folder, "dataset.json"))
     plans = load_json(os.path.join(model_folder, "plans.json"))
     file_ending = dataset_json["file_ending"]
-    raw_dataset = None
+    raw_dataset = os.path.join("$nnUNet_raw", plans["dataset_name"])
     if input_folder is None:
         from nnunetv2 import paths
 
@@ -325,6 +327,7 @@ def pseudolabel(model_folder: str, input_folder: str | None, output_folder: str,
                   f"{'the model' if heads is None else f'head {heads[0]} only'} -> {run_name}")
             inputs = [cases[c] for c in case_ids]
             outputs = [os.path.join(work, run_name, c) for c in case_ids]
+            os.makedirs(os.path.join(work, run_name))
             if num_processes_preprocessing == 0:
                 predictor.predict_from_files_sequential(inputs, outputs, save_probabilities=True, overwrite=True)
             else:
