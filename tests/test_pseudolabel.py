@@ -272,6 +272,18 @@ def test_pseudolabel_end_to_end_stock_and_multi_head(tmp_path, monkeypatch):
         assert "labelsTr" in readme and ("disagreement" in readme) == multi_head
 
 
+def test_cli_default_input_is_the_datasets_imagesunlabeled(tmp_path, model_folder_plain, monkeypatch, capsys):
+    from nnunetv2 import paths
+
+    monkeypatch.setattr(paths, "nnUNet_raw", None)
+    assert _run(["-m", model_folder_plain, "-o", str(tmp_path / "o"), "-device", "cpu"]) == 2
+    assert "nnUNet_raw is not set" in capsys.readouterr().err
+    monkeypatch.setattr(paths, "nnUNet_raw", str(tmp_path / "raw"))
+    assert _run(["-m", model_folder_plain, "-o", str(tmp_path / "o"), "-device", "cpu"]) == 2
+    expected = os.path.join(str(tmp_path / "raw"), "Dataset998_Pseudo", "imagesUnlabeled")
+    assert f"input folder {expected} does not exist" in capsys.readouterr().err
+
+
 def test_cli_user_errors(tmp_path, model_folder_plain, capsys):
     images = tmp_path / "images"
     missing = tmp_path / "nowhere"
