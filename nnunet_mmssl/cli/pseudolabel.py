@@ -153,8 +153,8 @@ def write_float_map(array, path: str, properties: dict) -> None:
 def _readme(model_folder: str, input_folder: str, multi_head: bool, sigmoid: bool, rank_by: str,
             margin_mm: float, uncertain_fraction: float, file_ending: str, raw_dataset: str) -> str:
     score_of = "head disagreement" if rank_by == "disagreement" else "entropy"
-    entropy_text = ("mean over regions of the binary entropy h(p) = -p log p - (1-p) log(1-p) of each region's "
-                    "sigmoid probability (a region model has no single class distribution), in [0, log 2]"
+    entropy_text = ("mean over regions of the binary entropy h(p) = -p log p - (1-p) log(1-p) of each\n"
+                    + " " * 36 + "region's sigmoid probability (no class distribution per voxel), in [0, log 2]"
                     if sigmoid else "H(p) = -sum_c p_c log p_c of the softmax probabilities, in [0, log C]")
     lines = [
         f"Pseudo-labels written by {PROG}",
@@ -162,7 +162,7 @@ def _readme(model_folder: str, input_folder: str, multi_head: bool, sigmoid: boo
         f"cases: {input_folder}",
         "",
         "Layout",
-        f"  labels/CASE{file_ending:<22}predicted segmentation (nnU-Net's export, dataset.json labels)",
+        f"  labels/CASE{file_ending:<23}predicted segmentation (nnU-Net's export, dataset.json labels)",
         "  uncertainty/CASE_entropy.nii.gz   per-voxel uncertainty, float32, in nats, on the grid of the images:",
         f"                                    {entropy_text}.",
         "                                    The probabilities are those nnU-Net exports for the labels (mean logits",
