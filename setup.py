@@ -82,6 +82,7 @@ setup(
             "nnUNetv2_mmssl_predict=nnunet_mmssl.cli.predict:main",
             "nnUNetv2_mmssl_evaluate=nnunet_mmssl.cli.evaluate:main",
             "nnUNetv2_mmssl_demo=nnunet_mmssl.cli.demo:main",
+            "nnUNetv2_mmssl_pseudolabel=nnunet_mmssl.cli.pseudolabel:main",
         ]
     },
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},
