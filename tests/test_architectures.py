@@ -114,3 +114,44 @@ def test_mean_of_heads_lists():
     b = [torch.zeros(1, 2, 4, 4), torch.full((1, 2, 2, 2), 3.0)]
     out = mean_of_heads([a, b])
     assert torch.all(out[0] == 0.5) and torch.all(out[1] == 2.0)
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return self.factor * x
+
+
+class _RecordingFusion(nn.Module):
+    """Stands in for CIF: records its inputs and returns an order-sensitive function of them."""
+
+    def forward(self, features):
+        self.inputs = [f.clone() for f in features]
+        return 10 * features[0] - features[1]
+
+
+@pytest.mark.parametrize("conv_op,norm_op,spatial", DIMS)
+def test_memcif_fuse_wiring(conv_op, norm_op, spatial):
+    """CIF gets MEM_0(bottleneck_0), MEM_1(bottleneck_1) in branch order; decoder k gets its own skips and
+    proj_k(cat(MEM_k(bottleneck_k), fused)), computed here with functional convolutions on proj_k's weights."""
+    net = make_net(conv_op, norm_op)
+    net.mems = nn.ModuleList([_Scale(2.0), _Scale(3.0)])
+    net.cif = _RecordingFusion()
+    conv = torch.nn.functional.conv2d if conv_op is nn.Conv2d else torch.nn.functional.conv3d
+    torch.manual_seed(2)
+    skips = [[torch.randn(1, c, *[s // f for s in spatial]) for c, f in ((4, 1), (8, 2), (16, 4))] for _ in range(2)]
+    with torch.no_grad():
+        fused_skips = net.fuse(skips)
+    enhanced = [2.0 * skips[0][-1], 3.0 * skips[1][-1]]
+    for seen, expected in zip(net.cif.inputs, enhanced):
+        torch.testing.assert_close(seen, expected)
+    fused = 10 * enhanced[0] - enhanced[1]
+    for k in range(2):
+        assert all(f is s for f, s in zip(fused_skips[k][:-1], skips[k][:-1]))  # skips from its own encoder
+        proj = net.cif_projections[k]
+        expected = conv(torch.cat((enhanced[k], fused), dim=1), proj.weight, proj.bias)
+        torch.testing.assert_close(fused_skips[k][-1], expected)
+    assert not torch.allclose(fused_skips[0][-1], fused_skips[1][-1])

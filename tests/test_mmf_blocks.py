@@ -2,18 +2,21 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from nnunet_mmssl.architectures.multi_branch import MultiBranchUNet
 from nnunet_mmssl.building_blocks.multistage_fusion import ModalityAwareEnhancement, MultiModalFusion
 
 DIMS = [(nn.Conv2d, nn.InstanceNorm2d, (6, 6)), (nn.Conv3d, nn.InstanceNorm3d, (4, 6, 6))]
 NORM = {"eps": 1e-5, "affine": True}
 
 
-def make_mmf(conv_op, norm_op, channels=4):
+def make_mmf(conv_op, channels=4):
     torch.manual_seed(0)
-    return MultiModalFusion(conv_op, channels, num_inputs=2, kernel_size=3, conv_bias=True, norm_op=norm_op,
-                            norm_op_kwargs=NORM, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
+    mmf = MultiModalFusion(conv_op, channels, num_inputs=2, kernel_size=3)
+    mmf.apply(MultiBranchUNet.initialize)  # nnU-Net's He init, as get_network_from_plans applies it
+    return mmf
 
 
 def make_mae(conv_op, norm_op, channels=4, **kwargs):
@@ -24,7 +27,7 @@ def make_mae(conv_op, norm_op, channels=4, **kwargs):
 
 @pytest.mark.parametrize("conv_op,norm_op,spatial", DIMS)
 def test_mmf_shape_range_and_gradient_to_both_inputs(conv_op, norm_op, spatial):
-    mmf = make_mmf(conv_op, norm_op)
+    mmf = make_mmf(conv_op)
     f_a = torch.randn(2, 4, *spatial, requires_grad=True)
     f_b = torch.randn(2, 4, *spatial, requires_grad=True)
     fused = mmf(f_a, f_b)
@@ -32,24 +35,33 @@ def test_mmf_shape_range_and_gradient_to_both_inputs(conv_op, norm_op, spatial):
     assert torch.all(fused > 0) and torch.all(fused < 1)
     fused.sum().backward()
     assert f_a.grad.abs().sum() > 0 and f_b.grad.abs().sum() > 0
-    assert mmf.block1.conv.in_channels == 8 and mmf.block1.conv.out_channels == 4
-    assert mmf.block2.conv.in_channels == 4 and mmf.block2.conv.out_channels == 4
 
 
-def test_mmf_is_sigmoid_of_two_conv_blocks_on_the_concatenation():
-    mmf = make_mmf(nn.Conv2d, nn.InstanceNorm2d)
-    f_a, f_b = torch.randn(1, 4, 5, 5), torch.randn(1, 4, 5, 5)
-    expected = torch.sigmoid(mmf.block2(mmf.block1(torch.cat((f_a, f_b), dim=1))))
-    torch.testing.assert_close(mmf(f_a, f_b), expected)
-    swapped = mmf(f_b, f_a)
-    assert not torch.allclose(swapped, expected)  # order matters: each modality has its own input channels
+@pytest.mark.parametrize("conv_op,norm_op,spatial", DIMS)
+def test_mmf_is_eq3_sigmoid_of_two_plain_convolutions(conv_op, norm_op, spatial):
+    """eq. 3 computed with functional convolutions on the module's weights: no norm, no nonlinearity inside."""
+    mmf = make_mmf(conv_op)
+    assert sorted(name for name, _ in mmf.named_parameters()) == \
+        ["conv1.bias", "conv1.weight", "conv2.bias", "conv2.weight"]
+    assert tuple(mmf.conv1.weight.shape) == (4, 8, *[3] * len(spatial))
+    assert tuple(mmf.conv2.weight.shape) == (4, 4, *[3] * len(spatial))
+    conv = F.conv2d if conv_op is nn.Conv2d else F.conv3d
+    f_a, f_b = torch.randn(2, 4, *spatial), torch.randn(2, 4, *spatial)
+    with torch.no_grad():
+        hidden = conv(torch.cat((f_a, f_b), dim=1), mmf.conv1.weight, mmf.conv1.bias, padding=1)
+        expected = torch.sigmoid(conv(hidden, mmf.conv2.weight, mmf.conv2.bias, padding=1))
+        fused = mmf(f_a, f_b)
+        torch.testing.assert_close(fused, expected)
+        assert not torch.allclose(mmf(f_b, f_a), expected)  # order matters: each modality has its own channels
+    # the gate spans (0, 1); a LeakyReLU before the sigmoid would keep it above ~0.49
+    assert fused.min() < 0.2 and fused.max() > 0.8
 
 
 def test_mmf_errors_and_feature_map_size():
-    mmf = make_mmf(nn.Conv2d, nn.InstanceNorm2d)
+    mmf = make_mmf(nn.Conv2d)
     with pytest.raises(ValueError, match="expects 2 feature maps, got 1"):
         mmf(torch.randn(1, 4, 5, 5))
-    # concat (8) + block1 (4) + block2 (4) + sigmoid (4) channels, 25 voxels
+    # concat (8) + conv1 (4) + conv2 (4) + sigmoid (4) channels, 25 voxels
     assert mmf.compute_conv_feature_map_size([5, 5]) == 20 * 25
 
 
@@ -109,8 +121,12 @@ def test_mae_psi2_dilation_and_kernel_options():
     dilated = make_mae(nn.Conv3d, nn.InstanceNorm3d)
     conv = dilated.psi2[0][0]
     assert conv.kernel_size == (3, 3, 3) and conv.dilation == (2, 2, 2) and conv.padding == (2, 2, 2)
-    wide = make_mae(nn.Conv3d, nn.InstanceNorm3d, psi2_kernel_size=5, psi2_dilation=1)
-    assert wide.psi2[0][0].kernel_size == (5, 5, 5) and wide.psi2[0][0].padding == (2, 2, 2)
+    wide = make_mae(nn.Conv3d, nn.InstanceNorm3d, psi2_kernel_size=5)  # a given kernel is taken literally
+    assert wide.psi2[0][0].kernel_size == (5, 5, 5) and wide.psi2[0][0].dilation == (1, 1, 1)
+    assert wide.psi2[0][0].padding == (2, 2, 2)
+    both = make_mae(nn.Conv2d, nn.InstanceNorm2d, psi2_kernel_size=5, psi2_dilation=2)  # explicit values win
+    assert both.psi2[0][0].kernel_size == (5, 5) and both.psi2[0][0].dilation == (2, 2)
+    assert both.psi2[0][0].padding == (4, 4)
     assert wide([torch.randn(1, 4, 3, 3, 3)] * 2)[0].shape == (1, 4, 3, 3, 3)
     assert make_mae(nn.Conv2d, nn.InstanceNorm2d, reduction=16).hidden == 8  # max(4 // 16, 8)
     assert make_mae(nn.Conv2d, nn.InstanceNorm2d, channels=320, reduction=16).hidden == 20

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nnunet_mmssl.architectures.mmf_mae import MMFMAEUNet
@@ -98,6 +99,27 @@ def test_encoders_continue_from_fused_features_and_decoders_get_them_as_skips():
         fused1 = net.mmf[1](a1, b1)
         torch.testing.assert_close(skips[0][1], a1 + fused1)
         torch.testing.assert_close(skips[0][2], net.encoders[0].stages[2](a1 + fused1))  # bottleneck: no MMF
+
+
+@pytest.mark.parametrize("conv_op,norm_op,spatial", DIMS)
+def test_network_mmf_is_eq3_with_plain_convolutions(conv_op, norm_op, spatial):
+    """What encoder k adds to its stage-s output is sigmoid(conv2(conv1(cat(f_s_a, f_s_b)))), with functional
+    convolutions on the module's weights, and that gate is not held above ~0.49 by a norm + LeakyReLU."""
+    net = make_net(conv_op, norm_op, use_mae=False)
+    net.apply(net.initialize)  # as get_network_from_plans does
+    conv = F.conv2d if conv_op is nn.Conv2d else F.conv3d
+    x = torch.randn(2, 2, *spatial)
+    with torch.no_grad():
+        skips = net.encode(x)
+        a, b = net.encoders[0].stages[0](x[:, :1]), net.encoders[1].stages[0](x[:, 1:])
+        for s in range(2):
+            fused = skips[0][s] - a
+            torch.testing.assert_close(skips[1][s] - b, fused)
+            mmf = net.mmf[s]
+            hidden = conv(torch.cat((a, b), dim=1), mmf.conv1.weight, mmf.conv1.bias, padding=1)
+            torch.testing.assert_close(fused, torch.sigmoid(conv(hidden, mmf.conv2.weight, mmf.conv2.bias, padding=1)))
+            assert fused.min() < 0.2 and fused.max() > 0.8
+            a, b = net.encoders[0].stages[s + 1](skips[0][s]), net.encoders[1].stages[s + 1](skips[1][s])
 
 
 def test_mae_reweights_the_bottlenecks_the_decoders_read():

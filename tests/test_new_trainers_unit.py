@@ -1,5 +1,6 @@
 import copy
 import inspect
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,7 +16,6 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from plans_fixtures import ARCH_2D, DATASET_JSON, PLANS
 
 from nnunet_mmssl.architectures.mmf_mae import MMFMAEUNet
-from nnunet_mmssl.losses import contrastive_mutual_learning_loss
 from nnunet_mmssl.trainers import (
     MeanTeacherTrainer,
     MMFMCMLSupervisedTrainer,
@@ -100,9 +100,17 @@ def test_mmf_unsupervised_loss_and_joint_step_reach_both_branches():
     trainer.loss = nnunet_loss()
     trainer.network = MMFMCMLTrainer.build_network_architecture(manager, manager.get_configuration("2d"), 2, 2, True)
     trainer.network.return_heads = True
-    a, b = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
-    assert trainer.unsupervised_loss([a, b], torch.zeros(1)).item() == \
-        pytest.approx(contrastive_mutual_learning_loss(a, b).item())
+    # one voxel, two classes: p_a = (1/2, 1/2), p_b = (3/4, 1/4). Each direction's term mean((p - sg(q))^2) = 1/16.
+    a = torch.zeros(1, 2, 1, 1, requires_grad=True)
+    b = torch.tensor([math.log(3.0), 0.0]).reshape(1, 2, 1, 1).requires_grad_()
+    loss = trainer.unsupervised_loss([a, b], torch.zeros(1))
+    assert loss.item() == pytest.approx(1 / 16 + 1 / 16)
+    loss.backward()
+    # head a is pulled only by its own term, towards the constant p_b: d/dz_a of mean((p_a - p_b)^2) = J_a (p_a - p_b)
+    # with J_a = diag(p_a) - p_a p_a^T -> (-1/8, 1/8); likewise head b towards p_a -> (3/32, -3/32). Without the
+    # stop-gradients each head would also get the other term's pull (twice these); without a term, zero.
+    torch.testing.assert_close(a.grad.flatten(), torch.tensor([-1 / 8, 1 / 8]))
+    torch.testing.assert_close(b.grad.flatten(), torch.tensor([3 / 32, -3 / 32]))
     sup, unsup = trainer.compute_losses(torch.randn(2, 2, 16, 16), targets(), torch.randn(2, 2, 16, 16))
     assert sup.ndim == 0 and unsup.item() > 0
     unsup.backward()

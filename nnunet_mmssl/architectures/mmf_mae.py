@@ -5,7 +5,8 @@ Situations", MICCAI 2025, Sec. 2.1 and Fig. 1 (METHODS.md §2). Each modality gr
 ``PlainConvEncoder`` and ``UNetDecoder`` (:class:`~nnunet_mmssl.architectures.multi_branch.MultiBranchUNet`); the two
 encoders run stage by stage so that they can exchange features:
 
-* **MMF** (eq. 3) after every encoder stage s except the bottleneck: ``fused_s = MMF_s(f_s_a, f_s_b)``; both encoders
+* **MMF** (eq. 3) after every encoder stage s except the bottleneck: ``fused_s = MMF_s(f_s_a, f_s_b)``
+  ``= sigmoid(conv2(conv1(cat(f_s_a, f_s_b))))`` with two plain convolutions (no norm, no nonlinearity); both encoders
   continue their next stage from ``f_s_k + fused_s``. This is our reading of "captures and aligns multi-modal features
   F^ab at various encoding stages, and then transmits them to the next stage of each encoder": the fused map is added
   to, not substituted for, each branch's own features, so each branch keeps its modality-specific path.
@@ -38,8 +39,9 @@ class MMFMAEUNet(MultiBranchUNet):
         mae_descriptor: ``"per_modality"`` (eq. 2 as written, default) or ``"shared"`` (SKNet-style descriptor of
             ``F_a + F_b``); see :class:`ModalityAwareEnhancement`.
         mae_reduction: channel reduction of MAE's first fully connected layer.
-        mae_psi2_kernel_size: kernel of MAE's ``psi2``; None = the bottleneck's kernel.
-        mae_psi2_dilation: dilation of MAE's ``psi2`` (2: receptive field of a 5-kernel).
+        mae_psi2_kernel_size: kernel of MAE's ``psi2``; None = the bottleneck's kernel, dilated.
+        mae_psi2_dilation: dilation of MAE's ``psi2``; None = 2 with the bottleneck's kernel (a 3-kernel with the
+            receptive field of a 5-kernel), 1 when ``mae_psi2_kernel_size`` is given (that kernel, undilated).
         other args: see :class:`MultiBranchUNet`; ``modality_groups`` must hold exactly two groups.
 
     Shapes:
@@ -52,7 +54,7 @@ class MMFMAEUNet(MultiBranchUNet):
 
     def __init__(self, *args, use_mmf: bool = True, use_mae: bool = True, mae_descriptor: str = "per_modality",
                  mae_reduction: int = 16, mae_psi2_kernel_size: int | Sequence[int] | None = None,
-                 mae_psi2_dilation: int = 2, **kwargs):
+                 mae_psi2_dilation: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if self.num_heads != 2:
             raise ValueError(f"MMFMAEUNet (Meng et al. 2025) fuses exactly two modality groups, got "
@@ -65,7 +67,7 @@ class MMFMAEUNet(MultiBranchUNet):
                   "nonlin": encoder.nonlin, "nonlin_kwargs": encoder.nonlin_kwargs}
         if use_mmf:
             self.mmf = nn.ModuleList(
-                MultiModalFusion(self.conv_op, channels, num_inputs=2, kernel_size=kernel, **common)
+                MultiModalFusion(self.conv_op, channels, num_inputs=2, kernel_size=kernel)
                 for channels, kernel in zip(encoder.output_channels[:-1], encoder.kernel_sizes[:-1]))
         if use_mae:
             self.mae = ModalityAwareEnhancement(

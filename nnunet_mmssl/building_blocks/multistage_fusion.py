@@ -3,8 +3,8 @@
 D. Meng, S. Li, H. Wu, G. Wang, X. Yan, "Semi-Supervised Multi-Modal Medical Image Segmentation for Complex
 Situations", MICCAI 2025 (METHODS.md §2):
 
-* :class:`MultiModalFusion` (MMF, eq. 3): ``f_fused = sigmoid(conv2(conv1(cat(f_a, f_b))))``, applied after every
-  encoder stage but the bottleneck.
+* :class:`MultiModalFusion` (MMF, eq. 3): ``f_fused = sigmoid(conv2(conv1(cat(f_a, f_b))))`` with two plain
+  convolutions, applied after every encoder stage but the bottleneck.
 * :class:`ModalityAwareEnhancement` (MAE, eq. 2): per-channel modality weights ``W_k`` from a selective-kernel style
   descriptor (two convolutions with different receptive fields, summed, global average pooling, fully connected
   layers), normalised by a softmax across the modalities; each modality's features are reweighted, ``W_k * F_k``.
@@ -21,23 +21,51 @@ import torch
 from dynamic_network_architectures.building_blocks.helper import maybe_convert_scalar_to_list
 from torch import nn
 
-from nnunet_mmssl.building_blocks.fusion import ComplementaryInformationFusion
-
 MAE_DESCRIPTORS = ("per_modality", "shared")
 
 
-class MultiModalFusion(ComplementaryInformationFusion):
-    """MMF (Meng et al. 2025, eq. 3): ``f_fused = sigmoid(block2(block1(cat(f_1, ..., f_K))))``.
+class MultiModalFusion(nn.Module):
+    """MMF (Meng et al. 2025, eq. 3): ``f_fused = sigmoid(conv2(conv1(cat(f_1, ..., f_K))))``.
 
-    The same gated concatenation fusion as CIF (Chung et al. 2025), applied here after every encoder stage; only the
-    call takes the feature maps as separate arguments. See :class:`ComplementaryInformationFusion` for the arguments.
+    Exactly the printed equation: two plain convolutions (``conv1``: K*C -> C, ``conv2``: C -> C, ``same`` padding,
+    with bias) and a sigmoid; no normalisation and no nonlinearity between them ("a concatenation operation, two
+    convolutional layers, and a non-linear activation function"). Unlike CIF, whose blocks carry norm + nonlin
+    (Chung et al. name them), the gate therefore spans the whole of (0, 1).
+
+    Args:
+        conv_op: ``nn.Conv2d`` or ``nn.Conv3d``.
+        channels: C, the channels of each input and of the output.
+        num_inputs: K, how many feature maps are concatenated (2 in the paper).
+        kernel_size: kernel of both convolutions (odd; the encoder stage's kernel in :class:`MMFMAEUNet`).
+        conv_bias: bias of both convolutions (True: no normalisation follows them).
 
     Shapes:
         inputs: K tensors (B, C, *S); output: (B, C, *S) with values in (0, 1).
     """
 
+    def __init__(self, conv_op: type[nn.Module], channels: int, num_inputs: int = 2,
+                 kernel_size: int | Sequence[int] = 3, conv_bias: bool = True):
+        super().__init__()
+        if num_inputs < 1:
+            raise ValueError(f"{type(self).__name__} needs at least one input, got num_inputs={num_inputs}.")
+        kernel = maybe_convert_scalar_to_list(conv_op, kernel_size)
+        padding = [(k - 1) // 2 for k in kernel]
+        self.channels = channels
+        self.num_inputs = num_inputs
+        self.conv1 = conv_op(num_inputs * channels, channels, kernel_size=kernel, padding=padding, bias=conv_bias)
+        self.conv2 = conv_op(channels, channels, kernel_size=kernel, padding=padding, bias=conv_bias)
+
     def forward(self, *features: torch.Tensor) -> torch.Tensor:
-        return super().forward(features)
+        """Args: features, K tensors (B, C, *S). Returns: f_fused (B, C, *S) in (0, 1)."""
+        if len(features) != self.num_inputs:
+            raise ValueError(f"{type(self).__name__} expects {self.num_inputs} feature maps, got {len(features)}.")
+        return torch.sigmoid(self.conv2(self.conv1(torch.cat(features, dim=1))))
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
+        """Stored elements for an input of spatial size ``input_size``: concat (K*C), conv1 (C), conv2 (C), sigmoid
+        (C) maps."""
+        voxels = int(np.prod(input_size, dtype=np.int64))
+        return voxels * self.channels * (self.num_inputs + 3)
 
 
 def _conv_norm_nonlin(conv_op: type[nn.Module], channels: int, kernel_size: int | Sequence[int], dilation: int,
@@ -70,9 +98,11 @@ class ModalityAwareEnhancement(nn.Module):
 
     Then ``W = softmax([logit_1, ..., logit_K], over k)`` (B, K, C) and the outputs are ``W_k * F_k``.
     ``fc1`` reduces C -> ``max(C // reduction, min_hidden)``; no normalisation in the fully connected path (batches
-    are small in nnU-Net). ``psi1`` is conv(kernel_size) + norm + nonlin; ``psi2`` is the same with dilation
-    ``psi2_dilation`` (default 2: a 3x3(x3) kernel with a 5x5(x5) receptive field, SKNet's choice, at a fraction of a
-    5x5x5 kernel's parameters); ``psi2_kernel_size=5, psi2_dilation=1`` gives the literal "different kernel sizes".
+    are small in nnU-Net). ``psi1`` is conv(kernel_size) + norm + nonlin; ``psi2`` is conv(psi2_kernel_size) + norm +
+    nonlin with dilation ``psi2_dilation``. By default ``psi2`` is ``psi1``'s kernel dilated by 2 (a 3x3(x3) kernel with
+    a 5x5(x5) receptive field, SKNet's choice, at a fraction of a 5x5x5 kernel's parameters); giving
+    ``psi2_kernel_size`` (e.g. 5) without ``psi2_dilation`` gives that literal, undilated kernel (the paper's
+    "different kernel sizes").
 
     Args:
         conv_op: ``nn.Conv2d`` or ``nn.Conv3d``.
@@ -83,7 +113,8 @@ class ModalityAwareEnhancement(nn.Module):
         min_hidden: lower bound of the hidden width of ``fc1``.
         kernel_size: kernel of ``psi1``.
         psi2_kernel_size: kernel of ``psi2``; None = ``kernel_size``.
-        psi2_dilation: dilation of ``psi2``.
+        psi2_dilation: dilation of ``psi2``; None = 2 when ``psi2_kernel_size`` is None, else 1 (the kernel as
+            given).
         conv_bias, norm_op, norm_op_kwargs, nonlin, nonlin_kwargs: as in dynamic-network-architectures; ``nonlin``
             (default ``nn.ReLU``) is also the activation after ``fc1``.
 
@@ -94,7 +125,7 @@ class ModalityAwareEnhancement(nn.Module):
     def __init__(self, conv_op: type[nn.Module], channels: int, num_modalities: int = 2,
                  descriptor: str = "per_modality", reduction: int = 16, min_hidden: int = 8,
                  kernel_size: int | Sequence[int] = 3, psi2_kernel_size: int | Sequence[int] | None = None,
-                 psi2_dilation: int = 2, conv_bias: bool = False, norm_op: type[nn.Module] | None = None,
+                 psi2_dilation: int | None = None, conv_bias: bool = False, norm_op: type[nn.Module] | None = None,
                  norm_op_kwargs: dict | None = None, nonlin: type[nn.Module] | None = None,
                  nonlin_kwargs: dict | None = None):
         super().__init__()
@@ -102,6 +133,8 @@ class ModalityAwareEnhancement(nn.Module):
             raise ValueError(f"Unknown MAE descriptor {descriptor!r}; choose one of {list(MAE_DESCRIPTORS)}.")
         if num_modalities < 2:
             raise ValueError(f"ModalityAwareEnhancement weighs at least 2 modalities, got {num_modalities}.")
+        if psi2_dilation is None:
+            psi2_dilation = 2 if psi2_kernel_size is None else 1
         if reduction < 1 or psi2_dilation < 1:
             raise ValueError(f"reduction and psi2_dilation must be >= 1, got {reduction} and {psi2_dilation}.")
         self.channels = channels

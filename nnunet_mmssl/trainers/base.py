@@ -63,6 +63,8 @@ class SSLTrainerBase(nnUNetTrainer):
     use_unlabeled: bool = True
     #: unlabelled patches per step; None = the labelled batch size
     unlabeled_batch_size: int | None = None
+    #: where unlabelled patches are taken: "uniform" or "foreground" (centred on the nonzero / body region)
+    unlabeled_sampling: str = "uniform"
     #: weight of the unsupervised loss, multiplied by the ramp
     unsupervised_weight: float = 1.0
     #: sigmoid ramp-up (Laine & Aila 2017) length as a fraction of the whole run (``num_epochs`` x iterations), so
@@ -176,7 +178,7 @@ class SSLTrainerBase(nnUNetTrainer):
             dataset, self.unlabeled_batch_size or self.batch_size, initial_patch_size,
             self.configuration_manager.patch_size, self.label_manager, transforms,
             num_processes=max(1, num_processes // 2) if num_processes > 0 else 0,
-            pin_memory=self.device.type == "cuda")
+            pin_memory=self.device.type == "cuda", sampling=self.unlabeled_sampling)
         next(augmenter)
         self.print_to_log_file(f"Unlabelled stream: {len(dataset.identifiers)} cases from {self.unlabeled_folder()}, "
                                f"batch size {self.unlabeled_batch_size or self.batch_size}")

@@ -30,12 +30,22 @@ class MMFMCMLTrainer(MMSSLTrainerBase):
     use_mae: bool = True
     #: contrastive mutual learning (eq. 6) on unlabelled data; without it set ``use_unlabeled = False`` too
     use_mcml: bool = True
+    #: MAE descriptor: ``"per_modality"`` (eq. 2 as written) or ``"shared"`` (SKNet-style, psi on ``F_a + F_b``)
+    mae_descriptor: str = "per_modality"
+    #: channel reduction of MAE's first fully connected layer
+    mae_reduction: int = 16
+    #: kernel of MAE's psi2; None = the bottleneck's kernel, dilated by 2 (receptive field of a 5-kernel)
+    mae_psi2_kernel_size: int | list[int] | None = None
+    #: dilation of MAE's psi2; None = 2 without ``mae_psi2_kernel_size``, 1 with it (that kernel, undilated)
+    mae_psi2_dilation: int | None = None
     #: alpha of ``L_sup + alpha * L_unsup``
     unsupervised_weight: float = 1.0
     unsupervised_rampup_fraction: float = 0.0
 
     def network_kwargs(self) -> dict:
-        return {"use_mmf": self.use_mmf, "use_mae": self.use_mae}
+        return {"use_mmf": self.use_mmf, "use_mae": self.use_mae, "mae_descriptor": self.mae_descriptor,
+                "mae_reduction": self.mae_reduction, "mae_psi2_kernel_size": self.mae_psi2_kernel_size,
+                "mae_psi2_dilation": self.mae_psi2_dilation}
 
     def unsupervised_loss(self, unlabeled_logits: list[torch.Tensor], unlabeled_data: torch.Tensor) -> torch.Tensor:
         if not self.use_mcml:
