@@ -69,8 +69,13 @@ class MMSSLLocalLogger(LocalLogger):
         share_keys = [k for k in self.extra_keys if "share" in k]
         loss_keys = [k for k in self.extra_keys if k not in weight_keys and k not in share_keys]
         for key in loss_keys:
-            ax.plot(x, log[key][:epoch + 1], label=key)
-        ax.set_ylabel("loss")
+            values = np.asarray(log[key][:epoch + 1], dtype=float)
+            if key == "train_unsup_losses" and "unsup_weights" in log:
+                # the weighted term is what enters the objective; the raw loss can be orders of magnitude larger
+                values = values * np.asarray(log["unsup_weights"][:epoch + 1], dtype=float)
+                key = "unsup_weights x train_unsup_losses"
+            ax.plot(x, values, label=key)
+        ax.set_ylabel("loss (terms of the objective)")
         ax.legend(loc="upper left")
         if weight_keys:
             twin = ax.twinx()
