@@ -21,8 +21,10 @@ id does not depend on the split. Labelled cases are shuffled with ``np.random.Ra
 rest join the unlabelled pool.
 
 Every case is checked before anything is written (channels and label on one grid, integral non-negative labels with
-declared values only). The dataset is written into a hidden temporary sibling folder that is renamed to its final
-name at the very end, so a failure never leaves a half-written dataset behind.
+declared values only), and every image is read whole and checked while it is copied (complete file -- a truncated
+``.nii.gz`` is an error, not zeros --, an image at all, finite voxels; see
+:mod:`nnunet_mmssl.dataloading.image_checks`). The dataset is written into a hidden temporary sibling folder that is
+renamed to its final name at the very end, so a failure never leaves a half-written dataset behind.
 """
 
 from __future__ import annotations
@@ -517,6 +519,21 @@ def check_case_geometry(case: SourceCase, tolerances: Tolerances | None = None) 
                                   f"{_relative(f, case.folder)!r} are not on the same grid: {mismatch}")
 
 
+def _read_checked(path: str | os.PathLike) -> sitk.Image:
+    """Read a whole image, checking it is complete and finite (:func:`~nnunet_mmssl.dataloading.image_checks.
+    read_image_checked`).
+
+    Raises:
+        ConversionError: naming the file, the problem and the fix.
+    """
+    from nnunet_mmssl.dataloading.image_checks import ImageFileError, read_image_checked
+
+    try:
+        return read_image_checked(path)
+    except ImageFileError as error:
+        raise ConversionError(str(error)) from None
+
+
 def _label_dtype(max_value: int) -> type:
     if max_value <= 255:
         return np.uint8
@@ -533,10 +550,7 @@ def read_label_array(path: Path) -> np.ndarray:
     Raises:
         ConversionError: unreadable file, non-scalar, non-finite or non-integral values, negative values.
     """
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        raise ConversionError(f"cannot read label {str(path)!r}: {str(error).strip().splitlines()[-1]}") from None
+    image = _read_checked(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ConversionError(f"label {str(path)!r} has {image.GetNumberOfComponentsPerPixel()} components per "
                               f"voxel; a scalar label map is needed")
@@ -601,7 +615,7 @@ def _write_case(task: dict) -> str:
     """
     first = None
     for channel, source in enumerate(task["channels"]):
-        image = sitk.ReadImage(source)
+        image = _read_checked(source)
         if first is None:
             first = image
         out = os.path.join(task["image_folder"], f"{task['case_id']}_{channel:04d}{FILE_ENDING}")
