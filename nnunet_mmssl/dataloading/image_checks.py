@@ -214,3 +214,38 @@ def check_image_files(paths: Iterable[str | os.PathLike], num_processes: int = 1
     with multiprocessing.get_context("spawn").Pool(min(num_processes, len(files))) as pool:
         for _ in pool.imap_unordered(check_image_file, files, chunksize=4):
             pass
+
+
+def check_input_folder(folder: str | os.PathLike, dataset_json: dict, num_processes: int = 1) -> dict[str, list[str]]:
+    """Check a prediction input folder against a model's ``dataset.json`` and read every image whole.
+
+    Files not ending in the model's ``file_ending`` and hidden files are ignored (as nnU-Net does); every other file
+    must be ``CASE_XXXX<file_ending>`` with a declared channel, every case must have all channels, and every image
+    must pass :func:`check_image_file`.
+
+    Args:
+        folder: the input folder.
+        dataset_json: the model's ``dataset.json`` (``channel_names``, ``file_ending``).
+        num_processes: processes for reading the images.
+
+    Returns:
+        case id -> channel files.
+
+    Raises:
+        ImageFileError: missing or empty folder, or a bad image file.
+        UnlabeledDataError: a case lacks a channel, or a file name does not follow ``CASE_XXXX<file_ending>``.
+    """
+    from nnunet_mmssl.dataloading.unlabeled_preprocessing import find_cases
+
+    folder = str(folder)
+    file_ending = dataset_json["file_ending"]
+    channels = dataset_json["channel_names"]
+    if not os.path.isdir(folder):
+        raise ImageFileError(f"input folder {folder} does not exist or is not a folder. Pass the folder holding "
+                             f"CASE_XXXX{file_ending} files (channels {channels}).")
+    cases = find_cases(folder, dataset_json, "Input case", ignore_other_endings=True)
+    if not cases:
+        raise ImageFileError(f"input folder {folder} holds no CASE_XXXX{file_ending} files. The model expects the "
+                             f"channels {channels} as CASE_0000{file_ending}, CASE_0001{file_ending}, ...")
+    check_image_files([f for files in cases.values() for f in files], num_processes)
+    return cases

@@ -43,10 +43,12 @@ def find_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> dict[st
     return find_cases(os.path.join(raw_dataset_folder, UNLABELED_IMAGES_FOLDER), dataset_json, "Unlabelled case")
 
 
-def find_cases(folder: str, dataset_json: dict, what: str = "Case") -> dict[str, list[str]]:
+def find_cases(folder: str, dataset_json: dict, what: str = "Case",
+               ignore_other_endings: bool = False) -> dict[str, list[str]]:
     """Map case id -> channel files (in channel order) of an nnU-Net image folder (``CASE_XXXX<file_ending>``).
 
-    Returns an empty dict if the folder does not exist.
+    Returns an empty dict if the folder does not exist. Hidden files are skipped, and with ``ignore_other_endings``
+    also files not ending in ``file_ending``.
 
     Raises:
         UnlabeledDataError: a case lacks a channel, has an unknown channel index, or a file does not follow
@@ -59,7 +61,7 @@ def find_cases(folder: str, dataset_json: dict, what: str = "Case") -> dict[str,
     pattern = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending))
     cases: dict[str, dict[int, str]] = {}
     for name in sorted(os.listdir(folder)):
-        if name.startswith("."):
+        if name.startswith(".") or (ignore_other_endings and not name.endswith(file_ending)):
             continue
         match = pattern.fullmatch(name)
         if match is None:
