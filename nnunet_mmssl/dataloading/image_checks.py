@@ -195,7 +195,8 @@ def check_image_file(path: str | os.PathLike) -> None:
     else:
         import SimpleITK as sitk
 
-        check_finite(sitk.GetArrayViewFromImage(_read_sitk(path)), path)
+        image = _read_sitk(path)  # keep a reference: the view below does not own its memory
+        check_finite(sitk.GetArrayViewFromImage(image), path)
 
 
 def check_image_files(paths: Iterable[str | os.PathLike], num_processes: int = 1) -> None:

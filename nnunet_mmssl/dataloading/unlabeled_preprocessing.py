@@ -112,7 +112,8 @@ def _preprocess_one(output_filename_truncated: str, image_files: list[str], plan
 
 @contextlib.contextmanager
 def folder_lock(final: str, progress=print):
-    """Hold an exclusive advisory lock (``fcntl.flock`` on ``<final>.lock``) while ``final`` is (re)built.
+    """Hold an exclusive advisory lock (``fcntl.flock`` on the hidden sibling ``.<name>.lock``) while ``final`` is
+    (re)built.
 
     A second run on the same folder waits for the first one to finish, then rebuilds it itself; the lock is released
     by the kernel when its holder dies, so a killed run never blocks the next.
@@ -120,7 +121,8 @@ def folder_lock(final: str, progress=print):
     if fcntl is None:
         yield
         return
-    with open(final + ".lock", "a") as handle:
+    parent, name = os.path.split(final)
+    with open(os.path.join(parent, f".{name}.lock"), "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -475,7 +475,15 @@ def _read_header(path: Path) -> _Header:
     try:
         reader.ReadImageInformation()
     except RuntimeError as error:
-        raise ConversionError(f"cannot read image {str(path)!r}: {str(error).strip().splitlines()[-1]}") from None
+        from nnunet_mmssl.dataloading.image_checks import ImageFileError, check_file_complete
+
+        try:  # a truncated or non-gzip file: say so rather than "cannot read"
+            check_file_complete(path)
+        except ImageFileError as incomplete:
+            raise ConversionError(str(incomplete)) from None
+        raise ConversionError(f"cannot read image {str(path)!r}: {str(error).strip().splitlines()[-1]}. Is it an "
+                              f"image file (NIfTI, NRRD, MetaImage)? Re-export it, or exclude it with a more specific "
+                              f"glob.") from None
     return _Header(tuple(reader.GetSize()), tuple(reader.GetSpacing()), tuple(reader.GetOrigin()),
                    tuple(reader.GetDirection()), reader.GetNumberOfComponents(),
                    sitk.GetPixelIDValueAsString(reader.GetPixelID()))
