@@ -346,3 +346,318 @@ def test_demo_cuda_without_gpu(tmp_path, capsys):
     assert_user_error(main(["-o", str(tmp_path / "d"), "-device", "cuda"]), capsys.readouterr().err, PROG,
                       "-device cuda", "-device cpu")
     assert not (tmp_path / "d").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# nnUNetv2_mmssl_predict (a stock nnUNetTrainer model folder with random weights: enough for every check before
+# prediction; the prediction itself is replaced to test the temporary output folder)
+# ------------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def stock_model(nnunet_env, phantom_sources) -> tuple[Path, Path]:
+    """(model folder ``nnUNetTrainer__nnUNetPlans__2d`` of Dataset999_X with fold_0, input folder with 2 cases)."""
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from plans_fixtures import DATASET_JSON, PLANS
+
+    folder = nnunet_env / "results" / "Dataset999_X" / "nnUNetTrainer__nnUNetPlans__2d"
+    (folder / "fold_0").mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(PLANS))
+    (folder / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    manager = PlansManager(copy.deepcopy(PLANS))
+    network = nnUNetTrainer.build_network_architecture(manager, manager.get_configuration("2d"), 2, 2,
+                                                       enable_deep_supervision=False)
+    torch.save({"trainer_name": "nnUNetTrainer", "init_args": {"configuration": "2d"},
+                "network_weights": network.state_dict(), "inference_allowed_mirroring_axes": (0, 1)},
+               folder / "fold_0" / "checkpoint_final.pth")
+    inputs = nnunet_env / "input"
+    inputs.mkdir()
+    for k, case in enumerate(("phantom_000", "phantom_001")):
+        for channel, modality in enumerate(("MRA", "MRB")):
+            shutil.copy(phantom_sources / "labeled" / case / f"{modality}.nii.gz",
+                        inputs / f"case{k}_{channel:04d}.nii.gz")
+    (inputs / "notes.txt").write_text("ignored: not the model's file ending")
+    return folder, inputs
+
+
+PREDICT_CASES = {
+    # name: (damage(inputs) or None, args after -i/-o, expected substrings)
+    "input case lacking a channel": (lambda i: (i / "case1_0001.nii.gz").unlink(), ["-m", "{model}"],
+                                     ["'case1'", "lacks channel(s) [1]", "case1_0001.nii.gz"]),
+    "input with an extra channel": (lambda i: shutil.copy(i / "case0_0000.nii.gz", i / "case0_0002.nii.gz"),
+                                    ["-m", "{model}"], ["case0_0002.nii.gz", "channel index 2"]),
+    "truncated input": (lambda i: truncate(i / "case0_0001.nii.gz"), ["-m", "{model}"],
+                        ["case0_0001.nii.gz", "is truncated", "Re-export"]),
+    "NaN input": (lambda i: put_nonfinite(i / "case1_0000.nii.gz"), ["-m", "{model}"],
+                  ["case1_0000.nii.gz", "3 NaN", "Replace them"]),
+    "non-image input": (lambda i: not_an_image(i / "case1_0000.nii.gz"), ["-m", "{model}"],
+                        ["case1_0000.nii.gz", "not a gzip file"]),
+    "badly named input": (lambda i: shutil.copy(i / "case0_0000.nii.gz", i / "brain.nii.gz"), ["-m", "{model}"],
+                          ["brain.nii.gz", "CASE_XXXX.nii.gz", "Rename it"]),
+    "empty input folder": (lambda i: [p.unlink() for p in i.glob("*.nii.gz")], ["-m", "{model}"],
+                           ["holds no CASE_XXXX.nii.gz files", "channels"]),
+    "model of another trainer": (None, ["-d", "999", "-c", "2d", "-tr", "MemCifSSLTrainer"],
+                                 ["MemCifSSLTrainer__nnUNetPlans__2d", "no plans.json",
+                                  "nnUNetTrainer__nnUNetPlans__2d", "-tr"]),
+    "--head on a stock nnUNetTrainer model": (None, ["-m", "{model}", "--head", "MRA"],
+                                              ["single-head network", "Drop --head"]),
+    "untrained fold": (None, ["-m", "{model}", "-f", "0", "1"],
+                       ["fold(s) ['1']", "folds with checkpoint_final.pth: ['0']", "-f 0"]),
+    "unknown dataset": (None, ["-d", "998", "-c", "2d"], ["998"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PREDICT_CASES))
+def test_predict_bad_input(case, stock_model, tmp_path, capsys):
+    from nnunet_mmssl.cli.predict import PROG, main
+
+    model, inputs = stock_model
+    damage, args, expected = PREDICT_CASES[case]
+    if damage is not None:
+        damage(inputs)
+    args = [a.replace("{model}", str(model)) for a in args]
+    out = tmp_path / "pred"
+    folds = [] if "-f" in args else ["-f", "0"]
+    code = main(["-i", str(inputs), "-o", str(out), "-device", "cpu", *folds, *args])
+    assert_user_error(code, capsys.readouterr().err, PROG, *expected)
+    assert not out.exists() and not list(tmp_path.glob(".pred*")), "predict left (partial) output behind"
+
+
+def test_predict_cuda_without_gpu(stock_model, tmp_path, capsys):
+    import torch
+
+    from nnunet_mmssl.cli.predict import PROG, main
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    model, inputs = stock_model
+    code = main(["-i", str(inputs), "-o", str(tmp_path / "pred"), "-m", str(model), "-f", "0", "-device", "cuda"])
+    assert_user_error(code, capsys.readouterr().err, PROG, "-device cuda", "-device cpu")
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_predict_writes_under_a_temporary_name(stock_model, tmp_path, capsys, monkeypatch, fail):
+    """Predictions appear in -o only when the whole run is done; a failure mid-way leaves nothing."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_mmssl.cli.predict import PROG, main
+
+    model, inputs = stock_model
+    out = tmp_path / "pred"
+    seen = {}
+
+    def fake_predict(self, source, output_folder, **kwargs):
+        seen["folder"] = output_folder
+        seen["final_exists_during_run"] = out.exists()
+        Path(output_folder, "case0.nii.gz").write_bytes(b"first")
+        if fail:
+            raise RuntimeError("export worker died")
+        Path(output_folder, "case1.nii.gz").write_bytes(b"second")
+
+    monkeypatch.setattr(nnUNetPredictor, "predict_from_files", fake_predict)
+    code = main(["-i", str(inputs), "-o", str(out), "-m", str(model), "-f", "0", "-device", "cpu"])
+    assert Path(seen["folder"]).name.startswith(".pred.partial-") and not seen["final_exists_during_run"]
+    assert not list(tmp_path.glob(".pred*"))
+    if fail:
+        assert_user_error(code, capsys.readouterr().err, PROG, "export worker died")
+        assert not out.exists()
+    else:
+        assert code == 0 and sorted(p.name for p in out.iterdir()) == ["case0.nii.gz", "case1.nii.gz"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# preprocessing of unlabelled cases: a killed run, leftovers, two runs at once
+# ------------------------------------------------------------------------------------------------------------------
+
+ARCH_2D_SMALL = {
+    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+    "arch_kwargs": {"n_stages": 2, "features_per_stage": [4, 8], "conv_op": "torch.nn.modules.conv.Conv2d",
+                    "kernel_sizes": [[3, 3]] * 2, "strides": [[1, 1], [2, 2]], "n_conv_per_stage": [1, 1],
+                    "n_conv_per_stage_decoder": [1], "conv_bias": True,
+                    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+                    "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+                    "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
+    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+}
+RESAMPLING = {"resampling_fn_data": "resample_data_or_seg_to_shape",
+              "resampling_fn_seg": "resample_data_or_seg_to_shape",
+              "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+              "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+              "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+              "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
+                                                     "force_separate_z": None}}
+PP_PLANS = {
+    "dataset_name": "Dataset558_Bad", "plans_name": "nnUNetPlans", "original_median_spacing_after_transp": [3, 1, 1],
+    "original_median_shape_after_transp": [8, 20, 20], "image_reader_writer": "SimpleITKIO",
+    "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "experiment_planner_used": "ExperimentPlanner",
+    "label_manager": "LabelManager",
+    "foreground_intensity_properties_per_channel": {
+        str(c): {"max": 600.0, "mean": m, "median": m, "min": 0.0, "percentile_00_5": 0.0, "percentile_99_5": 550.0,
+                 "std": 50.0} for c, m in ((0, 100.0), (1, 400.0))},
+    "configurations": {"2d": {"data_identifier": "nnUNetPlans_2d", "preprocessor_name": "DefaultPreprocessor",
+                              "batch_size": 2, "patch_size": [20, 20], "median_image_size_in_voxels": [20, 20],
+                              "spacing": [1.0, 1.0], "normalization_schemes": ["ZScoreNormalization"] * 2,
+                              "use_mask_for_norm": [False, False], "batch_dice": True, "architecture": ARCH_2D_SMALL,
+                              **RESAMPLING}},
+    "mmssl": {"modality_groups": [[0], [1]]},
+}
+PP_SCRIPT = textwrap.dedent('''
+    import json, sys, time
+    from nnunet_mmssl.dataloading import unlabeled_preprocessing as up
+
+    raw, pre, plans_file, pause = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+    original = up._preprocess_one
+
+    def slow(*args):
+        original(*args)
+        print("case done", flush=True)
+        time.sleep(pause)
+
+    up._preprocess_one = slow
+    up.preprocess_unlabeled(raw, pre, json.load(open(plans_file)), ["2d"], num_processes=1,
+                            progress=lambda m: print(m, flush=True))
+    print("finished", flush=True)
+''')
+
+
+@pytest.fixture(scope="module")
+def pp_dataset(phantom_sources, tmp_path_factory) -> dict:
+    """A raw dataset with 5 unlabelled cases, its plans, and a clean preprocessing of it (the reference)."""
+    from nnunet_mmssl.dataloading.unlabeled_preprocessing import preprocess_unlabeled
+
+    root = tmp_path_factory.mktemp("pp")
+    sources = make_phantom_cases(root / "src", num_labeled=1, num_unlabeled=5, shape=PHANTOM_SHAPE, seed=3)
+    raw = convert_dataset([str(sources / "labeled"), str(sources / "unlabeled")], PHANTOM_MODALITY_GLOBS,
+                          PHANTOM_LABEL_GLOB, str(root / "raw"), 558, "Bad", num_labeled=1, num_test=0, seed=0)
+    plans_file = root / "plans.json"
+    plans_file.write_text(json.dumps(PP_PLANS))
+    reference = preprocess_unlabeled(str(raw), str(root / "clean"), copy.deepcopy(PP_PLANS), ["2d"],
+                                     num_processes=1, progress=lambda m: None)["2d"]
+    script = root / "pp.py"
+    script.write_text(PP_SCRIPT)
+    return {"raw": raw, "plans_file": plans_file, "reference": Path(reference), "script": script}
+
+
+def read_folder(folder: Path) -> dict:
+    """case id -> (data, seg, properties) of a preprocessed folder, via nnU-Net's dataset class."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    dataset_class = infer_dataset_class(str(folder))
+    dataset = dataset_class(str(folder), dataset_class.get_identifiers(str(folder)))
+    result = {}
+    for identifier in dataset.identifiers:
+        data, seg, _, properties = dataset.load_case(identifier)
+        result[identifier] = (np.asarray(data[:]), np.asarray(seg[:]), repr(sorted(properties.items())))
+    return result
+
+
+def assert_same_folder(folder: Path, reference: Path) -> None:
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in reference.iterdir())
+    got, expected = read_folder(folder), read_folder(reference)
+    assert sorted(got) == sorted(expected) and len(got) == 5
+    for case in expected:
+        np.testing.assert_array_equal(got[case][0], expected[case][0])
+        np.testing.assert_array_equal(got[case][1], expected[case][1])
+        assert got[case][2] == expected[case][2]
+
+
+def leftovers(pre: Path) -> list[str]:
+    return sorted(p.name for p in pre.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")
+                  or p.name.endswith(".partial"))
+
+
+def start_pp(dataset: dict, pre: Path, pause: float) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen([sys.executable, str(dataset["script"]), str(dataset["raw"]), str(pre),
+                             str(dataset["plans_file"]), str(pause)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def wait_for(process: subprocess.Popen, marker: str, timeout: float = 120) -> list[str]:
+    lines, deadline = [], time.monotonic() + timeout
+    for line in process.stdout:
+        lines.append(line)
+        if marker in line or time.monotonic() > deadline:
+            break
+    assert any(marker in line for line in lines), "".join(lines)
+    return lines
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_killed_preprocessing_never_leaves_a_half_written_folder(pp_dataset, tmp_path, previous):
+    """SIGKILL after the first of 5 cases: the final folder is absent (or the previous complete one); the rerun
+    removes the leftover and equals a clean run."""
+    from nnunet_mmssl.dataloading.unlabeled_preprocessing import preprocess_unlabeled
+
+    pre = tmp_path / "pre"
+    final = pre / "nnUNetPlans_2d_unlabeled"
+    if previous:
+        shutil.copytree(pp_dataset["reference"], final)
+    process = start_pp(pp_dataset, pre, pause=30)
+    try:
+        wait_for(process, "case done")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    partial = [p for p in pre.iterdir() if p.name.startswith(".nnUNetPlans_2d_unlabeled.partial-")]
+    assert len(partial) == 1 and len(list(partial[0].iterdir())) >= 2, "the killed run wrote into its temp folder"
+    if previous:
+        assert_same_folder(final, pp_dataset["reference"])  # untouched by the killed run
+    else:
+        assert not final.exists()
+    messages = []
+    preprocess_unlabeled(str(pp_dataset["raw"]), str(pre), copy.deepcopy(PP_PLANS), ["2d"], num_processes=1,
+                         progress=messages.append)
+    assert any("left by an interrupted run" in m for m in messages)
+    assert leftovers(pre) == []
+    assert_same_folder(final, pp_dataset["reference"])
+
+
+def test_rerun_removes_leftovers_of_older_runs(pp_dataset, tmp_path):
+    from nnunet_mmssl.dataloading.unlabeled_preprocessing import preprocess_unlabeled
+
+    pre = tmp_path / "pre"
+    final = pre / "nnUNetPlans_2d_unlabeled"
+    for stale in (".nnUNetPlans_2d_unlabeled.partial-abc", ".nnUNetPlans_2d_unlabeled.old-xyz/nnUNetPlans_2d_unlabeled",
+                  "nnUNetPlans_2d_unlabeled.partial"):
+        (pre / stale).mkdir(parents=True)
+        (pre / stale / "Bad_099.b2nd").write_bytes(b"half")
+    final.mkdir()
+    (final / "Bad_098.b2nd").write_bytes(b"from an older dataset")
+    preprocess_unlabeled(str(pp_dataset["raw"]), str(pre), copy.deepcopy(PP_PLANS), ["2d"], num_processes=1,
+                         progress=lambda m: None)
+    assert leftovers(pre) == []
+    assert_same_folder(final, pp_dataset["reference"])
+
+
+def test_a_second_run_waits_for_the_lock_holder(pp_dataset, tmp_path):
+    """While another run holds the folder's lock, a run waits (writes nothing) and then builds a complete folder."""
+    from nnunet_mmssl.dataloading.unlabeled_preprocessing import folder_lock
+
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    final = pre / "nnUNetPlans_2d_unlabeled"
+    with folder_lock(str(final), progress=lambda m: None):
+        process = start_pp(pp_dataset, pre, pause=0)
+        try:
+            wait_for(process, "Waiting for another run")
+            time.sleep(1.0)
+            assert process.poll() is None and not final.exists() and leftovers(pre) == []
+        except BaseException:
+            process.kill()
+            raise
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and "finished" in output, output
+    assert leftovers(pre) == []
+    assert_same_folder(final, pp_dataset["reference"])
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_give_one_complete_folder(pp_dataset, tmp_path):
+    pre = tmp_path / "pre"
+    first, second = start_pp(pp_dataset, pre, pause=0.2), start_pp(pp_dataset, pre, pause=0.2)
+    outputs = [p.communicate(timeout=180)[0] for p in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], outputs
+    assert leftovers(pre) == []
+    assert_same_folder(pre / "nnUNetPlans_2d_unlabeled", pp_dataset["reference"])
