@@ -661,3 +661,125 @@ def test_two_runs_at_once_give_one_complete_folder(pp_dataset, tmp_path):
     assert [first.returncode, second.returncode] == [0, 0], outputs
     assert leftovers(pre) == []
     assert_same_folder(pre / "nnUNetPlans_2d_unlabeled", pp_dataset["reference"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# end to end: the real console scripts in a subprocess (no traceback; --verbose shows it)
+# ------------------------------------------------------------------------------------------------------------------
+
+def _script(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    if not path.is_file():
+        pytest.skip(f"console script {name} is not installed beside {sys.executable}")
+    return str(path)
+
+
+def _subprocess_env(root: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
+               nnUNet_results=str(root / "results"))
+    return env
+
+
+def _scenario(name: str, sources: Path, root: Path, stock_model) -> tuple[list[str], list[str]]:
+    """(command, expected substrings) of one end-to-end bad-input scenario."""
+    if name == "convert":
+        truncate(sources / "labeled/phantom_001/MRA.nii.gz")
+        return ([_script("nnUNetv2_mmssl_convert"), "-i", str(sources / "labeled"), *CONVERT_ARGS, "-d", "559",
+                 "-n", "Bad", "-o", str(root / "raw"), "-q"], ["phantom_001/MRA.nii.gz", "is truncated"])
+    if name == "plan_and_preprocess":
+        convert_phantom(sources, root / "raw", 559, with_unlabeled=False)
+        return ([_script("nnUNetv2_mmssl_plan_and_preprocess"), "-d", "559", "-c", "2d", "-np", "1"],
+                ["No unlabelled cases", "--no-unlabeled"])
+    if name == "predict":
+        model, inputs = stock_model
+        (inputs / "case1_0001.nii.gz").unlink()
+        return ([_script("nnUNetv2_mmssl_predict"), "-i", str(inputs), "-o", str(root / "pred"), "-m", str(model),
+                 "-f", "0", "-device", "cpu"], ["'case1'", "lacks channel(s) [1]"])
+    if name == "evaluate":
+        for folder in ("ref", "pred"):
+            (root / folder).mkdir()
+        _label(root / "ref" / "case_0.nii.gz")
+        _label(root / "pred" / "case_9.nii.gz")
+        return ([_script("nnUNetv2_mmssl_evaluate"), "-ref", str(root / "ref"), "-pred", str(root / "pred")],
+                ["case_0", "no prediction"])
+    return ([_script("nnUNetv2_mmssl_demo"), "-o", str(root / "demo"), "--num-test", "0"], ["--num-test 0"])
+
+
+@pytest.mark.parametrize("name", ["convert", "plan_and_preprocess", pytest.param("predict", marks=pytest.mark.slow),
+                                  "evaluate", "demo"])
+def test_console_scripts_end_to_end_without_traceback(name, sources, stock_model, tmp_path):
+    root = tmp_path
+    command, expected = _scenario(name, sources, root, stock_model)
+    before = listing(root)
+    result = subprocess.run(command, env=_subprocess_env(root), capture_output=True, text=True, timeout=300)
+    prog = Path(command[0]).name
+    assert_user_error(result.returncode, result.stderr, prog, *expected)
+    assert "Traceback" not in result.stdout
+    assert listing(root) == before, "no partial output"
+    if name == "convert":
+        verbose = subprocess.run(command + ["--verbose"], env=_subprocess_env(root), capture_output=True, text=True,
+                                 timeout=300)
+        assert verbose.returncode == 2 and "Traceback" in verbose.stderr and "is truncated" in verbose.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# nnUNetv2_train with our trainers: a missing or empty preprocessed unlabelled folder
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_open_unlabeled_dataset_messages(tmp_path):
+    from nnunet_mmssl.dataloading.unlabeled_loader import open_unlabeled_dataset
+    from nnunet_mmssl.dataloading.unlabeled_preprocessing import UnlabeledDataError
+
+    folder = tmp_path / "nnUNetPlans_2d_unlabeled"
+    with pytest.raises(UnlabeledDataError) as info:
+        open_unlabeled_dataset(str(folder))
+    assert str(folder) in str(info.value) and "nnUNetv2_mmssl_plan_and_preprocess" in str(info.value)
+    assert "Supervised" in str(info.value) or "supervised" in str(info.value)
+    folder.mkdir()
+    with pytest.raises(UnlabeledDataError) as info:
+        open_unlabeled_dataset(str(folder))
+    assert str(folder) in str(info.value) and "holds no cases" in str(info.value)
+    assert "nnUNetv2_mmssl_plan_and_preprocess" in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def train_dataset(pp_dataset, tmp_path_factory) -> tuple[Path, dict]:
+    """nnU-Net's preprocessing of the labelled case of ``pp_dataset`` with PP_PLANS (no unlabelled folder)."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess
+
+    root = tmp_path_factory.mktemp("train")
+    raw = pp_dataset["raw"]
+    pre = root / "preprocessed" / raw.name
+    pre.mkdir(parents=True)
+    (pre / "nnUNetPlans.json").write_text(json.dumps(PP_PLANS))
+    shutil.copy(raw / "dataset.json", pre / "dataset.json")
+    env = {"nnUNet_raw": str(raw.parent), "nnUNet_preprocessed": str(root / "preprocessed"),
+           "nnUNet_results": str(root / "results")}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        preprocess([558], "nnUNetPlans", configurations=["2d"], num_processes=[1], verbose=False)
+    return pre, dict(os.environ, **env, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("state", ["missing", "empty"])
+def test_nnunet_train_our_trainer_without_unlabelled_data(train_dataset, state):
+    """What a user sees end to end: our message, as the last line. nnU-Net's ``run_training`` does not catch
+    exceptions, so its traceback comes before it (we cannot intercept it without patching nnU-Net)."""
+    pre, env = train_dataset
+    folder = pre / "nnUNetPlans_2d_unlabeled"
+    shutil.rmtree(folder, ignore_errors=True)
+    if state == "empty":
+        folder.mkdir()
+    train = ("import sys; from nnunetv2.run.run_training import run_training_entry as m; "
+             "sys.argv[0] = 'nnUNetv2_train'; sys.exit(m())")
+    result = subprocess.run([sys.executable, "-c", train, "558", "2d", "all", "-tr", "MemCifSSLTrainer", "-device",
+                             "cpu"], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("nnunet_mmssl.dataloading.unlabeled_preprocessing.UnlabeledDataError: "), result.stderr
+    assert str(folder) in last
+    assert ("not found" if state == "missing" else "holds no cases") in last
+    assert "nnUNetv2_mmssl_plan_and_preprocess" in last

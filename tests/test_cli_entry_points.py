@@ -29,3 +29,11 @@ def test_help_exits_zero(module, capsys):
         code = exit_info.code
     assert code == 0
     assert "usage" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module", sorted(m.replace("nnUNetv2_mmssl_", "") for m in EXPECTED))
+def test_every_console_script_has_verbose(module):
+    """``--verbose`` (show the traceback of an error) is accepted by every console script of ours."""
+    mod = importlib.import_module(f"nnunet_mmssl.cli.{module}")
+    options = {option for action in mod.build_parser()._actions for option in action.option_strings}
+    assert "--verbose" in options

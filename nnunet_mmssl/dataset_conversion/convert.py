@@ -29,6 +29,7 @@ renamed to its final name at the very end, so a failure never leaves a half-writ
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
@@ -794,6 +795,7 @@ def convert_dataset(
     }
 
     # --- writing into a temporary sibling, then rename -----------------------------------------------------------
+    created_root = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder_name}.tmp-", dir=root))
     try:
@@ -835,6 +837,9 @@ def convert_dataset(
             os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created_root:
+            with contextlib.suppress(OSError):  # only if still empty
+                root.rmdir()
         raise
     report(f"done: {target}")
     return target
