@@ -783,3 +783,44 @@ def test_nnunet_train_our_trainer_without_unlabelled_data(train_dataset, state):
     assert str(folder) in last
     assert ("not found" if state == "missing" else "holds no cases") in last
     assert "nnUNetv2_mmssl_plan_and_preprocess" in last
+
+
+@pytest.mark.slow
+def test_real_prediction_lands_complete(nnunet_env, phantom_sources, tmp_path, capsys):
+    """A real nnU-Net prediction (stock nnUNetTrainer, random weights, PP_PLANS) through our temporary folder: -o
+    holds every case and nnU-Net's side files, nothing is left beside it, and an existing -o keeps its other files."""
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_mmssl.cli.predict import main
+
+    folder = nnunet_env / "results" / "Dataset558_Bad" / "nnUNetTrainer__nnUNetPlans__2d"
+    (folder / "fold_0").mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(PP_PLANS))
+    dataset_json = {"channel_names": {"0": "MRA", "1": "MRB"}, "labels": {"background": 0, "lesion": 1},
+                    "numTraining": 1, "file_ending": ".nii.gz"}
+    (folder / "dataset.json").write_text(json.dumps(dataset_json))
+    manager = PlansManager(copy.deepcopy(PP_PLANS))
+    torch.manual_seed(0)
+    network = nnUNetTrainer.build_network_architecture(manager, manager.get_configuration("2d"), 2, 2,
+                                                       enable_deep_supervision=False)
+    torch.save({"trainer_name": "nnUNetTrainer", "init_args": {"configuration": "2d"},
+                "network_weights": network.state_dict(), "inference_allowed_mirroring_axes": (0, 1)},
+               folder / "fold_0" / "checkpoint_final.pth")
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    for k, case in enumerate(("phantom_000", "phantom_001")):
+        for channel, modality in enumerate(("MRA", "MRB")):
+            shutil.copy(phantom_sources / "labeled" / case / f"{modality}.nii.gz",
+                        inputs / f"case{k}_{channel:04d}.nii.gz")
+    out = tmp_path / "pred"
+    out.mkdir()
+    (out / "mine.txt").write_text("kept")
+    assert main(["-i", str(inputs), "-o", str(out), "-m", str(folder), "-f", "0", "-device", "cpu", "--disable_tta",
+                 "-npp", "1", "-nps", "1"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert {"case0.nii.gz", "case1.nii.gz", "mine.txt"} <= set(names), names
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pred")]
+    prediction = sitk.ReadImage(str(out / "case0.nii.gz"))
+    assert prediction.GetSize() == sitk.ReadImage(str(inputs / "case0_0000.nii.gz")).GetSize()
