@@ -77,7 +77,8 @@ def _check_raw_images(raw_folder: str, dataset_json: dict, unlabeled_cases: dict
     if "dataset" in dataset_json:  # nnU-Net's explicit file lists: not our layout, leave them to nnU-Net
         return
     file_ending = dataset_json["file_ending"]
-    labelled = find_cases(os.path.join(raw_folder, "imagesTr"), dataset_json, "Labelled case")
+    labelled = find_cases(os.path.join(raw_folder, "imagesTr"), dataset_json, "Labelled case",
+                          ignore_other_endings=True)  # as nnU-Net does
     files = [f for channels in labelled.values() for f in channels]
     for case in labelled:
         label = os.path.join(raw_folder, "labelsTr", case + file_ending)
