@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                 num_processes=args.num_processes,
             )
         except (ValueError, OSError, RuntimeError) as e:
-            error = e
+            error, code = e, 2
+        except Exception as e:  # noqa: BLE001 -- a console script reports in one line (--verbose: traceback)
+            error, code = e, 1
         else:
             error = None
     for w in caught:
@@ -131,8 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     if error is not None:
         if args.verbose:
             traceback.print_exception(type(error), error, error.__traceback__)
-        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
-        return 2
+        if code == 1:
+            print(f"{PROG}: unexpected error ({type(error).__name__}): {_one_line(error)}. Rerun with --verbose for "
+                  f"the traceback; if the input looks right, please report it.", file=sys.stderr)
+        else:
+            print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return code
     print(format_table(result, per_case=args.per_case))
     print(f"\nSummary written to {os.path.abspath(output_file)}")
     return 0
