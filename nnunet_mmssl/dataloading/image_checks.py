@@ -34,7 +34,7 @@ class ImageFileError(ValueError):
 
 
 def _fix(path: str) -> str:
-    return f"Re-export or re-download {path} (or remove that case)."
+    return "Re-export or re-download it (or remove that case)."
 
 
 def gzip_uncompressed_size(path: str | os.PathLike) -> int:

@@ -70,7 +70,8 @@ def find_cases(folder: str, dataset_json: dict, what: str = "Case",
         case, channel = match.group(1), int(match.group(2))
         if channel >= num_channels:
             raise UnlabeledDataError(f"{os.path.join(folder, name)} has channel index {channel}, but dataset.json "
-                                     f"declares {num_channels} channels {dataset_json['channel_names']}.")
+                                     f"declares {num_channels} channels {dataset_json['channel_names']}. Remove it, or "
+                                     f"renumber the case's channels 0000..{num_channels - 1:04d}.")
         cases.setdefault(case, {})[channel] = os.path.join(folder, name)
     result = {}
     for case, channels in cases.items():
