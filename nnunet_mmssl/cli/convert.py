@@ -16,6 +16,8 @@ import os
 import re
 import sys
 
+from nnunet_mmssl.cli._common import add_verbose
+
 PROG = "nnUNetv2_mmssl_convert"
 
 
@@ -55,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--origin-tolerance", type=float, default=1e-2, help="mm (default 1e-2)")
     parser.add_argument("--direction-tolerance", type=float, default=1e-3, help="(default 1e-3)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
-    return parser
+    return add_verbose(parser)
 
 
 def parse_num_labeled(text: str | None) -> int | float | None:
@@ -98,14 +100,7 @@ def _summary(target: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the converter; returns 0 on success, 2 on a user error (message on stderr), 1 on an OS error."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # argparse already printed usage and "PROG: error: ..."
-        return exit_.code if isinstance(exit_.code, int) else 2
-
+def _run(args: argparse.Namespace) -> int:
     from nnunet_mmssl.dataset_conversion.convert import (
         ConversionError,
         convert_dataset,
@@ -113,32 +108,32 @@ def main(argv: list[str] | None = None) -> int:
         parse_modality_specs,
     )
 
-    try:
-        modalities = parse_modality_specs(args.modality)
-        label_globs = None
-        if args.label:
-            label_globs = [g.strip() for spec in args.label for g in spec.split(",")]
-            if any(not g for g in label_globs):
-                raise ConversionError(f"--label {args.label}: empty glob")
-        labels = parse_label_specs(args.labels) if args.labels else None
-        num_labeled = parse_num_labeled(args.num_labeled)
-        output_root = args.output_root or os.environ.get("nnUNet_raw")
-        if not output_root:
-            raise ConversionError("no output root: pass -o/--output-root or set the nnUNet_raw environment variable")
-        target = convert_dataset(
-            args.input, modalities, label_globs, output_root, args.dataset_id, args.dataset_name,
-            num_labeled=num_labeled, num_test=args.num_test, seed=args.seed, labels=labels,
-            case_prefix=args.case_prefix, overwrite=args.overwrite, spacing_tolerance=args.spacing_tolerance,
-            origin_tolerance=args.origin_tolerance, direction_tolerance=args.direction_tolerance,
-            num_processes=args.num_processes, progress=None if args.quiet else print)
-    except ConversionError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 1
+    modalities = parse_modality_specs(args.modality)
+    label_globs = None
+    if args.label:
+        label_globs = [g.strip() for spec in args.label for g in spec.split(",")]
+        if any(not g for g in label_globs):
+            raise ConversionError(f"--label {args.label}: empty glob")
+    labels = parse_label_specs(args.labels) if args.labels else None
+    num_labeled = parse_num_labeled(args.num_labeled)
+    output_root = args.output_root or os.environ.get("nnUNet_raw")
+    if not output_root:
+        raise ConversionError("no output root: pass -o/--output-root or set the nnUNet_raw environment variable")
+    target = convert_dataset(
+        args.input, modalities, label_globs, output_root, args.dataset_id, args.dataset_name,
+        num_labeled=num_labeled, num_test=args.num_test, seed=args.seed, labels=labels,
+        case_prefix=args.case_prefix, overwrite=args.overwrite, spacing_tolerance=args.spacing_tolerance,
+        origin_tolerance=args.origin_tolerance, direction_tolerance=args.direction_tolerance,
+        num_processes=args.num_processes, progress=None if args.quiet else print)
     print(_summary(str(target)))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the converter; returns 0 on success, 2 on a user error (one line on stderr), 1 on an unexpected error."""
+    from nnunet_mmssl.cli._common import run_cli
+
+    return run_cli(PROG, build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

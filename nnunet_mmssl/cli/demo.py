@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+from nnunet_mmssl.cli._common import add_verbose, run_cli
+
 PROG = "nnUNetv2_mmssl_demo"
 DATASET_ID = 990
 DATASET_NAME = "MMSSLPhantom"
@@ -38,7 +40,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trainers", nargs="+", default=list(TRAINERS), help=f"trainers (default {TRAINERS})")
     parser.add_argument("-device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--overwrite", action="store_true", help="start again if the folder exists")
-    return parser
+    return add_verbose(parser)
+
+
+def check_request(num_labeled: int, num_unlabeled: int, num_test: int, trainers, device: str) -> None:
+    """Reject a demo request that would fail after minutes of work.
+
+    Raises:
+        ValueError: naming the value and the fix.
+    """
+    for name, value in (("--num-labeled", num_labeled), ("--num-unlabeled", num_unlabeled),
+                        ("--num-test", num_test)):
+        if value < 1:
+            raise ValueError(f"{name} {value}: the demo needs at least 1 (labelled training, unlabelled and test "
+                             f"cases are all used)")
+    import nnunet_mmssl.trainers as ours
+
+    unknown = [t for t in trainers if not isinstance(getattr(ours, t, None), type)]
+    if unknown:
+        known = sorted(n for n in dir(ours) if n.endswith(("Trainer", "_demo")) and not n.endswith("Base"))
+        raise ValueError(f"--trainers: unknown trainer(s) {unknown}; the demo runs trainers of nnunet_mmssl, e.g. "
+                         f"{known}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("-device cuda, but no CUDA GPU is available here; pass -device cpu")
 
 
 class _Stage:
@@ -68,9 +95,10 @@ def _run_logged(cmd: list[str], env: dict, log_file: str) -> None:
         code = process.wait()
     if code != 0:
         with open(log_file) as log:
-            tail = log.readlines()[-30:]
-        raise RuntimeError(f"command failed with exit code {code}: {' '.join(cmd)}\nlast lines of {log_file}:\n"
-                           + "".join(tail))
+            lines = [line.strip() for line in log if line.strip()]
+        last = lines[-1] if lines else "(no output)"
+        raise RuntimeError(f"command failed with exit code {code}: {' '.join(cmd)}. Its last line: {last!r}; the "
+                           f"whole output is in {log_file}.")
 
 
 def _environment(root: str) -> dict:
@@ -104,7 +132,10 @@ def run_demo(output: str, configuration: str = "2d", seed: int = 0, num_labeled:
     from nnunet_mmssl.dataset_conversion.phantom import make_phantom_cases
     from nnunet_mmssl.evaluation import evaluate_folders, format_table
 
+    check_request(num_labeled, num_unlabeled, num_test, trainers, device)
     root = os.path.abspath(output)
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise FileExistsError(f"{root} exists and is not a folder. Choose another folder with -o.")
     if os.path.exists(root) and os.listdir(root):
         if not overwrite:
             raise FileExistsError(f"{root} exists and is not empty. Pass --overwrite to start again, or choose "
@@ -161,12 +192,12 @@ def run_demo(output: str, configuration: str = "2d", seed: int = 0, num_labeled:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run_demo(args.output, args.configuration, args.seed, args.num_labeled, args.num_unlabeled, args.num_test,
-                 args.trainers, args.device, args.overwrite)
-    except (FileExistsError, ValueError, RuntimeError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+def _run(args: argparse.Namespace) -> int:
+    run_demo(args.output, args.configuration, args.seed, args.num_labeled, args.num_unlabeled, args.num_test,
+             args.trainers, args.device, args.overwrite)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; 0 on success, 2 on a user error (one line on stderr), 1 on an unexpected error."""
+    return run_cli(PROG, build_parser(), _run, argv)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 import warnings
 
 PROG = "nnUNetv2_mmssl_evaluate"
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--file-ending", default=".nii.gz", help="image file suffix (default: .nii.gz)")
     parser.add_argument("--per-case", action="store_true", help="also print per-case metrics")
     parser.add_argument("-np", "--num-processes", type=int, default=1, help="worker processes (default: 1)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="on an error, print the Python traceback too (default: one line)")
     return parser
 
 
@@ -119,15 +122,23 @@ def main(argv: list[str] | None = None) -> int:
                 output_file=output_file,
                 num_processes=args.num_processes,
             )
-        except (ValueError, OSError) as e:
-            error = e
+        except (ValueError, OSError, RuntimeError) as e:
+            error, code = e, 2
+        except Exception as e:  # noqa: BLE001 -- a console script reports in one line (--verbose: traceback)
+            error, code = e, 1
         else:
             error = None
     for w in caught:
         print(f"{PROG}: warning: {_one_line(w.message)}", file=sys.stderr)
     if error is not None:
-        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
-        return 2
+        if args.verbose:
+            traceback.print_exception(type(error), error, error.__traceback__)
+        if code == 1:
+            print(f"{PROG}: unexpected error ({type(error).__name__}): {_one_line(error)}. Rerun with --verbose for "
+                  f"the traceback; if the input looks right, please report it.", file=sys.stderr)
+        else:
+            print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return code
     print(format_table(result, per_case=args.per_case))
     print(f"\nSummary written to {os.path.abspath(output_file)}")
     return 0

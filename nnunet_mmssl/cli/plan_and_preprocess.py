@@ -1,7 +1,8 @@
 """``nnUNetv2_mmssl_plan_and_preprocess``: nnU-Net planning on labelled cases + unlabelled preprocessing."""
 
 import argparse
-import sys
+
+from nnunet_mmssl.cli._common import add_verbose, run_cli
 
 PROG = "nnUNetv2_mmssl_plan_and_preprocess"
 
@@ -34,26 +35,28 @@ def build_parser() -> argparse.ArgumentParser:
                              "MeanTeacherTrainer MemCifSSLTrainer MMFMCMLTrainer; the largest decides)")
     parser.add_argument("--no-unlabeled", action="store_true",
                         help="do not preprocess imagesUnlabeled/ (supervised-only trainers)")
-    return parser
+    return add_verbose(parser)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _run(args: argparse.Namespace) -> int:
     from nnunet_mmssl.planners.memory import DEFAULT_BUDGET_TRAINERS, MMSSL_PLANS_NAME
     from nnunet_mmssl.planners.plan_and_preprocess import plan_and_preprocess
 
-    try:
-        for dataset_id in args.d:
-            plans_file = plan_and_preprocess(
-                dataset_id, args.c, num_processes=args.np, planner=args.pl,
-                gpu_memory_target_in_gb=args.gpu_memory_target, plans_name=args.overwrite_plans_name,
-                modality_groups=args.modality_groups, verify_dataset_integrity=args.verify_dataset_integrity,
-                fingerprint=not args.no_fingerprint, preprocess=not args.no_pp, unlabeled=not args.no_unlabeled,
-                overwrite_target_spacing=args.overwrite_target_spacing,
-                mmssl_plans_name=None if args.no_mmssl_plans else MMSSL_PLANS_NAME,
-                budget_trainers=args.budget_trainers or DEFAULT_BUDGET_TRAINERS)
-            print(f"Done: {plans_file}")
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+    if args.np < 1:
+        raise ValueError(f"-np {args.np}: the number of processes must be >= 1")
+    for dataset_id in args.d:
+        plans_file = plan_and_preprocess(
+            dataset_id, args.c, num_processes=args.np, planner=args.pl,
+            gpu_memory_target_in_gb=args.gpu_memory_target, plans_name=args.overwrite_plans_name,
+            modality_groups=args.modality_groups, verify_dataset_integrity=args.verify_dataset_integrity,
+            fingerprint=not args.no_fingerprint, preprocess=not args.no_pp, unlabeled=not args.no_unlabeled,
+            overwrite_target_spacing=args.overwrite_target_spacing,
+            mmssl_plans_name=None if args.no_mmssl_plans else MMSSL_PLANS_NAME,
+            budget_trainers=args.budget_trainers or DEFAULT_BUDGET_TRAINERS)
+        print(f"Done: {plans_file}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; 0 on success, 2 on a user error (one line on stderr), 1 on an unexpected error."""
+    return run_cli(PROG, build_parser(), _run, argv)

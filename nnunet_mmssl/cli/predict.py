@@ -8,7 +8,10 @@ variants without fusion (``MemCifSSLTrainer_noCIF`` / ``_plain``) make a head de
 
 import argparse
 import os
-import sys
+import shutil
+import tempfile
+
+from nnunet_mmssl.cli._common import add_verbose, run_cli
 
 PROG = "nnUNetv2_mmssl_predict"
 
@@ -57,52 +60,103 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-npp", type=int, default=2, help="preprocessing processes")
     parser.add_argument("-nps", type=int, default=2, help="export processes")
     parser.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"])
-    return parser
+    return add_verbose(parser)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    import torch
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+def _model_folder(args: argparse.Namespace) -> str:
+    """The model folder of ``-m`` or ``-d/-c/-tr/-p``, checked to hold ``plans.json`` and the requested folds.
+
+    Raises:
+        ValueError, FileNotFoundError: naming the folder or fold and the fix.
+    """
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
     if args.m is None and (args.d is None or args.c is None):
-        print(f"{PROG}: error: give a model folder with -m, or -d and -c (and -tr/-p)", file=sys.stderr)
-        return 2
+        raise ValueError("give a model folder with -m, or -d and -c (and -tr/-p)")
     model_folder = args.m or get_output_folder(args.d, args.tr, args.p, args.c)
     if not os.path.isfile(os.path.join(model_folder, "plans.json")):
-        print(f"{PROG}: error: {model_folder} is not a trained model folder (no plans.json)", file=sys.stderr)
-        return 2
+        parent = os.path.dirname(os.path.abspath(model_folder))
+        others = sorted(d for d in os.listdir(parent) if os.path.isfile(os.path.join(parent, d, "plans.json"))) \
+            if os.path.isdir(parent) else []
+        hint = (f" Trained model folders beside it: {others}; pick the trainer with -tr (and -p/-c) or pass -m."
+                if others else " Train it first, or check -d/-c/-tr/-p (or -m).")
+        raise FileNotFoundError(f"{model_folder} is not a trained model folder (no plans.json).{hint}")
+    available = sorted(d[len("fold_"):] for d in os.listdir(model_folder) if d.startswith("fold_")
+                       and os.path.isfile(os.path.join(model_folder, d, args.chk)))
+    missing = [f for f in args.f if f not in available]
+    if missing:
+        raise FileNotFoundError(f"{model_folder}: no {args.chk} for fold(s) {missing}; folds with {args.chk}: "
+                                f"{available or 'none'}. Pass -f with trained folds (e.g. -f {' '.join(available)})"
+                                f" or another checkpoint with -chk (e.g. checkpoint_best.pth).")
+    return model_folder
+
+
+def _move_into(tmp: str, final: str) -> None:
+    """Move the finished predictions from ``tmp`` into ``final`` (a rename if ``final`` does not exist yet)."""
+    if not os.path.exists(final):
+        os.replace(tmp, final)
+        return
+    for root, _, names in os.walk(tmp):
+        target = os.path.join(final, os.path.relpath(root, tmp))
+        os.makedirs(target, exist_ok=True)
+        for name in names:
+            os.replace(os.path.join(root, name), os.path.join(target, name))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_mmssl.dataloading.image_checks import check_input_folder
+
+    model_folder = _model_folder(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("-device cuda, but no CUDA GPU is available here; pass -device cpu")
+    dataset_json = load_json(os.path.join(model_folder, "dataset.json"))
+    cases = check_input_folder(args.i, dataset_json, num_processes=max(1, args.npp))
+    print(f"Checked {len(cases)} input cases in {args.i} (all channels present, images complete and finite)")
     folds = [f if f == "all" else int(f) for f in args.f]
     predictor = nnUNetPredictor(tile_step_size=args.step_size, use_gaussian=True, use_mirroring=not args.disable_tta,
                                 perform_everything_on_device=args.device == "cuda", device=torch.device(args.device))
+    predictor.initialize_from_trained_model_folder(model_folder, folds, args.chk)
+    runs = [(None, "")]
+    if args.head or args.each_head:
+        network = predictor.network._orig_mod if hasattr(predictor.network, "_orig_mod") else predictor.network
+        if not hasattr(network, "inference_heads"):
+            raise ValueError(f"{model_folder} holds a single-head network ({type(network).__name__}); --head/"
+                             f"--each-head need an nnunet_mmssl multi-branch model. Drop --head/--each-head (or use "
+                             f"nnUNetv2_predict) for this model.")
+        channel_names = dataset_json["channel_names"]
+        if args.head:
+            runs = [(resolve_heads(args.head, network.modality_groups, channel_names), "")]
+        else:
+            runs = [(None, "fused")] + [
+                ((k,), f"head_{k}_" + "-".join(channel_names[str(c)] for c in group))
+                for k, group in enumerate(network.modality_groups)]
+    final = os.path.abspath(args.o)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=os.path.dirname(final))
     try:
-        predictor.initialize_from_trained_model_folder(model_folder, folds, args.chk)
-        runs = [(None, args.o)]
-        if args.head or args.each_head:
-            network = predictor.network._orig_mod if hasattr(predictor.network, "_orig_mod") else predictor.network
-            if not hasattr(network, "inference_heads"):
-                raise ValueError(f"{model_folder} holds a single-head network; --head/--each-head need an "
-                                 f"nnunet_mmssl multi-branch model.")
-            channel_names = load_json(os.path.join(model_folder, "dataset.json"))["channel_names"]
-            if args.head:
-                runs = [(resolve_heads(args.head, network.modality_groups, channel_names), args.o)]
-            else:
-                runs = [(None, os.path.join(args.o, "fused"))] + [
-                    ((k,), os.path.join(args.o, f"head_{k}_" + "-".join(channel_names[str(c)] for c in group)))
-                    for k, group in enumerate(network.modality_groups)]
-    except (ValueError, FileNotFoundError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-    for heads, output_folder in runs:
-        if heads is not None:
-            network.inference_heads = heads
-            print(f"Predicting with head(s) {heads} of modality groups {network.modality_groups} -> {output_folder}")
-        elif args.each_head:
-            network.inference_heads = None
-            print(f"Predicting with the mean of all heads -> {output_folder}")
-        predictor.predict_from_files(args.i, output_folder, save_probabilities=args.save_probabilities,
-                                     overwrite=True, num_processes_preprocessing=args.npp,
-                                     num_processes_segmentation_export=args.nps)
+        for heads, sub in runs:
+            output_folder = os.path.join(tmp, sub) if sub else tmp
+            shown = os.path.join(final, sub) if sub else final
+            if heads is not None:
+                network.inference_heads = heads
+                print(f"Predicting with head(s) {heads} of modality groups {network.modality_groups} -> {shown}")
+            elif args.each_head:
+                network.inference_heads = None
+                print(f"Predicting with the mean of all heads -> {shown}")
+            predictor.predict_from_files(args.i, output_folder, save_probabilities=args.save_probabilities,
+                                         overwrite=True, num_processes_preprocessing=args.npp,
+                                         num_processes_segmentation_export=args.nps)
+        _move_into(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; 0 on success, 2 on a user error (one line on stderr), 1 on an unexpected error."""
+    return run_cli(PROG, build_parser(), _run, argv)

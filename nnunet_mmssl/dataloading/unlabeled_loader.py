@@ -39,6 +39,9 @@ def open_unlabeled_dataset(folder: str):
                                  f"nnUNetv2_mmssl_plan_and_preprocess for this dataset and configuration (it "
                                  f"preprocesses imagesUnlabeled/ with the same plans), or train the supervised-only "
                                  f"variant.")
+    if not any(not name.startswith(".") for name in os.listdir(folder)):  # nnU-Net's class inference asserts here
+        raise UnlabeledDataError(f"The unlabelled folder {folder} holds no cases. Add cases to imagesUnlabeled/ and "
+                                 f"rerun nnUNetv2_mmssl_plan_and_preprocess.")
     dataset_class = infer_dataset_class(folder)
     identifiers = dataset_class.get_identifiers(folder)
     if not identifiers:

@@ -8,11 +8,19 @@ builds its splits from, never inside it. The segmentation saved with each case i
 for images without labels (0 inside, -1 outside); the unlabelled stream never uses it as a target.
 """
 
+import contextlib
+import glob
 import multiprocessing
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Sequence
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory lock; unique temporary names still keep concurrent runs apart
+    fcntl = None
 
 import numpy as np
 
@@ -32,7 +40,20 @@ def find_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> dict[st
         UnlabeledDataError: a case lacks a channel, has an unknown channel index, or a file does not follow
             ``CASE_XXXX<file_ending>``.
     """
-    folder = os.path.join(raw_dataset_folder, UNLABELED_IMAGES_FOLDER)
+    return find_cases(os.path.join(raw_dataset_folder, UNLABELED_IMAGES_FOLDER), dataset_json, "Unlabelled case")
+
+
+def find_cases(folder: str, dataset_json: dict, what: str = "Case",
+               ignore_other_endings: bool = False) -> dict[str, list[str]]:
+    """Map case id -> channel files (in channel order) of an nnU-Net image folder (``CASE_XXXX<file_ending>``).
+
+    Returns an empty dict if the folder does not exist. Hidden files are skipped, and with ``ignore_other_endings``
+    also files not ending in ``file_ending``.
+
+    Raises:
+        UnlabeledDataError: a case lacks a channel, has an unknown channel index, or a file does not follow
+            ``CASE_XXXX<file_ending>``.
+    """
     if not os.path.isdir(folder):
         return {}
     file_ending = dataset_json["file_ending"]
@@ -40,7 +61,7 @@ def find_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> dict[st
     pattern = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending))
     cases: dict[str, dict[int, str]] = {}
     for name in sorted(os.listdir(folder)):
-        if name.startswith("."):
+        if name.startswith(".") or (ignore_other_endings and not name.endswith(file_ending)):
             continue
         match = pattern.fullmatch(name)
         if match is None:
@@ -49,21 +70,28 @@ def find_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> dict[st
         case, channel = match.group(1), int(match.group(2))
         if channel >= num_channels:
             raise UnlabeledDataError(f"{os.path.join(folder, name)} has channel index {channel}, but dataset.json "
-                                     f"declares {num_channels} channels {dataset_json['channel_names']}.")
+                                     f"declares {num_channels} channels {dataset_json['channel_names']}. Remove it, or "
+                                     f"renumber the case's channels 0000..{num_channels - 1:04d}.")
         cases.setdefault(case, {})[channel] = os.path.join(folder, name)
     result = {}
     for case, channels in cases.items():
         missing = [c for c in range(num_channels) if c not in channels]
         if missing:
             expected = [f"{case}_{c:04d}{file_ending}" for c in missing]
-            raise UnlabeledDataError(f"Unlabelled case {case!r} in {folder} lacks channel(s) {missing}: expected "
-                                     f"{expected}. Every unlabelled case needs all channels of dataset.json.")
+            raise UnlabeledDataError(f"{what} {case!r} in {folder} lacks channel(s) {missing}: expected "
+                                     f"{expected}. Every case needs all channels of dataset.json "
+                                     f"{dataset_json['channel_names']}.")
         result[case] = [channels[c] for c in range(num_channels)]
     return result
 
 
 def _preprocess_one(output_filename_truncated: str, image_files: list[str], plans: dict, configuration: str,
-                    dataset_json: dict) -> None:
+                    dataset_json: dict, check_images: bool = True) -> None:
+    if check_images:
+        from nnunet_mmssl.dataloading.image_checks import check_image_file
+
+        for image_file in image_files:
+            check_image_file(image_file)
     from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -83,13 +111,82 @@ def _preprocess_one(output_filename_truncated: str, image_files: list[str], plan
                                   chunks_seg=chunks_seg, blocks_seg=blocks_seg)
 
 
+@contextlib.contextmanager
+def folder_lock(final: str, progress=print):
+    """Hold an exclusive advisory lock (``fcntl.flock`` on the hidden sibling ``.<name>.lock``) while ``final`` is
+    (re)built.
+
+    A second run on the same folder waits for the first one to finish, then rebuilds it itself; the lock is released
+    by the kernel when its holder dies, so a killed run never blocks the next.
+    """
+    if fcntl is None:
+        yield
+        return
+    parent, name = os.path.split(final)
+    with open(os.path.join(parent, f".{name}.lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"Waiting for another run that is building {final} ...")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _temporary_siblings(final: str) -> list[str]:
+    """Leftovers of interrupted runs: ``.<name>.partial-*`` / ``.<name>.old-*`` and the former ``<name>.partial``."""
+    parent, name = os.path.split(final)
+    return sorted(glob.glob(os.path.join(parent, f".{glob.escape(name)}.partial-*"))
+                  + glob.glob(os.path.join(parent, f".{glob.escape(name)}.old-*"))
+                  + glob.glob(glob.escape(final) + ".partial"))
+
+
+def build_folder_atomically(final: str, fill, progress=print) -> str:
+    """Build ``final`` by ``fill(temporary_folder)`` in a hidden sibling, then swap it in by renames.
+
+    Under :func:`folder_lock`; leftovers of killed runs are removed first. ``final`` is never half-written: it is
+    either the previous complete folder or the new complete one.
+
+    Args:
+        final: the folder to (re)build.
+        fill: callable writing the folder's content into the temporary folder it is given.
+        progress: callable taking a message.
+
+    Returns:
+        ``final``.
+    """
+    parent, name = os.path.split(final)
+    os.makedirs(parent, exist_ok=True)
+    with folder_lock(final, progress):
+        for leftover in _temporary_siblings(final):
+            progress(f"Removing {leftover}, left by an interrupted run")
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+        try:
+            fill(tmp)
+            old = None
+            if os.path.exists(final):
+                old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+                os.replace(final, os.path.join(old, name))
+            os.replace(tmp, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
 def preprocess_unlabeled(raw_dataset_folder: str, preprocessed_dataset_folder: str, plans: dict,
                          configurations: Sequence[str], num_processes: int = 2,
-                         progress=print) -> dict[str, str]:
+                         progress=print, check_images: bool = True) -> dict[str, str]:
     """Preprocess ``imagesUnlabeled/`` for each configuration with the given plans.
 
-    Each configuration's output folder is written under a temporary name and renamed when complete, so an
-    interrupted run leaves no half-filled folder behind.
+    Each configuration's output folder is built under a hidden temporary name and renamed when complete, under a
+    lock file (:func:`build_folder_atomically`): an interrupted run leaves no half-filled folder behind (its
+    leftovers are removed by the next run), and two runs started together do not mix their cases.
 
     Args:
         raw_dataset_folder: ``<nnUNet_raw>/DatasetXXX_NAME``.
@@ -98,12 +195,15 @@ def preprocess_unlabeled(raw_dataset_folder: str, preprocessed_dataset_folder: s
         configurations: configuration names, e.g. ``["2d", "3d_fullres"]``.
         num_processes: worker processes.
         progress: callable taking one message string.
+        check_images: read every raw image whole and check it first
+            (:func:`~nnunet_mmssl.dataloading.image_checks.check_image_file`; pass False if already done).
 
     Returns:
         configuration -> output folder.
 
     Raises:
         UnlabeledDataError: if there are no unlabelled cases or they are malformed.
+        ImageFileError: a truncated, non-image or non-finite raw image (named in the message).
     """
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -119,21 +219,21 @@ def preprocess_unlabeled(raw_dataset_folder: str, preprocessed_dataset_folder: s
                                  f"does this), or pass --no-unlabeled for supervised-only training.")
     plans_manager = PlansManager(plans)
     outputs = {}
-    for configuration in configurations:
+    for k, configuration in enumerate(configurations):
         data_identifier = plans_manager.get_configuration(configuration).data_identifier
         final = os.path.join(preprocessed_dataset_folder, unlabeled_data_identifier(data_identifier, plans))
-        tmp = final + ".partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        progress(f"Preprocessing {len(cases)} unlabelled cases for configuration {configuration} -> {final}")
-        jobs = [(os.path.join(tmp, case), files, plans, configuration, dataset_json) for case, files in cases.items()]
-        if num_processes <= 1:
-            for job in jobs:
-                _preprocess_one(*job)
-        else:
-            with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
-                pool.starmap(_preprocess_one, jobs)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        outputs[configuration] = final
+        check = check_images and k == 0
+
+        def fill(tmp: str, configuration=configuration, check=check, final=final) -> None:
+            progress(f"Preprocessing {len(cases)} unlabelled cases for configuration {configuration} -> {final}")
+            jobs = [(os.path.join(tmp, case), files, plans, configuration, dataset_json, check)
+                    for case, files in cases.items()]
+            if num_processes <= 1:
+                for job in jobs:
+                    _preprocess_one(*job)
+            else:
+                with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
+                    pool.starmap(_preprocess_one, jobs)
+
+        outputs[configuration] = build_folder_atomically(final, fill, progress)
     return outputs

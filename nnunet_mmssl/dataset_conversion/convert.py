@@ -21,12 +21,15 @@ id does not depend on the split. Labelled cases are shuffled with ``np.random.Ra
 rest join the unlabelled pool.
 
 Every case is checked before anything is written (channels and label on one grid, integral non-negative labels with
-declared values only). The dataset is written into a hidden temporary sibling folder that is renamed to its final
-name at the very end, so a failure never leaves a half-written dataset behind.
+declared values only), and every image is read whole and checked while it is copied (complete file -- a truncated
+``.nii.gz`` is an error, not zeros --, an image at all, finite voxels; see
+:mod:`nnunet_mmssl.dataloading.image_checks`). The dataset is written into a hidden temporary sibling folder that is
+renamed to its final name at the very end, so a failure never leaves a half-written dataset behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
@@ -473,7 +476,15 @@ def _read_header(path: Path) -> _Header:
     try:
         reader.ReadImageInformation()
     except RuntimeError as error:
-        raise ConversionError(f"cannot read image {str(path)!r}: {str(error).strip().splitlines()[-1]}") from None
+        from nnunet_mmssl.dataloading.image_checks import ImageFileError, check_file_complete
+
+        try:  # a truncated or non-gzip file: say so rather than "cannot read"
+            check_file_complete(path)
+        except ImageFileError as incomplete:
+            raise ConversionError(str(incomplete)) from None
+        raise ConversionError(f"cannot read image {str(path)!r}: {str(error).strip().splitlines()[-1]}. Is it an "
+                              f"image file (NIfTI, NRRD, MetaImage)? Re-export it, or exclude it with a more specific "
+                              f"glob.") from None
     return _Header(tuple(reader.GetSize()), tuple(reader.GetSpacing()), tuple(reader.GetOrigin()),
                    tuple(reader.GetDirection()), reader.GetNumberOfComponents(),
                    sitk.GetPixelIDValueAsString(reader.GetPixelID()))
@@ -517,6 +528,21 @@ def check_case_geometry(case: SourceCase, tolerances: Tolerances | None = None) 
                                   f"{_relative(f, case.folder)!r} are not on the same grid: {mismatch}")
 
 
+def _read_checked(path: str | os.PathLike) -> sitk.Image:
+    """Read a whole image, checking it is complete and finite (:func:`~nnunet_mmssl.dataloading.image_checks.
+    read_image_checked`).
+
+    Raises:
+        ConversionError: naming the file, the problem and the fix.
+    """
+    from nnunet_mmssl.dataloading.image_checks import ImageFileError, read_image_checked
+
+    try:
+        return read_image_checked(path)
+    except ImageFileError as error:
+        raise ConversionError(str(error)) from None
+
+
 def _label_dtype(max_value: int) -> type:
     if max_value <= 255:
         return np.uint8
@@ -533,10 +559,7 @@ def read_label_array(path: Path) -> np.ndarray:
     Raises:
         ConversionError: unreadable file, non-scalar, non-finite or non-integral values, negative values.
     """
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        raise ConversionError(f"cannot read label {str(path)!r}: {str(error).strip().splitlines()[-1]}") from None
+    image = _read_checked(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ConversionError(f"label {str(path)!r} has {image.GetNumberOfComponentsPerPixel()} components per "
                               f"voxel; a scalar label map is needed")
@@ -601,7 +624,7 @@ def _write_case(task: dict) -> str:
     """
     first = None
     for channel, source in enumerate(task["channels"]):
-        image = sitk.ReadImage(source)
+        image = _read_checked(source)
         if first is None:
             first = image
         out = os.path.join(task["image_folder"], f"{task['case_id']}_{channel:04d}{FILE_ENDING}")
@@ -772,6 +795,7 @@ def convert_dataset(
     }
 
     # --- writing into a temporary sibling, then rename -----------------------------------------------------------
+    created_root = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder_name}.tmp-", dir=root))
     try:
@@ -813,6 +837,9 @@ def convert_dataset(
             os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created_root:
+            with contextlib.suppress(OSError):  # only if still empty
+                root.rmdir()
         raise
     report(f"done: {target}")
     return target

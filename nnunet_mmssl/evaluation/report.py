@@ -129,13 +129,13 @@ def _format_names(names: Sequence[str]) -> str:
 
 
 def _read(path: str):
+    """Read a whole label map (complete file, finite voxels: :func:`~nnunet_mmssl.dataloading.image_checks.
+    read_image_checked`, an ``ImageFileError``/``ValueError`` naming the file otherwise)."""
     import SimpleITK as sitk
 
-    try:
-        image = sitk.ReadImage(path)
-    except RuntimeError as e:
-        first_line = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-        raise ValueError(f"could not read image {path!r} with SimpleITK: {first_line}") from e
+    from nnunet_mmssl.dataloading.image_checks import read_image_checked
+
+    image = read_image_checked(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(
             f"{path!r} has {image.GetNumberOfComponentsPerPixel()} components per voxel; segmentations must be "

@@ -17,7 +17,14 @@ from collections.abc import Sequence
 
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_mmssl.dataloading.unlabeled_preprocessing import find_unlabeled_cases, preprocess_unlabeled
+from nnunet_mmssl.dataloading.image_checks import check_image_files
+from nnunet_mmssl.dataloading.unlabeled_preprocessing import (
+    UNLABELED_IMAGES_FOLDER,
+    UnlabeledDataError,
+    find_cases,
+    find_unlabeled_cases,
+    preprocess_unlabeled,
+)
 from nnunet_mmssl.planners.memory import (
     DEFAULT_BUDGET_TRAINERS,
     MMSSL_PLANS_NAME,
@@ -55,6 +62,33 @@ def _maybe_write_small_dataset_splits(preprocessed_folder: str, raw_folder: str,
     save_json(generate_crossval_split(identifiers, seed=12345, n_splits=len(identifiers)), splits_file)
     progress(f"Only {len(identifiers)} labelled cases: wrote {len(identifiers)} leave-one-out folds to {splits_file} "
              f"(nnU-Net's 5 folds need 5 cases). Fold 'all' trains on every labelled case.")
+
+
+def _check_raw_images(raw_folder: str, dataset_json: dict, unlabeled_cases: dict, num_processes: int,
+                      progress) -> None:
+    """Every labelled case has all channels and a label; every raw image (imagesTr, labelsTr, imagesUnlabeled) is
+    read whole and checked (complete file, an image, finite voxels) before nnU-Net reads it (SimpleITK would read a
+    truncated NIfTI as zeros and NaN as 0).
+
+    Raises:
+        UnlabeledDataError: a labelled case lacks a channel or its label.
+        ImageFileError: naming the bad file.
+    """
+    if "dataset" in dataset_json:  # nnU-Net's explicit file lists: not our layout, leave them to nnU-Net
+        return
+    file_ending = dataset_json["file_ending"]
+    labelled = find_cases(os.path.join(raw_folder, "imagesTr"), dataset_json, "Labelled case",
+                          ignore_other_endings=True)  # as nnU-Net does
+    files = [f for channels in labelled.values() for f in channels]
+    for case in labelled:
+        label = os.path.join(raw_folder, "labelsTr", case + file_ending)
+        if not os.path.isfile(label):
+            raise UnlabeledDataError(f"Labelled case {case!r} has images in imagesTr but no label {label}. Add the "
+                                     f"label, or move its images to {UNLABELED_IMAGES_FOLDER}/.")
+        files.append(label)
+    files += [f for channels in unlabeled_cases.values() for f in channels]
+    progress(f"Checking {len(files)} raw image files (complete, readable, finite voxels)")
+    check_image_files(files, num_processes)
 
 
 def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", "3d_fullres"),
@@ -97,7 +131,14 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
     preprocessed_folder = os.path.join(nnUNet_preprocessed.require(), dataset_name)
     dataset_json = load_json(os.path.join(raw_folder, "dataset.json"))
     groups = parse_modality_groups(modality_groups, dataset_json["channel_names"]) if modality_groups else None
-    num_unlabeled = len(find_unlabeled_cases(raw_folder, dataset_json)) if unlabeled else 0
+    unlabeled_cases = find_unlabeled_cases(raw_folder, dataset_json) if unlabeled else {}
+    num_unlabeled = len(unlabeled_cases)
+    if unlabeled and preprocess and not unlabeled_cases:
+        raise UnlabeledDataError(f"No unlabelled cases found in {os.path.join(raw_folder, UNLABELED_IMAGES_FOLDER)}. "
+                                 f"Put them there as CASE_XXXX{dataset_json['file_ending']} (nnUNetv2_mmssl_convert "
+                                 f"does this), or pass --no-unlabeled for supervised-only training.")
+    if fingerprint or preprocess:
+        _check_raw_images(raw_folder, dataset_json, unlabeled_cases, num_processes, progress)
 
     if fingerprint:
         progress(f"Fingerprint of {dataset_name} (labelled cases only)")
@@ -134,14 +175,16 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
         nnunet_preprocess([dataset_id], plans_identifier, configurations=list(configurations),
                           num_processes=[num_processes] * len(configurations), verbose=False)
         if unlabeled:
-            preprocess_unlabeled(raw_folder, preprocessed_folder, plans, configurations, num_processes, progress)
+            preprocess_unlabeled(raw_folder, preprocessed_folder, plans, configurations, num_processes, progress,
+                                 check_images=False)
         if mmssl_own:
             progress(f"Preprocessing {mmssl_own} of {mmssl_plans_name} (preprocessing differs from "
                      f"{plans_identifier})")
             nnunet_preprocess([dataset_id], mmssl_plans_name, configurations=mmssl_own,
                               num_processes=[num_processes] * len(mmssl_own), verbose=False)
             if unlabeled:
-                preprocess_unlabeled(raw_folder, preprocessed_folder, mmssl_plans, mmssl_own, num_processes, progress)
+                preprocess_unlabeled(raw_folder, preprocessed_folder, mmssl_plans, mmssl_own, num_processes, progress,
+                                     check_images=False)
     return plans_file
 
 
