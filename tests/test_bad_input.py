@@ -766,8 +766,8 @@ def train_dataset(pp_dataset, tmp_path_factory) -> tuple[Path, dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("state", ["missing", "empty"])
 def test_nnunet_train_our_trainer_without_unlabelled_data(train_dataset, state):
-    """What a user sees end to end: our message, as the last line. nnU-Net's ``run_training`` does not catch
-    exceptions, so its traceback comes before it (we cannot intercept it without patching nnU-Net)."""
+    """What a user sees end to end: our message as one line, no traceback (our trainers' excepthook), and the
+    traceback with NNUNET_MMSSL_VERBOSE=1."""
     pre, env = train_dataset
     folder = pre / "nnUNetPlans_2d_unlabeled"
     shutil.rmtree(folder, ignore_errors=True)
@@ -778,11 +778,18 @@ def test_nnunet_train_our_trainer_without_unlabelled_data(train_dataset, state):
     result = subprocess.run([sys.executable, "-c", train, "558", "2d", "all", "-tr", "MemCifSSLTrainer", "-device",
                              "cpu"], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("nnunet_mmssl.dataloading.unlabeled_preprocessing.UnlabeledDataError: "), result.stderr
+    assert last.startswith("nnUNetv2_train: error: Preprocessed unlabelled data not found" if state == "missing"
+                           else "nnUNetv2_train: error: The unlabelled folder"), result.stderr[-3000:]
     assert str(folder) in last
     assert ("not found" if state == "missing" else "holds no cases") in last
     assert "nnUNetv2_mmssl_plan_and_preprocess" in last
+    if state == "missing":
+        verbose = subprocess.run([sys.executable, "-c", train, "558", "2d", "all", "-tr", "MemCifSSLTrainer",
+                                  "-device", "cpu"], env=dict(env, NNUNET_MMSSL_VERBOSE="1"), capture_output=True,
+                                 text=True, timeout=600)
+        assert verbose.returncode != 0 and "Traceback" in verbose.stderr and "UnlabeledDataError" in verbose.stderr
 
 
 @pytest.mark.slow

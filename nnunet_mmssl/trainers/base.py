@@ -48,6 +48,7 @@ from nnunet_mmssl.semisup.gradient_share import difference_norm, global_norm, gr
 from nnunet_mmssl.semisup.ramps import sigmoid_rampup
 from nnunet_mmssl.trainers.cpu_allocator import keep_freed_memory_in_process
 from nnunet_mmssl.trainers.logging import register_log_keys
+from nnunet_mmssl.trainers.user_errors import install_user_error_hook
 
 CHECKPOINT_KEY = "mmssl_state"
 
@@ -85,6 +86,7 @@ class SSLTrainerBase(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's exact signature)
         super().__init__(plans, configuration, fold, dataset_json, device)
+        install_user_error_hook()
         register_log_keys(self.logger, self.extra_log_keys)
         self.dataloader_unlabeled = None
         #: training iterations taken in the current epoch (the ramp's position inside the epoch)
