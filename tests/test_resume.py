@@ -8,6 +8,11 @@ its next steps must equal those of the run that was never interrupted.
 
 import os
 import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -151,3 +156,97 @@ def test_atomic_save_keeps_the_previous_file_when_a_write_fails(tmp_path):
         atomic_torch_save({"epoch": 2, "w": torch.zeros(1000), "x": _Unpicklable()}, target)
     assert torch.load(target, weights_only=True)["epoch"] == 1
     assert os.listdir(tmp_path) == ["checkpoint_latest.pth"]
+
+
+KILL_TRAINER = textwrap.dedent('''
+    import os
+
+    import torch
+    from nnunet_mmssl.trainers import MeanTeacherTrainer
+
+
+    class MeanTeacherTrainer_killtest(MeanTeacherTrainer):
+        """Test-only: MMSSL_TEST_EPOCHS epochs of 2 steps, checkpoint_latest after every epoch, no final validation;
+        after load_checkpoint the state it resumes from is written to MMSSL_TEST_DUMP."""
+
+        def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_epochs = int(os.environ["MMSSL_TEST_EPOCHS"])
+            self.num_iterations_per_epoch = 2
+            self.num_val_iterations_per_epoch = 1
+            self.save_every = 1
+
+        def load_checkpoint(self, filename_or_checkpoint):
+            super().load_checkpoint(filename_or_checkpoint)
+            torch.save({"network": self.network_module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "teacher": self.teacher.module.state_dict(), "ema_step": self.teacher.step,
+                        "current_epoch": self.current_epoch, "logging": self.logger.get_checkpoint()},
+                       os.environ["MMSSL_TEST_DUMP"])
+
+        def perform_actual_validation(self, save_probabilities=False):
+            pass
+''')
+
+
+@pytest.fixture(scope="module")
+def kill_workspace(tmp_path_factory):
+    from nnunet_mmssl.dataset_conversion.phantom import make_phantom_cases
+
+    root = tmp_path_factory.mktemp("kill")
+    (root / "user_trainers").mkdir()
+    (root / "user_trainers" / "kill_trainers.py").write_text(KILL_TRAINER)
+    env = dict(os.environ)
+    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
+               nnUNet_results=str(root / "results"), nnUNet_extTrainer=str(root / "user_trainers"),
+               nnUNet_def_n_proc="2", nnUNet_n_proc_DA="0", nnUNet_compile="false",
+               PATH=os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")]))
+    src = make_phantom_cases(root / "phantom", num_labeled=4, num_unlabeled=2, shape=(8, 32, 32),
+                             spacing=(2.0, 1.0, 1.0), seed=5)
+    for args in (["nnUNetv2_mmssl_convert", "-i", str(src / "labeled"), str(src / "unlabeled"), "--modality",
+                  "MRA=MRA.nii.gz", "--modality", "MRB=MRB.nii.gz", "--label", "seg.nii.gz", "--num-labeled", "3",
+                  "--num-test", "1", "-d", "902", "-n", "Kill", "-o", env["nnUNet_raw"]],
+                 ["nnUNetv2_mmssl_plan_and_preprocess", "-d", "902", "-c", "2d", "-np", "1"]):
+        result = subprocess.run(args, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, f"{args}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    return root, env
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_with_c_restores_every_piece_of_state(kill_workspace):
+    root, env = kill_workspace
+    fold = root / "results" / "Dataset902_Kill" / "MeanTeacherTrainer_killtest__nnUNetPlans__2d" / "fold_0"
+    command = ["nnUNetv2_train", "902", "2d", "0", "-tr", "MeanTeacherTrainer_killtest", "-device", "cpu"]
+    process = subprocess.Popen(command, env={**env, "MMSSL_TEST_EPOCHS": "1000"}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (fold / "checkpoint_latest.pth").is_file():
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint_latest.pth after 10 minutes"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    # whatever epoch the kill hit, checkpoint_latest is complete (written under a temporary name, then renamed)
+    saved = torch.load(fold / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
+    epoch = saved["current_epoch"]
+    assert epoch >= 1 and saved[CHECKPOINT_KEY]["ema_step"] == 2 * epoch  # 2 optimizer steps per epoch
+
+    dump = root / "resumed_state.pth"
+    result = subprocess.run(command + ["--c"], env={**env, "MMSSL_TEST_EPOCHS": str(epoch + 2),
+                                                    "MMSSL_TEST_DUMP": str(dump)}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = torch.load(dump, map_location="cpu", weights_only=False)
+    assert resumed["current_epoch"] == epoch
+    assert_same_tensors(resumed["network"], saved["network_weights"], "network")
+    assert_same_optimizer(resumed["optimizer"], saved["optimizer_state"])
+    assert_same_tensors(resumed["teacher"], saved[CHECKPOINT_KEY]["teacher"], "teacher")
+    assert resumed["ema_step"] == saved[CHECKPOINT_KEY]["ema_step"]
+    assert resumed["logging"] == saved["logging"]
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == epoch + 2 and final[CHECKPOINT_KEY]["ema_step"] == 2 * (epoch + 2)
+    assert len(final["logging"]["train_unsup_losses"]) == epoch + 2
+    assert not (fold / "checkpoint_latest.pth").exists()
