@@ -12,8 +12,9 @@ trains three steps on its own fixed batches (different data per rank, as in real
 * the unlabelled stream: each rank reads its own shard of the cases with its share of ``unlabeled_batch_size``;
 * a checkpoint is written by rank 0 only and resumes to identical state on both ranks.
 
-Two deliberately broken trainers check that the comparison can fail: a teacher copied from the network before DDP
-wrapping (each rank's own random initialisation) and a trainable branch kept outside the DDP module.
+Deliberately broken trainers check that the comparison can fail: a teacher copied from the network before DDP
+wrapping (each rank's own random initialisation), a trainable branch kept outside the DDP module, and a parameter no
+step uses (which is how a trainer that needed ``find_unused_parameters`` would fail here: all of ours pass without).
 """
 
 import os
@@ -60,7 +61,16 @@ class BranchOutsideDDPTrainer(PlainSupervisedTrainer):
         return self.loss([self.branch(o) for o in self.network(data)], target), torch.zeros(())
 
 
-BROKEN = [TeacherBeforeWrapTrainer, BranchOutsideDDPTrainer]
+class UnusedParameterTrainer(PlainSupervisedTrainer):
+    """Broken on purpose: a parameter inside the DDP module that no step uses (DDP without find_unused_parameters
+    must refuse the next step)."""
+
+    def configure_optimizers(self):
+        self.network.unused = nn.Conv2d(1, 1, 1)
+        return super().configure_optimizers()
+
+
+BROKEN = [TeacherBeforeWrapTrainer, BranchOutsideDDPTrainer, UnusedParameterTrainer]
 
 
 def _cpu_ddp(module, device_ids=None, **kwargs):
@@ -222,3 +232,8 @@ def test_the_comparison_fails_for_a_branch_outside_ddp(ranks):
     zero, one = _results(ranks, BranchOutsideDDPTrainer.__name__)
     assert zero["outside_ddp"] == [(2, 2, 1, 1), (2,)]
     assert not _identical(zero["parameters"], one["parameters"])
+
+
+def test_a_parameter_left_without_gradient_stops_ddp(ranks):
+    for result in (r[UnusedParameterTrainer.__name__] for r in ranks):
+        assert "Expected to have finished reduction in the prior iteration" in result.get("error", ""), result
