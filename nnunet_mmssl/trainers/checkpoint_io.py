@@ -9,11 +9,13 @@
   (``os.replace``), so a run killed while saving leaves the previous ``checkpoint_latest.pth`` intact, never a
   half-written one that ``--c`` would pick up.
 * **Safe reading.** nnU-Net loads the checkpoint its own way; :func:`read_extra_state` reads our entry with
-  ``torch.load(weights_only=True)`` (tensors and plain containers; numpy scalars, which nnU-Net's logs hold, are the
-  only extra types allowed), memory-mapped so that the tensors of nnU-Net's entries are not read again. A file holding
-  anything else is refused with its name instead of being unpickled.
+  ``torch.load(weights_only=True)``, memory-mapped so that the tensors of nnU-Net's entries are not read again. Our
+  files hold only tensors and plain containers (nnU-Net's numpy log values are written as Python numbers); numpy
+  scalars are also accepted, for checkpoints written by nnU-Net's own ``save_checkpoint``. A file holding anything
+  else is refused with its name instead of being unpickled.
 """
 
+import contextlib
 import os
 import pickle
 import tempfile
@@ -28,8 +30,23 @@ CHECKPOINT_KEY = "mmssl_state"
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
 
 
+def plain_numbers(value):
+    """``value`` with numpy scalars replaced by Python numbers, through dicts, lists and tuples (a new object)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if type(value) in (dict, OrderedDict):
+        return type(value)((key, plain_numbers(item)) for key, item in value.items())
+    if type(value) in (list, tuple):
+        return type(value)(plain_numbers(item) for item in value)
+    return value
+
+
 def nnunet_checkpoint_entries(trainer) -> dict:
-    """The checkpoint dictionary nnU-Net's ``save_checkpoint`` writes for ``trainer`` (nnunetv2 2.8)."""
+    """The checkpoint dictionary nnU-Net's ``save_checkpoint`` writes for ``trainer`` (nnunetv2 2.8).
+
+    The same entries and values, except that numpy scalars in the logs become Python numbers, so that the whole file
+    loads with ``torch.load(weights_only=True)`` on every torch version.
+    """
     module = trainer.network.module if trainer.is_ddp else trainer.network
     if isinstance(module, OptimizedModule):
         module = module._orig_mod
@@ -37,12 +54,12 @@ def nnunet_checkpoint_entries(trainer) -> dict:
         "network_weights": module.state_dict(),
         "optimizer_state": trainer.optimizer.state_dict(),
         "grad_scaler_state": trainer.grad_scaler.state_dict() if trainer.grad_scaler is not None else None,
-        "logging": trainer.logger.get_checkpoint(),
-        "_best_ema": trainer._best_ema,
+        "logging": plain_numbers(trainer.logger.get_checkpoint()),
+        "_best_ema": plain_numbers(trainer._best_ema),
         "current_epoch": trainer.current_epoch + 1,
         "init_args": trainer.my_init_kwargs,
         "trainer_name": trainer.__class__.__name__,
-        "inference_allowed_mirroring_axes": trainer.inference_allowed_mirroring_axes,
+        "inference_allowed_mirroring_axes": plain_numbers(trainer.inference_allowed_mirroring_axes),
     }
 
 
@@ -104,8 +121,10 @@ def read_extra_state(filename: str) -> dict | None:
         RuntimeError: if the file holds objects other than tensors, plain containers and numpy scalars (naming the
             file and the refused object).
     """
+    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    allowed = safe_globals(_numpy_scalar_globals()) if safe_globals is not None else contextlib.nullcontext()
     try:
-        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+        with allowed:
             checkpoint = torch.load(filename, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:
         raise RuntimeError(f"{filename} holds objects that torch.load(weights_only=True) refuses, so its "
