@@ -21,6 +21,7 @@ import os
 import socket
 import traceback
 from datetime import timedelta
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -32,9 +33,9 @@ from torch import nn
 
 from nnunet_mmssl.semisup.ema import EMATeacher
 from nnunet_mmssl.trainers import MeanTeacherTrainer, PlainSupervisedTrainer
+from nnunet_mmssl.trainers.ddp import per_rank_batch_size, shard_identifiers
 
-pytestmark = pytest.mark.slow  # two fresh processes import torch and nnU-Net (most of its ~1 min on 2 cores)
-
+# the tests using ``ranks`` are slow: two fresh processes import torch and nnU-Net (most of ~1 min on 2 cores)
 WORLD_SIZE = 2
 STEPS = 3
 UNLABELED_CASES = 5
@@ -190,6 +191,7 @@ def _identical(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [c.__name__ for c in harness.TRAINERS])
 def test_ranks_stay_identical_and_logs_are_gathered(ranks, name):
     zero, one = _results(ranks, name)
@@ -213,6 +215,7 @@ def test_ranks_stay_identical_and_logs_are_gathered(ranks, name):
         assert _identical(one["resumed_teacher"], zero["teacher"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [c.__name__ for c in harness.TRAINERS if c.use_unlabeled])
 def test_unlabelled_stream_is_sharded_with_the_per_rank_batch(ranks, name):
     zero, one = _results(ranks, name)
@@ -222,18 +225,48 @@ def test_unlabelled_stream_is_sharded_with_the_per_rank_batch(ranks, name):
     assert zero["unlabeled_batch_shape"] == (2, 2, 16, 16) and one["unlabeled_batch_shape"] == (1, 2, 16, 16)
 
 
+@pytest.mark.slow
 def test_the_comparison_fails_for_a_teacher_copied_before_wrapping(ranks):
     zero, one = _results(ranks, TeacherBeforeWrapTrainer.__name__)
     assert _identical(zero["parameters"], one["parameters"])  # the student is synchronised by DDP
     assert not _identical(zero["teacher"], one["teacher"])
 
 
+@pytest.mark.slow
 def test_the_comparison_fails_for_a_branch_outside_ddp(ranks):
     zero, one = _results(ranks, BranchOutsideDDPTrainer.__name__)
     assert zero["outside_ddp"] == [(2, 2, 1, 1), (2,)]
     assert not _identical(zero["parameters"], one["parameters"])
 
 
+@pytest.mark.slow
 def test_a_parameter_left_without_gradient_stops_ddp(ranks):
     for result in (r[UnusedParameterTrainer.__name__] for r in ranks):
         assert "Expected to have finished reduction in the prior iteration" in result.get("error", ""), result
+
+
+def test_per_rank_batch_size_is_nnunets_split(monkeypatch):
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
+
+    for world in (2, 3, 4):
+        for global_batch in range(world, 10):
+            sizes = []
+            for rank in range(world):
+                monkeypatch.setattr(nnunet_trainer_module, "dist", SimpleNamespace(
+                    get_world_size=lambda w=world: w, get_rank=lambda r=rank: r))
+                fake = SimpleNamespace(is_ddp=True, oversample_foreground_percent=0.33,
+                                       configuration_manager=SimpleNamespace(batch_size=global_batch))
+                nnunet_trainer_module.nnUNetTrainer._set_batch_size_and_oversample(fake)
+                sizes.append(fake.batch_size)
+                assert per_rank_batch_size(global_batch, world, rank) == fake.batch_size, (global_batch, world, rank)
+            assert sum(sizes) == global_batch
+    with pytest.raises(ValueError, match="global batch of 1 cannot be split across 2 GPUs"):
+        per_rank_batch_size(1, 2, 0)
+
+
+def test_shard_identifiers():
+    ids = ["c", "a", "e", "b", "d"]
+    shards = [shard_identifiers(ids, 2, rank) for rank in range(2)]
+    assert shards == [["a", "c", "e"], ["b", "d"]]
+    assert shard_identifiers(ids, 1, 0) == sorted(ids)
+    assert shard_identifiers(["a"], 2, 1) == ["a"]  # fewer cases than ranks: every rank keeps all
