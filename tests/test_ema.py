@@ -102,3 +102,17 @@ def test_gaussian_noise():
     assert gaussian_noise(x, 1.0, clip=0.2).abs().max().item() == pytest.approx(0.2)
     with pytest.raises(ValueError, match="std must be >= 0"):
         gaussian_noise(x, -0.1)
+
+
+def test_teacher_state_is_plain_and_loads_with_weights_only(tmp_path):
+    teacher = EMATeacher(tiny(1.0), alpha=0.99)
+    teacher.update(tiny(3.0))
+    path = tmp_path / "state.pth"
+    torch.save(teacher.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+    assert type(state["ema_step"]) is int and state["ema_step"] == 1
+    restored = EMATeacher(tiny(0.0), alpha=0.99)
+    restored.load_state_dict(state)
+    assert restored.step == 1
+    for a, b in zip(restored.module.state_dict().values(), teacher.module.state_dict().values()):
+        assert torch.equal(a, b)

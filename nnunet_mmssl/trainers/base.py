@@ -24,6 +24,7 @@ import copy
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.utilities.file_and_folder_operations import join
@@ -46,11 +47,17 @@ from nnunet_mmssl.planners import (
 )
 from nnunet_mmssl.semisup.gradient_share import difference_norm, global_norm, gradient_share, share_ratio
 from nnunet_mmssl.semisup.ramps import sigmoid_rampup
+from nnunet_mmssl.trainers.checkpoint_io import (
+    CHECKPOINT_KEY,
+    atomic_torch_save,
+    check_plain_state,
+    nnunet_checkpoint_entries,
+    read_extra_state,
+)
 from nnunet_mmssl.trainers.cpu_allocator import keep_freed_memory_in_process
+from nnunet_mmssl.trainers.ddp import gather_across_ranks, per_rank_batch_size, shard_identifiers
 from nnunet_mmssl.trainers.logging import register_log_keys
 from nnunet_mmssl.trainers.user_errors import install_user_error_hook
-
-CHECKPOINT_KEY = "mmssl_state"
 
 
 class SSLTrainerBase(nnUNetTrainer):
@@ -165,8 +172,30 @@ class SSLTrainerBase(nnUNetTrainer):
             self.dataloader_unlabeled = self.get_unlabeled_dataloader()
         return dataloader_train, dataloader_val
 
-    def get_unlabeled_dataloader(self):
+    def unlabeled_batch_size_per_rank(self) -> int:
+        """Unlabelled patches per step on this rank: :attr:`unlabeled_batch_size` split across DDP ranks as nnU-Net
+        splits the labelled batch; None follows the (already per-rank) labelled batch size."""
+        if self.unlabeled_batch_size is None:
+            return self.batch_size
+        if not self.is_ddp:
+            return self.unlabeled_batch_size
+        return per_rank_batch_size(self.unlabeled_batch_size, dist.get_world_size(), dist.get_rank())
+
+    def unlabeled_dataset(self):
+        """The preprocessed unlabelled cases this rank reads: all of them, or its own shard under DDP."""
         dataset = open_unlabeled_dataset(self.unlabeled_folder())
+        if not self.is_ddp:
+            return dataset
+        shard = shard_identifiers(dataset.identifiers, dist.get_world_size(), dist.get_rank())
+        return type(dataset)(dataset.source_folder, shard)
+
+    def _gather_across_ranks(self, values) -> np.ndarray:
+        """All ranks' per-step values of a log (nnU-Net's ``all_gather_object``), flat; this rank's without DDP."""
+        return gather_across_ranks(values) if self.is_ddp else np.ravel(np.asarray(values, dtype=np.float64))
+
+    def get_unlabeled_dataloader(self):
+        dataset = self.unlabeled_dataset()
+        batch_size = self.unlabeled_batch_size_per_rank()
         rotation_for_da, do_dummy_2d, initial_patch_size, mirror_axes = \
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         transforms = self.get_training_transforms(
@@ -177,13 +206,13 @@ class SSLTrainerBase(nnUNetTrainer):
             ignore_label=self.label_manager.ignore_label)
         num_processes = get_allowed_n_proc_DA()
         augmenter = build_unlabeled_augmenter(
-            dataset, self.unlabeled_batch_size or self.batch_size, initial_patch_size,
+            dataset, batch_size, initial_patch_size,
             self.configuration_manager.patch_size, self.label_manager, transforms,
             num_processes=max(1, num_processes // 2) if num_processes > 0 else 0,
             pin_memory=self.device.type == "cuda", sampling=self.unlabeled_sampling)
         next(augmenter)
         self.print_to_log_file(f"Unlabelled stream: {len(dataset.identifiers)} cases from {self.unlabeled_folder()}, "
-                               f"batch size {self.unlabeled_batch_size or self.batch_size}")
+                               f"batch size {batch_size}" + (" (rank 0's shard and share)" if self.is_ddp else ""))
         return augmenter
 
     def on_train_end(self):
@@ -309,11 +338,13 @@ class SSLTrainerBase(nnUNetTrainer):
     def on_train_epoch_end(self, train_outputs: list[dict]):
         super().on_train_epoch_end(train_outputs)
         outputs = collate_outputs(train_outputs)
-        shares = np.asarray(outputs["grad_share"], dtype=np.float64)
-        self.logger.log("train_sup_losses", float(np.mean(outputs["sup_loss"])), self.current_epoch)
-        self.logger.log("train_unsup_losses", float(np.mean(outputs["unsup_loss"])), self.current_epoch)
-        self.logger.log("unsup_weights", float(np.mean(outputs["unsup_weight"])), self.current_epoch)
-        self.logger.log("train_objectives", float(np.mean(outputs["objective"])), self.current_epoch)
+        gathered = {key: self._gather_across_ranks(outputs[key])
+                    for key in ("sup_loss", "unsup_loss", "unsup_weight", "objective", "grad_share")}
+        shares = gathered["grad_share"]
+        self.logger.log("train_sup_losses", float(np.mean(gathered["sup_loss"])), self.current_epoch)
+        self.logger.log("train_unsup_losses", float(np.mean(gathered["unsup_loss"])), self.current_epoch)
+        self.logger.log("unsup_weights", float(np.mean(gathered["unsup_weight"])), self.current_epoch)
+        self.logger.log("train_objectives", float(np.mean(gathered["objective"])), self.current_epoch)
         self.logger.log("unsup_grad_shares", float(np.nanmean(shares)) if np.isfinite(shares).any() else float("nan"),
                         self.current_epoch)
 
@@ -328,27 +359,43 @@ class SSLTrainerBase(nnUNetTrainer):
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_extra_state(self) -> dict:
-        """Training-only state to store under the checkpoint key ``mmssl_state`` (a teacher, banks, ...)."""
+        """Training-only state to store under the checkpoint key ``mmssl_state`` (a teacher, banks, ...).
+
+        Tensors and plain containers only (dict, list, tuple, str, int, float, bool, None), so that it loads with
+        ``torch.load(weights_only=True)``; :meth:`save_checkpoint` refuses anything else, naming the entry.
+        """
         return {}
 
     def load_checkpoint_extra_state(self, state: dict) -> None:
         """Restore what :meth:`checkpoint_extra_state` stored."""
 
     def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)
+        """nnU-Net's checkpoint plus :meth:`checkpoint_extra_state` under ``mmssl_state``, in one atomic write.
+
+        Rank 0 only, as in nnU-Net. The extra state must be tensors and plain containers (checked here, so that
+        :meth:`load_checkpoint` reads it with ``torch.load(weights_only=True)``); the file is written under a
+        temporary name and renamed, so a killed run never leaves a half-written checkpoint.
+        """
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        checkpoint = nnunet_checkpoint_entries(self)
         extra = self.checkpoint_extra_state()
-        if extra and self.local_rank == 0 and not self.disable_checkpointing:
-            checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+        if extra:
+            check_plain_state(extra, CHECKPOINT_KEY)
             checkpoint[CHECKPOINT_KEY] = extra
-            torch.save(checkpoint, filename)
+        atomic_torch_save(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnU-Net's loading, then our ``mmssl_state`` entry read with ``torch.load(weights_only=True)``."""
         if not isinstance(filename_or_checkpoint, str):
             raise TypeError("nnU-Net 2.8's load_checkpoint takes a checkpoint file name.")
         super().load_checkpoint(filename_or_checkpoint)
-        checkpoint = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
-        if CHECKPOINT_KEY in checkpoint:
-            self.load_checkpoint_extra_state(checkpoint[CHECKPOINT_KEY])
+        extra = read_extra_state(filename_or_checkpoint)
+        if extra:
+            self.load_checkpoint_extra_state(extra)
 
 
 class MMSSLTrainerBase(SSLTrainerBase):

@@ -84,10 +84,13 @@ class MeanTeacherTrainer(SSLTrainerBase):
     _teacher_restored: bool = False
 
     def make_teacher(self) -> EMATeacher:
-        """A fresh teacher: a copy of the current student on the trainer's device."""
+        """A fresh teacher: a copy of the current student (the bare module, not the DDP/compile wrapper) on the
+        trainer's device."""
         return EMATeacher(self.network_module, alpha=self.ema_alpha).to(self.device)
 
     def initialize(self):
+        # after nnU-Net's initialize: under DDP the network is wrapped by then and DDP has broadcast rank 0's
+        # weights, so every rank's teacher starts from the same student (tests/test_ddp.py)
         super().initialize()
         if self.teacher is None:
             self.teacher = self.make_teacher()
