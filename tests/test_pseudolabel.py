@@ -307,3 +307,16 @@ def test_cli_user_errors(tmp_path, model_folder_plain, capsys):
                  "disagreement", "-device", "cpu"]) == 2
     assert "multi-head" in capsys.readouterr().err
     assert not (tmp_path / "p").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".p.partial")]
+
+
+def test_cli_rejects_a_truncated_input_image(tmp_path, model_folder_plain, capsys):
+    images = tmp_path / "images"
+    os.makedirs(images)
+    for c in range(len(CHANNELS)):
+        sitk.WriteImage(sitk.GetImageFromArray(np.ones((4, 16, 16), np.float32)), str(images / f"x_{c:04d}.nii.gz"))
+    bad = images / "x_0001.nii.gz"
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
+    assert _run(["-m", model_folder_plain, "-i", str(images), "-o", str(tmp_path / "o"), "-device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "truncated" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

@@ -27,6 +27,8 @@ import sys
 import time
 import traceback
 
+from nnunet_mmssl.dataloading.image_checks import ImageFileError, check_image_files
+
 PROG = "nnUNetv2_mmssl_pseudolabel"
 ENTROPY_SUFFIX = "_entropy.nii.gz"
 DISAGREEMENT_SUFFIX = "_disagreement.nii.gz"
@@ -289,6 +291,8 @@ def pseudolabel(model_folder: str, input_folder: str | None, output_folder: str,
         raw_dataset = os.path.join(paths.nnUNet_raw, plans["dataset_name"])
         input_folder = os.path.join(raw_dataset, "imagesUnlabeled")
     cases = list_cases(input_folder, file_ending, len(dataset_json["channel_names"]))
+    # every input image read whole and checked (truncated files, non-image files, NaN/Inf) before predicting
+    check_image_files([f for files in cases.values() for f in files], num_processes=max(1, num_processes_preprocessing))
     folds = _resolve_folds(model_folder, folds, checkpoint)
 
     output_folder = os.path.abspath(output_folder)
@@ -421,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                            num_processes_preprocessing=args.npp, num_processes_export=args.nps)
     except SystemExit as exit_info:  # -h / --help
         return exit_info.code if isinstance(exit_info.code, int) else 0
-    except UserError as error:
+    except (UserError, ImageFileError) as error:
         if verbose:
             traceback.print_exc()
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
