@@ -113,19 +113,14 @@ def _cell(result: dict, metric: str) -> str:
     return "n/a" if mean is None else f"{mean:.3f}±{std:.3f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    data = os.path.abspath(args.data)
-    sources = [os.path.join(data, "brats2018_flair_t1"), os.path.join(data, "brats_4seq_unlabeled")]
-    if not all(os.path.isdir(s) for s in sources):
-        print(f"real data not found under {data} (needs brats2018_flair_t1/ and brats_4seq_unlabeled/): skipped")
-        return 0
-    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+def workdir_environment(root: str) -> tuple[dict, str, str]:
+    """nnU-Net's three folders under ``root``, our trainers (and ``root/ext_trainers``) on ``nnUNet_extTrainer``.
 
+    Returns:
+        (environment for the child commands, the logs folder, the folder for generated trainer modules)
+    """
     from nnunet_mmssl._ext_trainer_hook import EXT_TRAINER_FOLDER, EXT_TRAINER_VARIABLE
-    from nnunet_mmssl.evaluation import evaluate_folders
 
-    root = os.path.abspath(args.workdir)
     logs = os.path.join(root, "logs")
     os.makedirs(logs, exist_ok=True)
     env = dict(os.environ, nnUNet_raw=os.path.join(root, "nnUNet_raw"),
@@ -135,7 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("nnUNet_n_proc_DA", "2")
     ext_folder = os.path.join(root, "ext_trainers")
     env[EXT_TRAINER_VARIABLE] = os.pathsep.join([ext_folder, EXT_TRAINER_FOLDER])
-    commands = []
+    return env, logs, ext_folder
+
+
+def prepare_dataset(args, sources: list[str], env: dict, logs: str, commands: list) -> tuple[str, str, str, dict]:
+    """Convert (README command), plan and preprocess, and write the batch-size plans copy, unless done before.
+
+    ``args`` needs ``num_labeled``, ``num_test``, ``seed``, ``configuration``, ``spacing`` and ``batch_size``; the
+    commands run are appended to ``commands``.
+
+    Returns:
+        (raw dataset folder, preprocessed dataset folder, plans name, the plans' configuration entry)
+    """
+    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
     raw = os.path.join(env["nnUNet_raw"], f"Dataset{DATASET_ID}_{DATASET_NAME}")
     if not os.path.isdir(raw):
@@ -161,6 +168,24 @@ def main(argv: list[str] | None = None) -> int:
     configuration = load_json(os.path.join(preprocessed, plans_name + ".json"))["configurations"][args.configuration]
     print(f"plans {plans_name}: {args.configuration} patch {configuration['patch_size']}, spacing "
           f"{configuration['spacing']}, batch {configuration['batch_size']}", flush=True)
+    return raw, preprocessed, plans_name, configuration
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    data = os.path.abspath(args.data)
+    sources = [os.path.join(data, "brats2018_flair_t1"), os.path.join(data, "brats_4seq_unlabeled")]
+    if not all(os.path.isdir(s) for s in sources):
+        print(f"real data not found under {data} (needs brats2018_flair_t1/ and brats_4seq_unlabeled/): skipped")
+        return 0
+    from batchgenerators.utilities.file_and_folder_operations import save_json
+
+    from nnunet_mmssl.evaluation import evaluate_folders
+
+    root = os.path.abspath(args.workdir)
+    env, logs, ext_folder = workdir_environment(root)
+    commands = []
+    raw, preprocessed, plans_name, configuration = prepare_dataset(args, sources, env, logs, commands)
 
     os.makedirs(ext_folder, exist_ok=True)
     imports = "\n".join(["from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer",

@@ -116,42 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
-    from nnunet_mmssl._ext_trainer_hook import EXT_TRAINER_FOLDER, EXT_TRAINER_VARIABLE
-
     rdr = _real_data_run()
     root = os.path.abspath(args.workdir)
-    logs = os.path.join(root, "logs")
-    os.makedirs(logs, exist_ok=True)
-    env = dict(os.environ, nnUNet_raw=os.path.join(root, "nnUNet_raw"),
-               nnUNet_preprocessed=os.path.join(root, "nnUNet_preprocessed"),
-               nnUNet_results=os.path.join(root, "nnUNet_results"), nnUNet_compile="false")
-    env.setdefault("nnUNet_def_n_proc", "2")
-    env.setdefault("nnUNet_n_proc_DA", "2")
-    ext_folder = os.path.join(root, "ext_trainers")
-    env[EXT_TRAINER_VARIABLE] = os.pathsep.join([ext_folder, EXT_TRAINER_FOLDER])
+    env, logs, ext_folder = rdr.workdir_environment(root)
+    _, preprocessed, plans_name, configuration = rdr.prepare_dataset(args, sources, env, logs, [])
     dataset = f"Dataset{rdr.DATASET_ID}_{rdr.DATASET_NAME}"
-
-    if not os.path.isdir(os.path.join(env["nnUNet_raw"], dataset)):
-        cmd = ["nnUNetv2_mmssl_convert", "-i", *sources, *rdr.CONVERT_ARGS, "--num-labeled", str(args.num_labeled),
-               "--num-test", str(args.num_test), "--seed", str(args.seed), "-d", str(rdr.DATASET_ID), "-n",
-               rdr.DATASET_NAME, "-o", env["nnUNet_raw"]]
-        print(f"convert: {rdr._run(cmd, env, os.path.join(logs, 'convert.log')):.0f} s", flush=True)
-    preprocessed = os.path.join(env["nnUNet_preprocessed"], dataset)
-    plans_name = f"nnUNetPlans_bs{args.batch_size}"
-    if not os.path.isfile(os.path.join(preprocessed, plans_name + ".json")):
-        cmd = ["nnUNetv2_mmssl_plan_and_preprocess", "-d", str(rdr.DATASET_ID), "-c", args.configuration,
-               "-np", env["nnUNet_def_n_proc"]]
-        if args.spacing:
-            cmd += ["-overwrite_target_spacing", *map(str, args.spacing)]
-        print(f"plan and preprocess: {rdr._run(cmd, env, os.path.join(logs, 'plan_and_preprocess.log')):.0f} s",
-              flush=True)
-        plans = load_json(os.path.join(preprocessed, "nnUNetPlans.json"))
-        plans["plans_name"] = plans_name
-        plans["configurations"][args.configuration]["batch_size"] = args.batch_size
-        save_json(plans, os.path.join(preprocessed, plans_name + ".json"), sort_keys=False)
-    configuration = load_json(os.path.join(preprocessed, plans_name + ".json"))["configurations"][args.configuration]
-    print(f"plans {plans_name}: patch {configuration['patch_size']}, spacing {configuration['spacing']}, batch "
-          f"{configuration['batch_size']}", flush=True)
 
     os.makedirs(ext_folder, exist_ok=True)
     with open(os.path.join(ext_folder, "mmssl_signal_trainers.py"), "w") as f:

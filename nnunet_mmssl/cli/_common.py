@@ -29,6 +29,17 @@ def add_verbose(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the model folder arguments shared by our prediction scripts: ``-m`` or ``-d/-c/-tr/-p``."""
+    model = parser.add_argument_group("model (either -m or -d/-c/-tr/-p)")
+    model.add_argument("-m", default=None, help="trained model folder (TRAINER__PLANS__CONFIGURATION)")
+    model.add_argument("-d", default=None, help="dataset name or id")
+    model.add_argument("-c", default=None, help="configuration, e.g. 2d or 3d_fullres")
+    model.add_argument("-tr", default="MemCifSSLTrainer", help="trainer name (default MemCifSSLTrainer)")
+    model.add_argument("-p", default="nnUNetPlans", help="plans identifier")
+    return parser
+
+
 def parse_or_exit_code(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace | int:
     """Parse ``argv``; argparse's own usage errors (already printed) and ``-h`` become an exit code."""
     try:

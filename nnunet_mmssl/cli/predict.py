@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 
-from nnunet_mmssl.cli._common import add_verbose, run_cli
+from nnunet_mmssl.cli._common import add_model_arguments, add_verbose, run_cli
 
 PROG = "nnUNetv2_mmssl_predict"
 
@@ -41,12 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("-i", required=True, help="input folder (nnU-Net naming CASE_XXXX.ext)")
     parser.add_argument("-o", required=True, help="output folder")
-    model = parser.add_argument_group("model (either -m or -d/-c/-tr/-p)")
-    model.add_argument("-m", default=None, help="trained model folder (TRAINER__PLANS__CONFIGURATION)")
-    model.add_argument("-d", default=None, help="dataset name or id")
-    model.add_argument("-c", default=None, help="configuration, e.g. 2d or 3d_fullres")
-    model.add_argument("-tr", default="MemCifSSLTrainer", help="trainer name (default MemCifSSLTrainer)")
-    model.add_argument("-p", default="nnUNetPlans", help="plans identifier")
+    add_model_arguments(parser)
     parser.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (default 0 1 2 3 4)")
     parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name")
     heads = parser.add_mutually_exclusive_group()

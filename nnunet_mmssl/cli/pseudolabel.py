@@ -27,6 +27,7 @@ import sys
 import time
 import traceback
 
+from nnunet_mmssl.cli._common import add_model_arguments
 from nnunet_mmssl.dataloading.image_checks import ImageFileError, check_image_files
 
 PROG = "nnUNetv2_mmssl_pseudolabel"
@@ -49,12 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-i", default=None,
                         help="folder of unlabelled cases, nnU-Net naming CASE_XXXX.ext (default: "
                              "$nnUNet_raw/<the model's dataset>/imagesUnlabeled)")
-    model = parser.add_argument_group("model (either -m or -d/-c/-tr/-p)")
-    model.add_argument("-m", default=None, help="trained model folder (TRAINER__PLANS__CONFIGURATION)")
-    model.add_argument("-d", default=None, help="dataset name or id")
-    model.add_argument("-c", default=None, help="configuration, e.g. 2d or 3d_fullres")
-    model.add_argument("-tr", default="MemCifSSLTrainer", help="trainer name (default MemCifSSLTrainer)")
-    model.add_argument("-p", default="nnUNetPlans", help="plans identifier")
+    add_model_arguments(parser)
     parser.add_argument("-f", nargs="+", default=None,
                         help="folds (default: every fold_X of the model folder with the checkpoint)")
     parser.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name")
