@@ -10,8 +10,8 @@ cases (never the test cases). Reported per trainer, from the model folder's chec
 * the mean unsupervised weight and loss of the last epoch;
 * nnU-Net's validation Dice (foreground mean over the fold-0 validation cases) and the last pseudo Dice.
 
-"Before" variants reproduce the settings in force until 2026-12: ``MemCifSSLTrainer_meanConsistency`` (eq. 4 as a
-mean over voxels and classes) and ``MeanTeacherTrainer_ramp40ep`` (the sigmoid ramp over a fixed 40 epochs, i.e.
+Variants: ``MemCifSSLTrainer_printedConsistency`` (eq. 4 as printed, against the default mean reduction) and
+``MeanTeacherTrainer_ramp40ep`` (the settings in force until 2026-12: the sigmoid ramp over a fixed 40 epochs, i.e.
 ``unsupervised_rampup_fraction = 40 / epochs`` of this run).
 
     python benchmarks/unsup_signal_run.py --workdir /tmp/mmssl_signal --spacing 2 2 2 --epochs 12 --iterations 25
@@ -28,7 +28,7 @@ import sys
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_TRAINERS = ("MemCifSSLTrainer", "MemCifSSLTrainer_meanConsistency", "MeanTeacherTrainer",
+DEFAULT_TRAINERS = ("MemCifSSLTrainer", "MemCifSSLTrainer_printedConsistency", "MeanTeacherTrainer",
                     "MeanTeacherTrainer_ramp40ep", "MMFMCMLTrainer")
 _MODULE = '''"""Short-schedule variants written by benchmarks/unsup_signal_run.py (nnUNet_extTrainer finds them)."""
 import torch

@@ -13,7 +13,7 @@ from nnunet_mmssl.losses.consistency import PAPER_SAMPLE_VOXELS, cross_modal_con
 from nnunet_mmssl.semisup.gradient_share import difference_norm, global_norm, gradient_share, share_ratio
 from nnunet_mmssl.semisup.ramps import sigmoid_rampup
 from nnunet_mmssl.trainers import MeanTeacherTrainer, MemCifSSLTrainer, MMFMCMLTrainer
-from nnunet_mmssl.trainers.memcif import MemCifSSLTrainer_meanConsistency
+from nnunet_mmssl.trainers.memcif import MemCifSSLTrainer_printedConsistency
 
 
 # ---------------------------------------------------------------------------------------------- gradient share
@@ -167,7 +167,7 @@ def _clipped(grads, max_norm: float = 12.0):
     return [None if g is None else g * factor for g in grads]
 
 
-@pytest.mark.parametrize("trainer_class", [MemCifSSLTrainer, MemCifSSLTrainer_meanConsistency])
+@pytest.mark.parametrize("trainer_class", [MemCifSSLTrainer, MemCifSSLTrainer_printedConsistency])
 def test_train_step_backpropagates_sup_plus_weighted_unsup_of_the_unlabelled_slice(make_trainer, trainer_class):
     trainer = make_trainer(trainer_class)
     torch.manual_seed(4)

@@ -3,10 +3,10 @@
 from nnunet_mmssl.trainers import (  # noqa: F401
     MemCifSSLTrainer,
     MemCifSSLTrainer_demo,
-    MemCifSSLTrainer_meanConsistency,
     MemCifSSLTrainer_noCIF,
     MemCifSSLTrainer_noMEM,
     MemCifSSLTrainer_plain,
+    MemCifSSLTrainer_printedConsistency,
     MemCifSupervisedTrainer,
     MemCifSupervisedTrainer_demo,
 )

@@ -4,10 +4,10 @@ from nnunet_mmssl.trainers.base import MMSSLTrainerBase, SSLTrainerBase
 from nnunet_mmssl.trainers.mean_teacher import MeanTeacherTrainer, PlainSupervisedTrainer
 from nnunet_mmssl.trainers.memcif import (
     MemCifSSLTrainer,
-    MemCifSSLTrainer_meanConsistency,
     MemCifSSLTrainer_noCIF,
     MemCifSSLTrainer_noMEM,
     MemCifSSLTrainer_plain,
+    MemCifSSLTrainer_printedConsistency,
     MemCifSupervisedTrainer,
 )
 from nnunet_mmssl.trainers.mmf_mcml import (
@@ -20,7 +20,7 @@ from nnunet_mmssl.trainers.mmf_mcml import (
 )
 from nnunet_mmssl.trainers.variants import MemCifSSLTrainer_demo, MemCifSupervisedTrainer_demo
 
-__all__ = ["MMSSLTrainerBase", "SSLTrainerBase", "MemCifSSLTrainer", "MemCifSSLTrainer_meanConsistency",
+__all__ = ["MMSSLTrainerBase", "SSLTrainerBase", "MemCifSSLTrainer", "MemCifSSLTrainer_printedConsistency",
            "MemCifSSLTrainer_noCIF", "MemCifSSLTrainer_noMEM",
            "MemCifSSLTrainer_plain", "MemCifSupervisedTrainer", "MemCifSSLTrainer_demo", "MemCifSupervisedTrainer_demo"]
 __all__ += ["MMFMCMLTrainer", "MMFMCMLTrainer_baseline", "MMFMCMLTrainer_MMF", "MMFMCMLTrainer_MMF_MAE",
