@@ -11,10 +11,13 @@
 * **Unlabelled stream.** One training step = one labelled batch + one unlabelled batch (:attr:`unlabeled_batch_size`,
   default the labelled one) from ``<data_identifier>_unlabeled``, run through the network in a single forward pass
   (exact with nnU-Net's instance norm). Loss = sum over heads of nnU-Net's deep-supervised Dice+CE on the labelled
-  part + ``unsupervised_weight * ramp(epoch) *`` :meth:`unsupervised_loss` on the full-resolution logits of the
-  unlabelled part. ``use_unlabeled = False`` gives the supervised-only variant of the same network.
-* **Logging and checkpoints.** The supervised and unsupervised losses and the weight are logged each epoch and drawn
-  in progress.png; :meth:`checkpoint_extra_state` lets a method store training-only state under the checkpoint key
+  part + ``unsupervised_weight * ramp(progress) *`` :meth:`unsupervised_loss` on the full-resolution logits of the
+  unlabelled part, the ramp a fraction of the run (:attr:`unsupervised_rampup_fraction`). ``use_unlabeled = False``
+  gives the supervised-only variant of the same network.
+* **Logging and checkpoints.** The supervised and unsupervised losses, the objective, the weight and the gradient
+  share of the unsupervised term (:attr:`gradient_share_every`) are logged each epoch and drawn in progress.png;
+  nnU-Net's ``train_losses`` is the loss of the output the network predicts, comparable with ``val_losses``;
+  :meth:`checkpoint_extra_state` lets a method store training-only state under the checkpoint key
   ``mmssl_state``, restored on ``--c``.
 
 Settings are class attributes, so a variant is a ten-line subclass.
