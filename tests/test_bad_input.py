@@ -353,30 +353,43 @@ def test_demo_cuda_without_gpu(tmp_path, capsys):
 # prediction; the prediction itself is replaced to test the temporary output folder)
 # ------------------------------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def stock_model(nnunet_env, phantom_sources) -> tuple[Path, Path]:
-    """(model folder ``nnUNetTrainer__nnUNetPlans__2d`` of Dataset999_X with fold_0, input folder with 2 cases)."""
+def _stock_model_folder(folder: Path, plans: dict, dataset_json: dict) -> Path:
+    """A stock ``nnUNetTrainer`` model folder (plans, dataset.json, fold_0 with a randomly initialised network)."""
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from plans_fixtures import DATASET_JSON, PLANS
 
-    folder = nnunet_env / "results" / "Dataset999_X" / "nnUNetTrainer__nnUNetPlans__2d"
     (folder / "fold_0").mkdir(parents=True)
-    (folder / "plans.json").write_text(json.dumps(PLANS))
-    (folder / "dataset.json").write_text(json.dumps(DATASET_JSON))
-    manager = PlansManager(copy.deepcopy(PLANS))
+    (folder / "plans.json").write_text(json.dumps(plans))
+    (folder / "dataset.json").write_text(json.dumps(dataset_json))
+    manager = PlansManager(copy.deepcopy(plans))
+    torch.manual_seed(0)
     network = nnUNetTrainer.build_network_architecture(manager, manager.get_configuration("2d"), 2, 2,
                                                        enable_deep_supervision=False)
     torch.save({"trainer_name": "nnUNetTrainer", "init_args": {"configuration": "2d"},
                 "network_weights": network.state_dict(), "inference_allowed_mirroring_axes": (0, 1)},
                folder / "fold_0" / "checkpoint_final.pth")
-    inputs = nnunet_env / "input"
+    return folder
+
+
+def _phantom_inputs(phantom_sources: Path, inputs: Path) -> Path:
+    """Two labelled phantom cases as a prediction input folder (CASE_XXXX.nii.gz)."""
     inputs.mkdir()
     for k, case in enumerate(("phantom_000", "phantom_001")):
         for channel, modality in enumerate(("MRA", "MRB")):
             shutil.copy(phantom_sources / "labeled" / case / f"{modality}.nii.gz",
                         inputs / f"case{k}_{channel:04d}.nii.gz")
+    return inputs
+
+
+@pytest.fixture
+def stock_model(nnunet_env, phantom_sources) -> tuple[Path, Path]:
+    """(model folder ``nnUNetTrainer__nnUNetPlans__2d`` of Dataset999_X with fold_0, input folder with 2 cases)."""
+    from plans_fixtures import DATASET_JSON, PLANS
+
+    folder = _stock_model_folder(nnunet_env / "results" / "Dataset999_X" / "nnUNetTrainer__nnUNetPlans__2d", PLANS,
+                                 DATASET_JSON)
+    inputs = _phantom_inputs(phantom_sources, nnunet_env / "input")
     (inputs / "notes.txt").write_text("ignored: not the model's file ending")
     return folder, inputs
 
@@ -796,31 +809,13 @@ def test_nnunet_train_our_trainer_without_unlabelled_data(train_dataset, state):
 def test_real_prediction_lands_complete(nnunet_env, phantom_sources, tmp_path, capsys):
     """A real nnU-Net prediction (stock nnUNetTrainer, random weights, PP_PLANS) through our temporary folder: -o
     holds every case and nnU-Net's side files, nothing is left beside it, and an existing -o keeps its other files."""
-    import torch
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     from nnunet_mmssl.cli.predict import main
 
-    folder = nnunet_env / "results" / "Dataset558_Bad" / "nnUNetTrainer__nnUNetPlans__2d"
-    (folder / "fold_0").mkdir(parents=True)
-    (folder / "plans.json").write_text(json.dumps(PP_PLANS))
     dataset_json = {"channel_names": {"0": "MRA", "1": "MRB"}, "labels": {"background": 0, "lesion": 1},
                     "numTraining": 1, "file_ending": ".nii.gz"}
-    (folder / "dataset.json").write_text(json.dumps(dataset_json))
-    manager = PlansManager(copy.deepcopy(PP_PLANS))
-    torch.manual_seed(0)
-    network = nnUNetTrainer.build_network_architecture(manager, manager.get_configuration("2d"), 2, 2,
-                                                       enable_deep_supervision=False)
-    torch.save({"trainer_name": "nnUNetTrainer", "init_args": {"configuration": "2d"},
-                "network_weights": network.state_dict(), "inference_allowed_mirroring_axes": (0, 1)},
-               folder / "fold_0" / "checkpoint_final.pth")
-    inputs = tmp_path / "input"
-    inputs.mkdir()
-    for k, case in enumerate(("phantom_000", "phantom_001")):
-        for channel, modality in enumerate(("MRA", "MRB")):
-            shutil.copy(phantom_sources / "labeled" / case / f"{modality}.nii.gz",
-                        inputs / f"case{k}_{channel:04d}.nii.gz")
+    folder = _stock_model_folder(nnunet_env / "results" / "Dataset558_Bad" / "nnUNetTrainer__nnUNetPlans__2d",
+                                 PP_PLANS, dataset_json)
+    inputs = _phantom_inputs(phantom_sources, tmp_path / "input")
     out = tmp_path / "pred"
     out.mkdir()
     (out / "mine.txt").write_text("kept")

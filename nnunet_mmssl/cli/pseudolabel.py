@@ -23,29 +23,22 @@ import csv
 import os
 import re
 import shutil
-import sys
 import time
-import traceback
 
-from nnunet_mmssl.cli._common import add_model_arguments
-from nnunet_mmssl.dataloading.image_checks import ImageFileError, check_image_files
+from nnunet_mmssl.cli._common import add_model_arguments, add_verbose, run_cli
+from nnunet_mmssl.dataloading.image_checks import check_image_files
 
 PROG = "nnUNetv2_mmssl_pseudolabel"
 ENTROPY_SUFFIX = "_entropy.nii.gz"
 DISAGREEMENT_SUFFIX = "_disagreement.nii.gz"
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """An error the user can fix; the message names the file or value and the fix."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        raise UserError(f"{message} (see {PROG} -h)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("-o", required=True, help="output folder (must not exist unless --overwrite)")
     parser.add_argument("-i", default=None,
                         help="folder of unlabelled cases, nnU-Net naming CASE_XXXX.ext (default: "
@@ -73,8 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="preprocessing processes (0: predict in this process, no worker processes)")
     parser.add_argument("-nps", type=int, default=2, help="export processes")
     parser.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"])
-    parser.add_argument("--verbose", action="store_true", help="show tracebacks")
-    return parser
+    return add_verbose(parser)
 
 
 def list_cases(folder: str, file_ending: str, num_channels: int) -> dict[str, list[str]]:
@@ -410,28 +402,16 @@ def pseudolabel(model_folder: str, input_folder: str | None, output_folder: str,
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; 0 on success, 2 on user errors (one line on stderr; ``--verbose``: traceback)."""
-    verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
+
+    def body(args: argparse.Namespace) -> int:
         model_folder = _resolve_model_folder(args)
         rows = pseudolabel(model_folder, args.i, args.o, folds=args.f, checkpoint=args.chk, device=args.device,
                            margin_mm=args.margin_mm, uncertain_fraction=args.uncertain_fraction, rank_by=args.rank_by,
                            disagreement=not args.no_disagreement, keep_probabilities=args.keep_probabilities,
                            overwrite=args.overwrite, step_size=args.step_size, use_mirroring=not args.disable_tta,
                            num_processes_preprocessing=args.npp, num_processes_export=args.nps)
-    except SystemExit as exit_info:  # -h / --help
-        return exit_info.code if isinstance(exit_info.code, int) else 0
-    except (UserError, ImageFileError) as error:
-        if verbose:
-            traceback.print_exc()
-        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
-    except Exception as error:  # noqa: BLE001 (one line unless --verbose)
-        if verbose:
-            raise
-        print(f"{PROG}: error: {type(error).__name__}: {' '.join(str(error).split())} (rerun with --verbose for "
-              f"the traceback)", file=sys.stderr)
-        return 1
-    print(f"{PROG}: wrote {len(rows)} case(s) to {os.path.abspath(args.o)}; annotate first: "
-          f"{', '.join(r['case'] for r in rows[:5])} (see ranking.csv and README.txt)")
-    return 0
+        print(f"{PROG}: wrote {len(rows)} case(s) to {os.path.abspath(args.o)}; annotate first: "
+              f"{', '.join(r['case'] for r in rows[:5])} (see ranking.csv and README.txt)")
+        return 0
+
+    return run_cli(PROG, build_parser(), body, argv)
