@@ -12,7 +12,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Run nnU-Net's fingerprint extraction, planning and preprocessing on the labelled cases "
                     "(imagesTr/labelsTr), write the modality groups of our networks into the plans, and preprocess "
-                    "imagesUnlabeled/ with the same plans into <data_identifier>_unlabeled/.")
+                    "imagesUnlabeled/ with the same plans into <data_identifier>_unlabeled/. For an unregistered "
+                    "dataset (dataset.json mmssl.layout 'unregistered') every case is normalised by its modality "
+                    "(CT scheme with the CT cases' intensity fingerprint, z-score otherwise) and the folds are "
+                    "stratified by modality.")
     parser.add_argument("-d", nargs="+", type=int, required=True, help="dataset id(s)")
     parser.add_argument("-c", nargs="+", default=["2d", "3d_fullres"], help="configurations (default: 2d 3d_fullres)")
     parser.add_argument("-np", type=int, default=2, help="processes for each step (default: 2)")
@@ -32,14 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="do not write nnUNetMMSSLPlans (nnU-Net's planning budgeted for our trainers' memory)")
     parser.add_argument("--budget-trainers", nargs="+", default=None, metavar="TRAINER",
                         help="trainers whose whole step nnUNetMMSSLPlans must fit in the GPU memory target (default: "
-                             "MeanTeacherTrainer MemCifSSLTrainer MMFMCMLTrainer; the largest decides)")
+                             "MeanTeacherTrainer MemCifSSLTrainer MMFMCMLTrainer, or DBDCTrainer for an unregistered "
+                             "dataset; the largest decides)")
     parser.add_argument("--no-unlabeled", action="store_true",
                         help="do not preprocess imagesUnlabeled/ (supervised-only trainers)")
     return add_verbose(parser)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from nnunet_mmssl.planners.memory import DEFAULT_BUDGET_TRAINERS, MMSSL_PLANS_NAME
+    from nnunet_mmssl.planners.memory import MMSSL_PLANS_NAME
     from nnunet_mmssl.planners.plan_and_preprocess import plan_and_preprocess
 
     if args.np < 1:
@@ -52,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
             fingerprint=not args.no_fingerprint, preprocess=not args.no_pp, unlabeled=not args.no_unlabeled,
             overwrite_target_spacing=args.overwrite_target_spacing,
             mmssl_plans_name=None if args.no_mmssl_plans else MMSSL_PLANS_NAME,
-            budget_trainers=args.budget_trainers or DEFAULT_BUDGET_TRAINERS)
+            budget_trainers=args.budget_trainers or None)
         print(f"Done: {plans_file}")
     return 0
 

@@ -86,7 +86,7 @@ def find_cases(folder: str, dataset_json: dict, what: str = "Case",
 
 
 def _preprocess_one(output_filename_truncated: str, image_files: list[str], plans: dict, configuration: str,
-                    dataset_json: dict, check_images: bool = True) -> None:
+                    dataset_json: dict, check_images: bool = True, modality: str | None = None) -> None:
     if check_images:
         from nnunet_mmssl.dataloading.image_checks import check_image_file
 
@@ -95,11 +95,17 @@ def _preprocess_one(output_filename_truncated: str, image_files: list[str], plan
     from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    if modality is not None:  # unregistered dataset: normalise as the case's modality
+        from nnunet_mmssl.planners.modality_normalization import MODALITY_PROPERTY, plans_for_modality
+
+        plans = plans_for_modality(plans, modality)
     plans_manager = PlansManager(plans)
     configuration_manager = plans_manager.get_configuration(configuration)
     preprocessor = configuration_manager.preprocessor_class(verbose=False)
     data, seg, properties = preprocessor.run_case(image_files, None, plans_manager, configuration_manager,
                                                   dataset_json)
+    if modality is not None:
+        properties[MODALITY_PROPERTY] = modality
     # no labels, so no foreground locations: the unlabelled stream samples patches uniformly
     properties["class_locations"] = {}
     data = data.astype(np.float32, copy=False)
@@ -217,6 +223,10 @@ def preprocess_unlabeled(raw_dataset_folder: str, preprocessed_dataset_folder: s
         raise UnlabeledDataError(f"No unlabelled cases found in {folder}"
                                  f". Put them there as CASE_XXXX{dataset_json['file_ending']} (nnUNetv2_mmssl_convert "
                                  f"does this), or pass --no-unlabeled for supervised-only training.")
+    from nnunet_mmssl.dataset_conversion.modality_layout import read_layout
+
+    layout = read_layout(dataset_json.get("mmssl"), os.path.join(raw_dataset_folder, "dataset.json"))
+    modality_of = {case: layout.modality_of(case) if layout is not None else None for case in cases}
     plans_manager = PlansManager(plans)
     outputs = {}
     for k, configuration in enumerate(configurations):
@@ -226,7 +236,7 @@ def preprocess_unlabeled(raw_dataset_folder: str, preprocessed_dataset_folder: s
 
         def fill(tmp: str, configuration=configuration, check=check, final=final) -> None:
             progress(f"Preprocessing {len(cases)} unlabelled cases for configuration {configuration} -> {final}")
-            jobs = [(os.path.join(tmp, case), files, plans, configuration, dataset_json, check)
+            jobs = [(os.path.join(tmp, case), files, plans, configuration, dataset_json, check, modality_of[case])
                     for case, files in cases.items()]
             if num_processes <= 1:
                 for job in jobs:

@@ -23,6 +23,8 @@ from nnunet_mmssl.planners.mmssl_plans import default_modality_groups
 MMSSL_PLANS_NAME = "nnUNetMMSSLPlans"
 #: trainers whose steps the default MMSSL plans must fit (the plans fit the largest of them)
 DEFAULT_BUDGET_TRAINERS = ("MeanTeacherTrainer", "MemCifSSLTrainer", "MMFMCMLTrainer")
+#: the same for unregistered datasets (one channel, a modality per case): only DBDC trains on them
+UNREGISTERED_BUDGET_TRAINERS = ("DBDCTrainer",)
 #: configuration keys that decide the preprocessed data; equal keys let two plans share one data folder
 PREPROCESSING_KEYS = ("spacing", "normalization_schemes", "use_mask_for_norm", "resampling_fn_data",
                       "resampling_fn_seg", "resampling_fn_data_kwargs", "resampling_fn_seg_kwargs", "preprocessor_name")
@@ -63,7 +65,7 @@ def resolve_trainer_class(name_or_class):
 
 def step_feature_map_size(trainer_class, base_architecture: Mapping, modality_groups: Sequence[Sequence[int]],
                           patch_size: Sequence[int], num_input_channels: int, num_output_channels: int,
-                          batch_size: float = 1) -> float:
+                          batch_size: float = 1, modalities: Sequence[str] | None = None) -> float:
     """Feature-map elements one training step of ``trainer_class`` stores for backprop, for a labelled batch size.
 
     The trainer's network (built from ``base_architecture``, nnU-Net's PlainConvUNet entry, as the trainer builds
@@ -78,8 +80,11 @@ def step_feature_map_size(trainer_class, base_architecture: Mapping, modality_gr
         patch_size: patch size.
         num_input_channels, num_output_channels: channels of the network.
         batch_size: labelled batch size (1 = per labelled sample, what nnU-Net's planner works with).
+        modalities: the unregistered modalities of the dataset (a DBDC step has one labelled and one unlabelled
+            batch per modality), or None.
     """
     probe = trainer_class.__new__(trainer_class)
+    probe.planning_modalities = list(modalities) if modalities else None
     architecture = probe.training_architecture(base_architecture, modality_groups) \
         if hasattr(probe, "training_architecture") else base_architecture
     per_sample = network_feature_map_size(architecture, patch_size, num_input_channels, num_output_channels)
@@ -119,15 +124,21 @@ class MMSSLExperimentPlanner(ExperimentPlanner):
                          overwrite_target_spacing, suppress_transpose)
         if not budget_trainers:
             raise ValueError("MMSSLExperimentPlanner needs at least one trainer to budget for.")
+        from nnunet_mmssl.dataset_conversion.modality_layout import read_layout
+
         self.budget_trainers = [resolve_trainer_class(t) for t in budget_trainers]
+        layout = read_layout(self.dataset_json.get("mmssl"))
+        self.modalities = list(layout.modalities) if layout is not None else None
+        num_channels = len(self.dataset_json["channel_names"])
         self.modality_groups = [list(g) for g in modality_groups] if modality_groups else \
-            default_modality_groups(len(self.dataset_json["channel_names"]))
+            ([[0]] if num_channels == 1 else default_modality_groups(num_channels))
 
     def static_estimate_VRAM_usage(self, patch_size, input_channels, output_channels, arch_class_name, arch_kwargs,
                                    arch_kwargs_req_import):
         base = {"network_class_name": arch_class_name, "arch_kwargs": arch_kwargs,
                 "_kw_requires_import": arch_kwargs_req_import}
-        return max(step_feature_map_size(t, base, self.modality_groups, patch_size, input_channels, output_channels)
+        return max(step_feature_map_size(t, base, self.modality_groups, patch_size, input_channels, output_channels,
+                                         modalities=self.modalities)
                    for t in self.budget_trainers)
 
     def memory_record(self, configuration: Mapping) -> dict:

@@ -62,8 +62,12 @@ def add_mmssl_block(plans: Mapping, dataset_json: Mapping, modality_groups: Sequ
                     num_unlabeled: int | None = None) -> dict:
     """Return a copy of ``plans`` with the ``mmssl`` block (modality groups etc.) set."""
     channel_names = dict(dataset_json["channel_names"])
-    groups = [list(map(int, g)) for g in modality_groups] if modality_groups else \
-        default_modality_groups(len(channel_names))
+    if modality_groups:
+        groups = [list(map(int, g)) for g in modality_groups]
+    elif len(channel_names) == 1:  # one channel (e.g. an unregistered dataset): no branches to split into
+        groups = [[0]]
+    else:
+        groups = default_modality_groups(len(channel_names))
     new_plans = copy.deepcopy(dict(plans))
     new_plans[MMSSL_KEY] = {
         "version": MMSSL_PLANS_VERSION,

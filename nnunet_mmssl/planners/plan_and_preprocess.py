@@ -25,13 +25,18 @@ from nnunet_mmssl.dataloading.unlabeled_preprocessing import (
     find_unlabeled_cases,
     preprocess_unlabeled,
 )
+from nnunet_mmssl.dataset_conversion.modality_layout import check_single_channel, read_layout
 from nnunet_mmssl.planners.memory import (
     DEFAULT_BUDGET_TRAINERS,
     MMSSL_PLANS_NAME,
+    UNREGISTERED_BUDGET_TRAINERS,
     MMSSLExperimentPlanner,
     share_preprocessed_data,
 )
 from nnunet_mmssl.planners.mmssl_plans import MMSSL_KEY, add_mmssl_block, parse_modality_groups
+
+#: keys of the plans' mmssl block describing an unregistered dataset (shared by both plans files)
+UNREGISTERED_PLANS_KEYS = ("layout", "modalities", "intensity_schemes", "modality_intensity_properties")
 
 
 @contextlib.contextmanager
@@ -48,16 +53,27 @@ def _at_least_one_da_process():
             os.environ["nnUNet_n_proc_DA"] = old
 
 
-def _maybe_write_small_dataset_splits(preprocessed_folder: str, raw_folder: str, dataset_json: dict, progress) -> None:
+def _maybe_write_small_dataset_splits(preprocessed_folder: str, raw_folder: str, dataset_json: dict, progress,
+                                      layout=None) -> None:
     """nnU-Net builds 5 folds, which fails with fewer than 5 labelled cases -- common in semi-supervised work. Then
-    write ``splits_final.json`` with one fold per case (leave-one-out) unless the user already has one."""
+    write ``splits_final.json`` with one fold per case (leave-one-out) unless the user already has one. For an
+    unregistered dataset the folds are stratified by modality (every modality validated in every fold it can be)."""
     from batchgenerators.utilities.file_and_folder_operations import save_json
     from nnunetv2.utilities.crossval_split import generate_crossval_split
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
     splits_file = os.path.join(preprocessed_folder, "splits_final.json")
     identifiers = sorted(get_filenames_of_train_images_and_targets(raw_folder, dataset_json).keys())
-    if os.path.isfile(splits_file) or not 2 <= len(identifiers) < 5:
+    if os.path.isfile(splits_file) or len(identifiers) < 2:
+        return
+    if layout is not None:
+        from nnunet_mmssl.planners.modality_normalization import stratified_splits
+
+        n_splits = min(5, len(identifiers))
+        save_json(stratified_splits(layout.case_modality, identifiers, n_splits), splits_file)
+        progress(f"Wrote {n_splits} folds stratified by modality to {splits_file}.")
+        return
+    if len(identifiers) >= 5:
         return
     save_json(generate_crossval_split(identifiers, seed=12345, n_splits=len(identifiers)), splits_file)
     progress(f"Only {len(identifiers)} labelled cases: wrote {len(identifiers)} leave-one-out folds to {splits_file} "
@@ -98,7 +114,7 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
                         fingerprint: bool = True, plan: bool = True, preprocess: bool = True,
                         unlabeled: bool = True, overwrite_target_spacing: Sequence[float] | None = None,
                         mmssl_plans_name: str | None = MMSSL_PLANS_NAME,
-                        budget_trainers: Sequence[str] = DEFAULT_BUDGET_TRAINERS, progress=print) -> str:
+                        budget_trainers: Sequence[str] | None = None, progress=print) -> str:
     """Run the whole pipeline for one dataset; return the plans file path.
 
     Args:
@@ -114,7 +130,8 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
         overwrite_target_spacing: nnU-Net's ``-overwrite_target_spacing`` (z, y, x in mm, the plans' axis order;
             applies to 3d_fullres and, through it, to 2d), e.g. to train on coarser voxels than the images'.
         mmssl_plans_name: name of the memory-budgeted plans for our trainers (None: do not make them).
-        budget_trainers: trainers whose steps those plans must fit (the largest decides).
+        budget_trainers: trainers whose steps those plans must fit (the largest decides); default
+            :data:`~nnunet_mmssl.planners.memory.DEFAULT_BUDGET_TRAINERS`, or DBDCTrainer for an unregistered dataset.
         progress: callable taking a message.
     """
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
@@ -122,7 +139,6 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
         extract_fingerprints,
         plan_experiments,
     )
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess as nnunet_preprocess
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
@@ -130,6 +146,14 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
     raw_folder = os.path.join(nnUNet_raw.require(), dataset_name)
     preprocessed_folder = os.path.join(nnUNet_preprocessed.require(), dataset_name)
     dataset_json = load_json(os.path.join(raw_folder, "dataset.json"))
+    layout = read_layout(dataset_json.get(MMSSL_KEY), os.path.join(raw_folder, "dataset.json"))
+    if layout is not None:
+        check_single_channel(dataset_json, layout, os.path.join(raw_folder, "dataset.json"))
+        if modality_groups:
+            raise ValueError("--modality-groups does not apply to an unregistered dataset (one channel; the "
+                             "modality of each case is in dataset.json).")
+    if budget_trainers is None:
+        budget_trainers = UNREGISTERED_BUDGET_TRAINERS if layout is not None else DEFAULT_BUDGET_TRAINERS
     groups = parse_modality_groups(modality_groups, dataset_json["channel_names"]) if modality_groups else None
     unlabeled_cases = find_unlabeled_cases(raw_folder, dataset_json) if unlabeled else {}
     num_unlabeled = len(unlabeled_cases)
@@ -159,38 +183,82 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
         raise ValueError(f"Configuration(s) {missing} are not in {plans_file} (available: "
                          f"{sorted(plans['configurations'])}). nnU-Net drops 3d_lowres for small images.")
     plans = add_mmssl_block(plans, dataset_json, groups, num_unlabeled)
+    if layout is not None:
+        plans = _add_unregistered_block(plans, preprocessed_folder, raw_folder, dataset_json, layout, plan,
+                                        num_processes, progress)
     save_json(plans, plans_file, sort_keys=False)
-    progress(f"Modality groups {plans['mmssl']['modality_groups']} written to {plans_file}")
-    _maybe_write_small_dataset_splits(preprocessed_folder, raw_folder, dataset_json, progress)
+    progress(f"Modality groups {plans['mmssl']['modality_groups']} written to {plans_file}" if layout is None else
+             f"Unregistered modalities {list(layout.modalities)} (schemes {dict(layout.intensity_schemes)}) "
+             f"written to {plans_file}")
+    _maybe_write_small_dataset_splits(preprocessed_folder, raw_folder, dataset_json, progress, layout)
     mmssl_plans, mmssl_own = None, []
     if mmssl_plans_name:
         mmssl_plans = _plan_memory_budgeted(dataset_id, preprocessed_folder, plans, dataset_json, mmssl_plans_name,
                                             budget_trainers, gpu_memory_target_in_gb, target_spacing, groups,
-                                            num_unlabeled, plan, progress)
+                                            num_unlabeled, plan, progress, plans if layout is not None else None)
         mmssl_own = [c for c in configurations if c in mmssl_plans["configurations"] and
                      PlansManager(mmssl_plans).get_configuration(c).data_identifier !=
                      PlansManager(plans).get_configuration(c).data_identifier]
     if preprocess:
-        progress(f"Preprocessing labelled cases for {list(configurations)}")
-        nnunet_preprocess([dataset_id], plans_identifier, configurations=list(configurations),
-                          num_processes=[num_processes] * len(configurations), verbose=False)
+        progress(f"Preprocessing labelled cases for {list(configurations)}" +
+                 (" (each case normalised by its modality)" if layout is not None else ""))
+        _preprocess_labelled(dataset_id, plans_identifier, list(configurations), num_processes, layout)
         if unlabeled:
             preprocess_unlabeled(raw_folder, preprocessed_folder, plans, configurations, num_processes, progress,
                                  check_images=False)
         if mmssl_own:
             progress(f"Preprocessing {mmssl_own} of {mmssl_plans_name} (preprocessing differs from "
                      f"{plans_identifier})")
-            nnunet_preprocess([dataset_id], mmssl_plans_name, configurations=mmssl_own,
-                              num_processes=[num_processes] * len(mmssl_own), verbose=False)
+            _preprocess_labelled(dataset_id, mmssl_plans_name, mmssl_own, num_processes, layout)
             if unlabeled:
                 preprocess_unlabeled(raw_folder, preprocessed_folder, mmssl_plans, mmssl_own, num_processes, progress,
                                      check_images=False)
     return plans_file
 
 
+def _preprocess_labelled(dataset_id: int, plans_identifier: str, configurations: list[str], num_processes: int,
+                         layout) -> None:
+    """nnU-Net's preprocessing of imagesTr, or, for an unregistered dataset, the same with per-case normalisation."""
+    if layout is None:
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess as nnunet_preprocess
+
+        nnunet_preprocess([dataset_id], plans_identifier, configurations=configurations,
+                          num_processes=[num_processes] * len(configurations), verbose=False)
+        return
+    from nnunet_mmssl.planners.modality_normalization import preprocess_labelled
+
+    preprocess_labelled(dataset_id, plans_identifier, configurations, layout.case_modality, num_processes)
+
+
+def _add_unregistered_block(plans: dict, preprocessed_folder: str, raw_folder: str, dataset_json: dict, layout,
+                            plan: bool, num_processes: int, progress) -> dict:
+    """The plans with the unregistered layout and each modality's intensity fingerprint in the mmssl block
+    (computed when planning, else taken from the plans file as it is)."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    from nnunet_mmssl.planners.modality_normalization import (
+        modality_intensity_properties,
+        unregistered_plans_block,
+    )
+
+    old = plans.get(MMSSL_KEY, {})
+    properties = old.get("modality_intensity_properties") if not plan else None
+    if properties is None or set(properties) != set(layout.modalities):
+        fingerprint = load_json(os.path.join(preprocessed_folder, "dataset_fingerprint.json"))
+        schemes = ", ".join(f"{m}: {s}" for m, s in layout.intensity_schemes.items())
+        progress(f"Intensity fingerprint per modality ({schemes})")
+        properties = modality_intensity_properties(raw_folder, dataset_json, layout,
+                                                   fingerprint["foreground_intensity_properties_per_channel"]["0"],
+                                                   num_processes)
+    new = dict(plans)
+    new[MMSSL_KEY] = {**plans[MMSSL_KEY], **unregistered_plans_block(layout, properties)}
+    return new
+
+
 def _plan_memory_budgeted(dataset_id: int, preprocessed_folder: str, plans: dict, dataset_json: dict,
                           mmssl_plans_name: str, budget_trainers: Sequence[str], gpu_memory_target_in_gb,
-                          target_spacing, groups, num_unlabeled: int, plan: bool, progress) -> dict:
+                          target_spacing, groups, num_unlabeled: int, plan: bool, progress,
+                          unregistered_plans: dict | None = None) -> dict:
     """Make (or, with ``plan=False``, load) the memory-budgeted plans; return them."""
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
@@ -209,6 +277,9 @@ def _plan_memory_budgeted(dataset_id: int, preprocessed_folder: str, plans: dict
         planner.plan_experiment()
     mmssl_plans, _ = share_preprocessed_data(load_json(mmssl_file), plans)
     mmssl_plans = add_mmssl_block(mmssl_plans, dataset_json, groups, num_unlabeled)
+    if unregistered_plans is not None:  # the same modalities and intensity fingerprints as nnU-Net's plans
+        mmssl_plans[MMSSL_KEY].update({k: v for k, v in unregistered_plans[MMSSL_KEY].items()
+                                       if k in UNREGISTERED_PLANS_KEYS})
     manager = PlansManager(mmssl_plans)
     mmssl_plans[MMSSL_KEY]["memory"] = {c: planner.memory_record(manager.get_configuration(c).configuration)
                                         for c in mmssl_plans["configurations"]}

@@ -284,7 +284,13 @@ class SSLTrainerBase(nnUNetTrainer):
         Not called when AMP's GradScaler skipped the step (overflowing gradients): the weights did not move.
         """
 
-    def train_step(self, batch: dict) -> dict:
+    def step_inputs(self, batch: dict) -> tuple:
+        """The arguments of :meth:`compute_losses` for one step, on the device: ``(data, target, unlabeled)``.
+
+        Reads the labelled batch nnU-Net's loader gave and, with :attr:`use_unlabeled`, the next unlabelled batch.
+        A trainer with other streams (e.g. one batch per modality) overrides this, :meth:`step_uses_unlabeled` and
+        :meth:`compute_losses` together.
+        """
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else \
@@ -292,16 +298,25 @@ class SSLTrainerBase(nnUNetTrainer):
         unlabeled = None
         if self.use_unlabeled:
             unlabeled = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
+        return data, target, unlabeled
+
+    def step_uses_unlabeled(self, inputs: tuple) -> bool:
+        """Whether the step's inputs (:meth:`step_inputs`) contain unlabelled data."""
+        return inputs[2] is not None
+
+    def train_step(self, batch: dict) -> dict:
+        inputs = self.step_inputs(batch)
+        uses_unlabeled = self.step_uses_unlabeled(inputs)
         weight = self.current_unsupervised_weight()
-        measure = unlabeled is not None and self.measure_gradient_share_now()
+        measure = uses_unlabeled and self.measure_gradient_share_now()
         self.iteration_in_epoch += 1
         self._watch_optimizer_steps()
 
         self.optimizer.zero_grad(set_to_none=True)
         self.monitor_loss = None
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            sup_loss, unsup_loss = self.compute_losses(data, target, unlabeled)
-            loss = sup_loss if unlabeled is None else sup_loss + weight * unsup_loss
+            sup_loss, unsup_loss = self.compute_losses(*inputs)
+            loss = sup_loss + weight * unsup_loss if uses_unlabeled else sup_loss
 
         scaler = self.grad_scaler
         scaled = scaler.scale if scaler is not None else (lambda x: x)

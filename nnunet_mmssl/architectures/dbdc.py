@@ -1,0 +1,237 @@
+"""DBDC's modality all-in-one U-Net (Chen et al., Fig. 2) and a modality guard for plain U-Nets.
+
+:class:`DBDCUNet` is nnU-Net's ``PlainConvUNet`` (same arch kwargs from the plans, all convolutions shared by every
+modality) with
+
+* the modality-level modulation bank (MLMB, eqs. 1-3): every norm becomes a
+  :class:`~nnunet_mmssl.building_blocks.norm_bank.ModalityNormBank` inside ``norm_bank_scope`` (the paper's Table IV);
+* the projector of the prototype bank (MLPB, eq. 4ff.): the outputs of the ``projector_scales`` highest-resolution
+  decoder stages, upsampled to full resolution and concatenated, go through three 1x1 convolutions to
+  ``embedding_dim`` channels, L2-normalised per voxel (returned only when ``return_embeddings`` is set: training);
+* feature perturbation for dual consistency: channel dropout of the bottleneck for the samples a boolean mask picks.
+
+``forward(x, modality=None, perturb_features=None)``: ``modality`` is a (B,) long tensor of per-sample modality
+indices (a batch may mix modalities) or an int; None uses :attr:`inference_modality`, which our predictor sets from
+``--modality``; a model with one modality needs nothing. Called without a modality, a model of several modalities
+raises :class:`~nnunet_mmssl.building_blocks.norm_bank.ModalityNotSetError` with the fix -- so ``nnUNetv2_predict``
+fails with that message instead of guessing.
+
+:class:`ModalityGuardedUNet` wraps nnU-Net's plain U-Net (the paper's pooled "UNet" rows) with the same modality
+check: its weights are shared by all modalities, but its input must be normalised with the input's modality's
+scheme, which only our predictor does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from torch import nn
+
+from nnunet_mmssl.building_blocks.norm_bank import (
+    ModalityContext,
+    ModalityNotSetError,
+    modality_not_set_message,
+    replace_norms_with_banks,
+)
+
+
+class ModalitySelection:
+    """Mixin: the modality names of a network and how a forward call resolves the batch's modality."""
+
+    modalities: list[str]
+    #: modality index used when ``forward`` gets none (set by our predictor); None = not set
+    inference_modality: int | None
+
+    def _init_modalities(self, modalities: Sequence[str]) -> None:
+        names = [str(m) for m in modalities]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"modalities must be a non-empty list of unique names, got {modalities!r}")
+        self.modalities = names
+        self.inference_modality = None
+
+    def set_inference_modality(self, modality: str | int | None) -> None:
+        """Select the modality of the images the network will predict (name or index; None = unset).
+
+        Raises:
+            ValueError: an unknown name or index, listing the trained modalities.
+        """
+        if modality is None:
+            self.inference_modality = None
+            return
+        if isinstance(modality, str):
+            if modality not in self.modalities:
+                raise ValueError(f"Unknown modality {modality!r}: this model was trained on {self.modalities}.")
+            self.inference_modality = self.modalities.index(modality)
+            return
+        index = int(modality)
+        if not 0 <= index < len(self.modalities):
+            raise ValueError(f"Modality index {index} out of range: this model was trained on {self.modalities}.")
+        self.inference_modality = index
+
+    def resolve_modality(self, x: torch.Tensor, modality: torch.Tensor | int | None) -> torch.Tensor:
+        """(B,) long tensor of the samples' modality indices.
+
+        Raises:
+            ModalityNotSetError: no modality given or selected and the model has several.
+            ValueError: an index out of range or a wrong length.
+        """
+        if modality is None:
+            modality = self.inference_modality
+        if modality is None:
+            if len(self.modalities) == 1:
+                modality = 0
+            else:
+                raise ModalityNotSetError(modality_not_set_message(self.modalities))
+        if isinstance(modality, torch.Tensor):
+            vector = modality.to(device=x.device, dtype=torch.long).reshape(-1)
+            if vector.numel() != x.shape[0]:
+                raise ValueError(f"modality has {vector.numel()} entries for a batch of {x.shape[0]}")
+        else:
+            vector = torch.full((x.shape[0],), int(modality), dtype=torch.long, device=x.device)
+        if vector.numel() and (int(vector.min()) < 0 or int(vector.max()) >= len(self.modalities)):
+            raise ValueError(f"modality indices {sorted(set(vector.tolist()))} out of range for {self.modalities}")
+        return vector
+
+
+class DBDCUNet(ModalitySelection, PlainConvUNet):
+    """nnU-Net's PlainConvUNet with per-modality norm banks, a pixel-embedding projector and feature dropout.
+
+    Args:
+        input_channels ... nonlin_first: nnU-Net's ``PlainConvUNet`` arch kwargs (from the plans).
+        modalities: modality names, in bank order.
+        norm_bank_scope: ``"all"`` (paper), ``"encoder+bottleneck"``, ``"encoder"`` or ``"none"`` (Table IV).
+        norm_bank_kind: ``"batch"`` (paper, running statistics per modality) or ``"instance"``.
+        norm_bank_momentum: running-statistics momentum (paper: alpha = 0.99 -> 0.01).
+        use_projector: build the MLPB projector (False for the "w/o MLPB" variants).
+        embedding_dim: D (paper 64).
+        projector_scales: decoder stages (from the highest resolution) concatenated for the embeddings.
+        feature_dropout: channel-dropout probability of the bottleneck under feature perturbation.
+    """
+
+    def __init__(self, input_channels: int, n_stages: int, features_per_stage, conv_op, kernel_sizes, strides,
+                 n_conv_per_stage, num_classes: int, n_conv_per_stage_decoder, conv_bias: bool = False,
+                 norm_op=None, norm_op_kwargs=None, dropout_op=None, dropout_op_kwargs=None, nonlin=None,
+                 nonlin_kwargs=None, deep_supervision: bool = False, nonlin_first: bool = False,
+                 modalities: Sequence[str] = ("image",), norm_bank_scope: str = "all",
+                 norm_bank_kind: str = "batch", norm_bank_momentum: float = 0.01, use_projector: bool = True,
+                 embedding_dim: int = 64, projector_scales: int = 3, feature_dropout: float = 0.5):
+        super().__init__(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
+                         n_conv_per_stage, num_classes, n_conv_per_stage_decoder, conv_bias, norm_op, norm_op_kwargs,
+                         dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs, deep_supervision, nonlin_first)
+        self._init_modalities(modalities)
+        self.conv_dim = 2 if conv_op in (nn.Conv2d,) or getattr(conv_op, "__name__", "") == "Conv2d" else 3
+        self.modality_context = ModalityContext()
+        self.norm_bank_counts = replace_norms_with_banks(
+            self.encoder.stages, self.decoder.stages, len(self.modalities), self.conv_dim, self.modality_context,
+            norm_bank_scope, norm_bank_kind, norm_bank_momentum)
+        self.norm_bank_scope = norm_bank_scope
+        self.feature_dropout = float(feature_dropout)
+        self.embedding_dim = int(embedding_dim)
+        self.return_embeddings = False
+        self.projector = None
+        if use_projector:
+            num_decoder_stages = len(self.decoder.stages)
+            self.projector_scales = max(1, min(int(projector_scales), num_decoder_stages))
+            in_channels = sum(self.decoder.stages[num_decoder_stages - 1 - i].output_channels
+                              for i in range(self.projector_scales))
+            conv = nn.Conv2d if self.conv_dim == 2 else nn.Conv3d
+            self.projector = nn.Sequential(
+                conv(in_channels, self.embedding_dim, 1), nn.LeakyReLU(0.01, inplace=True),
+                conv(self.embedding_dim, self.embedding_dim, 1), nn.LeakyReLU(0.01, inplace=True),
+                conv(self.embedding_dim, self.embedding_dim, 1))
+
+    def compute_conv_feature_map_size(self, input_size):
+        """nnU-Net's estimate (encoder + decoder feature maps per sample) + the projector's full-resolution maps."""
+        size = super().compute_conv_feature_map_size(input_size)
+        if self.projector is not None:
+            voxels = int(np.prod(input_size, dtype=np.int64))
+            size += voxels * (self.projector[0].in_channels + 3 * self.embedding_dim)
+        return size
+
+    @property
+    def deep_supervision(self) -> bool:
+        return self.decoder.deep_supervision
+
+    @deep_supervision.setter
+    def deep_supervision(self, enabled: bool) -> None:
+        self.decoder.deep_supervision = enabled
+
+    def _perturb(self, bottleneck: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None or not bool(mask.any()):
+            return bottleneck
+        dropout = F.dropout2d if self.conv_dim == 2 else F.dropout3d
+        dropped = dropout(bottleneck, self.feature_dropout, training=True)
+        shape = (-1,) + (1,) * (bottleneck.ndim - 1)
+        return torch.where(mask.to(bottleneck.device).view(shape), dropped, bottleneck)
+
+    def _decode(self, skips: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """nnU-Net's UNetDecoder.forward, also returning every stage's features (highest resolution first)."""
+        decoder = self.decoder
+        lres = skips[-1]
+        seg_outputs, features = [], []
+        for s in range(len(decoder.stages)):
+            x = decoder.transpconvs[s](lres)
+            x = torch.cat((x, skips[-(s + 2)]), 1)
+            x = decoder.stages[s](x)
+            features.append(x)
+            if decoder.deep_supervision:
+                seg_outputs.append(decoder.seg_layers[s](x))
+            elif s == len(decoder.stages) - 1:
+                seg_outputs.append(decoder.seg_layers[-1](x))
+            lres = x
+        return seg_outputs[::-1], features[::-1]
+
+    def embed(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """(B, D, *S) L2-normalised pixel embeddings from the decoder features (highest resolution first)."""
+        size = features[0].shape[2:]
+        mode = "bilinear" if self.conv_dim == 2 else "trilinear"
+        parts = [features[0]] + [F.interpolate(f, size=size, mode=mode, align_corners=False)
+                                 for f in features[1:self.projector_scales]]
+        return F.normalize(self.projector(torch.cat(parts, 1)), dim=1)
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor | int | None = None,
+                perturb_features: torch.Tensor | None = None):
+        """Logits (a list, highest resolution first, under deep supervision); with :attr:`return_embeddings`,
+        ``(logits, embeddings)``.
+
+        Args:
+            x: (B, 1, *S) images.
+            modality: (B,) modality indices, an int, or None (see the module docstring).
+            perturb_features: (B,) bool, samples whose bottleneck gets channel dropout (dual consistency).
+        """
+        self.modality_context.modality = self.resolve_modality(x, modality)
+        try:
+            skips = self.encoder(x)
+            skips[-1] = self._perturb(skips[-1], perturb_features)
+            seg_outputs, features = self._decode(skips)
+        finally:
+            self.modality_context.modality = None
+        logits = seg_outputs if self.decoder.deep_supervision else seg_outputs[0]
+        if self.return_embeddings:
+            if self.projector is None:
+                raise RuntimeError("return_embeddings is set but this network has no projector (use_projector=False)")
+            return logits, self.embed(features)
+        return logits
+
+
+class ModalityGuardedUNet(ModalitySelection, PlainConvUNet):
+    """nnU-Net's PlainConvUNet, unchanged, that refuses to predict without being told the input's modality.
+
+    Trained on the unregistered modalities pooled (one set of weights); the guard only makes ``nnUNetv2_predict``
+    (which would normalise every image with one scheme) fail with the fix instead of predicting silently wrong.
+    """
+
+    def __init__(self, *args, modalities: Sequence[str] = ("image",), **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_modalities(modalities)
+        #: check the modality in eval mode; the trainer switches it off (its data are already normalised per case)
+        self.guard_enabled = True
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor | int | None = None):
+        if self.guard_enabled and not self.training:
+            self.resolve_modality(x, modality)
+        return super().forward(x)

@@ -1,0 +1,176 @@
+"""Modality-level modulation bank (DBDC's MLMB, Chen et al. eqs. 1-3): one normalisation per modality.
+
+Every normalisation layer of nnU-Net's planned U-Net becomes a :class:`ModalityNormBank` of K norms; all
+convolutions stay shared. The bank normalises each sample with the norm of that sample's modality, read from a
+:class:`ModalityContext` that the owning network fills at the start of its ``forward`` (one context object shared by
+all banks of a network, so the modality travels with the batch, not as a module state that DDP or torch.compile would
+have to know about).
+
+The bank's norms are BatchNorm by default (``kind="batch"``): eqs. 1-3 keep per-modality running means and variances
+(registered buffers, so they are saved in the state dict, moved with ``.to()`` and converted to SyncBatchNorm by
+nnU-Net under DDP) and use them at inference. nnU-Net plans InstanceNorm because its batches are small; per-instance
+statistics would make the bank's statistics meaningless (only the affine parameters would differ per modality), so
+the paper's batch statistics are used and the README says so. ``kind="instance"`` keeps nnU-Net's InstanceNorm with
+per-modality affine parameters, for comparison.
+
+A batch may mix modalities: the bank then normalises each modality's samples together (its own batch statistics),
+exactly as if each modality had been a separate forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+#: norm classes of nnU-Net plans that :func:`replace_norms_with_banks` replaces
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+NORM_BANK_KINDS = ("batch", "instance")
+NORM_BANK_SCOPES = ("none", "encoder", "encoder+bottleneck", "all")
+
+
+class ModalityNotSetError(ValueError):
+    """A multi-modality network was called without telling it the input's modality."""
+
+
+def modality_not_set_message(modalities: Sequence[str]) -> str:
+    names = "|".join(modalities)
+    return (f"This model was trained on the unregistered modalities {list(modalities)} and needs the modality of the "
+            f"input image: predict with nnUNetv2_mmssl_predict ... --modality {names} (plain nnUNetv2_predict cannot "
+            f"pass it; the model would otherwise have to guess).")
+
+
+class ModalityContext:
+    """The per-sample modality of the batch being processed, shared by all banks of one network.
+
+    ``modality`` is None (not set) or a (B,) long tensor of modality indices.
+    """
+
+    def __init__(self):
+        self.modality: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo):  # a deep copy of a network gets its own (empty) context
+        return ModalityContext()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.modality = None
+
+
+def _make_norm(kind: str, conv_dim: int, num_features: int, momentum: float, eps: float) -> nn.Module:
+    if kind == "batch":
+        return (nn.BatchNorm2d if conv_dim == 2 else nn.BatchNorm3d)(num_features, eps=eps, momentum=momentum)
+    if kind == "instance":
+        return (nn.InstanceNorm2d if conv_dim == 2 else nn.InstanceNorm3d)(num_features, eps=eps, affine=True)
+    raise ValueError(f"norm bank kind must be one of {NORM_BANK_KINDS}, got {kind!r}")
+
+
+class ModalityNormBank(nn.Module):
+    """K norms over the same features; each sample is normalised by the norm of its modality (eq. 1).
+
+    Args:
+        num_modalities: K (1 = a single shared norm, used outside the bank's scope).
+        num_features: channels.
+        conv_dim: 2 or 3.
+        context: the network's :class:`ModalityContext`.
+        kind: ``"batch"`` (running statistics per modality, eqs. 2-3) or ``"instance"``.
+        momentum: PyTorch momentum of the running statistics (eq. 2-3's ``1 - alpha``; alpha = 0.99 -> 0.01).
+        eps: eq. 1's epsilon.
+    """
+
+    def __init__(self, num_modalities: int, num_features: int, conv_dim: int, context: ModalityContext,
+                 kind: str = "batch", momentum: float = 0.01, eps: float = 1e-5):
+        super().__init__()
+        if num_modalities < 1:
+            raise ValueError(f"num_modalities must be >= 1, got {num_modalities}")
+        self.num_modalities = num_modalities
+        self.kind = kind
+        self.norms = nn.ModuleList(_make_norm(kind, conv_dim, num_features, momentum, eps)
+                                   for _ in range(num_modalities))
+        self._context = context
+
+    def extra_repr(self) -> str:
+        return f"modalities={self.num_modalities}, kind={self.kind}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.num_modalities == 1:
+            return self.norms[0](x)
+        modality = self._context.modality
+        if modality is None:
+            raise ModalityNotSetError("ModalityNormBank called without a modality; the owning network sets it "
+                                      "in forward(x, modality=...).")
+        if modality.numel() != x.shape[0]:
+            raise ValueError(f"modality has {modality.numel()} entries for a batch of {x.shape[0]}")
+        first = int(modality[0])
+        if bool((modality == first).all()):
+            return self.norms[first](x)
+        out = torch.empty_like(x)
+        for k in torch.unique(modality).tolist():
+            index = (modality == k).nonzero(as_tuple=True)[0]
+            out = out.index_copy(0, index, self.norms[k](x.index_select(0, index)))
+        return out
+
+
+def _norm_children(module: nn.Module):
+    """(parent, attribute name, norm) for every norm reachable from ``module`` without going through a bank."""
+    for name, child in module.named_children():
+        if isinstance(child, ModalityNormBank):
+            continue
+        if isinstance(child, _NORM_TYPES):
+            yield module, name, child
+        else:
+            yield from _norm_children(child)
+
+
+def _replace_in(module: nn.Module, num_modalities: int, conv_dim: int, context: ModalityContext, kind: str,
+                momentum: float) -> int:
+    count = 0
+    for parent, name, norm in list(_norm_children(module)):
+        features = getattr(norm, "num_features", None) or getattr(norm, "num_channels", None)
+        bank = ModalityNormBank(num_modalities, int(features), conv_dim, context, kind, momentum,
+                                eps=float(getattr(norm, "eps", 1e-5)))
+        setattr(parent, name, bank)
+        # nnU-Net's ConvDropoutNormReLU also holds the norm in its ``all_modules`` Sequential
+        for sibling in parent.modules():
+            if isinstance(sibling, nn.Sequential):
+                for i, m in enumerate(sibling):
+                    if m is norm:
+                        sibling[i] = bank
+        count += 1
+    return count
+
+
+def replace_norms_with_banks(encoder_stages: Sequence[nn.Module], decoder_stages: Sequence[nn.Module],
+                             num_modalities: int, conv_dim: int, context: ModalityContext, scope: str = "all",
+                             kind: str = "batch", momentum: float = 0.01) -> dict[str, int]:
+    """Replace every norm of a U-Net's stages by a bank: K norms inside ``scope``, one shared norm outside.
+
+    Args:
+        encoder_stages: the encoder's stages; the last one is the bottleneck.
+        decoder_stages: the decoder's stages.
+        num_modalities: K.
+        conv_dim: 2 or 3.
+        context: the network's modality context.
+        scope: where the norms are per modality (the paper's Table IV): ``"none"``, ``"encoder"``,
+            ``"encoder+bottleneck"`` or ``"all"``.
+        kind, momentum: see :class:`ModalityNormBank`.
+
+    Returns:
+        Number of per-modality banks and of shared norms made, ``{"banks": n, "shared": m}``.
+    """
+    if scope not in NORM_BANK_SCOPES:
+        raise ValueError(f"norm bank scope must be one of {NORM_BANK_SCOPES}, got {scope!r}")
+    *encoder, bottleneck = list(encoder_stages)
+    parts = {"encoder": encoder, "bottleneck": [bottleneck], "decoder": list(decoder_stages)}
+    banked = {"none": (), "encoder": ("encoder",), "encoder+bottleneck": ("encoder", "bottleneck"),
+              "all": ("encoder", "bottleneck", "decoder")}[scope]
+    counts = {"banks": 0, "shared": 0}
+    for part, stages in parts.items():
+        k = num_modalities if part in banked else 1
+        for stage in stages:
+            made = _replace_in(stage, k, conv_dim, context, kind, momentum)
+            counts["banks" if k > 1 else "shared"] += made
+    return counts
