@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--file-ending", default=".nii.gz", help="image file suffix (default: .nii.gz)")
     parser.add_argument("--per-case", action="store_true", help="also print per-case metrics")
+    parser.add_argument("--modalities-from", default=None, metavar="JSON",
+                        help="dataset.json or mmssl_split.json of an unregistered dataset: also report each "
+                             "modality's cases separately and the mean over modalities (written to the summary "
+                             "under 'per_modality')")
     parser.add_argument("-np", "--num-processes", type=int, default=1, help="worker processes (default: 1)")
     parser.add_argument("--verbose", action="store_true",
                         help="on an error, print the Python traceback too (default: one line)")
@@ -108,20 +112,31 @@ def main(argv: list[str] | None = None) -> int:
             regions = [v for _, v in args.regions]
     output_file = args.output_file or os.path.join(args.prediction_folder, DEFAULT_SUMMARY_NAME)
 
-    from nnunet_mmssl.evaluation.report import evaluate_folders, format_table
+    from nnunet_mmssl.evaluation.report import (
+        aggregate_by_modality,
+        evaluate_folders,
+        format_modality_table,
+        format_table,
+        read_case_modality,
+        write_json_atomic,
+    )
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
+            modality_info = read_case_modality(args.modalities_from) if args.modalities_from else None
             result = evaluate_folders(
                 args.reference_folder,
                 args.prediction_folder,
                 labels=args.labels,
                 regions=regions,
                 file_ending=args.file_ending,
-                output_file=output_file,
+                output_file=None if modality_info else output_file,
                 num_processes=args.num_processes,
             )
+            if modality_info:
+                result["per_modality"] = aggregate_by_modality(result, modality_info[1], modality_info[0])
+                write_json_atomic(result, output_file)
         except (ValueError, OSError, RuntimeError) as e:
             error, code = e, 2
         except Exception as e:  # noqa: BLE001 -- a console script reports in one line (--verbose: traceback)
@@ -140,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return code
     print(format_table(result, per_case=args.per_case))
+    if "per_modality" in result:
+        print()
+        print(format_modality_table(result["per_modality"]))
     print(f"\nSummary written to {os.path.abspath(output_file)}")
     return 0
 

@@ -4,6 +4,11 @@
 adds ``--head``: predict with the heads of the given modality groups only (by channel name, e.g. ``FLAIR``, or head
 index). With MemCif's CIF the selected head still reads the fused bottleneck, so all channels must be given; only
 variants without fusion (``MemCifSSLTrainer_noCIF`` / ``_plain``) make a head depend on its own modalities alone.
+
+Models trained on an unregistered dataset (one image per case, a modality per case: DBDC, the pooled U-Net) need
+``--modality NAME``: the images are normalised with that modality's scheme and intensity fingerprint, and the
+network's modality banks select that modality. Without it (or with an unknown name) the command stops and lists the
+trained modalities -- it never guesses; one folder of inputs is one modality.
 """
 
 import argparse
@@ -37,6 +42,45 @@ def resolve_heads(head_specs: list[str], modality_groups: list[list[int]], chann
     return tuple(sorted(set(heads)))
 
 
+def select_modality(predictor, modality: str | None, model_folder: str) -> str | None:
+    """Point an initialised nnU-Net predictor at one modality of an unregistered model; return the modality.
+
+    The predictor's plans get that modality's normalisation scheme and intensity fingerprint (what its preprocessing
+    applies), and a network with modality banks selects it.
+
+    Raises:
+        ValueError: ``--modality`` missing for a model of several modalities, unknown, or given for a model that was
+            not trained on an unregistered dataset (each message lists the choices).
+    """
+    from nnunet_mmssl.building_blocks.norm_bank import modality_not_set_message
+    from nnunet_mmssl.dataset_conversion.modality_layout import is_unregistered
+    from nnunet_mmssl.planners.modality_normalization import plans_for_modality
+
+    block = predictor.plans_manager.plans.get("mmssl") or {}
+    if not is_unregistered(block):
+        if modality is not None:
+            raise ValueError(f"--modality {modality}: {model_folder} was not trained on an unregistered dataset "
+                             f"(one modality per case); its inputs carry every channel. Drop --modality.")
+        return None
+    modalities = list(block["modalities"])
+    if modality is None:
+        if len(modalities) > 1:
+            raise ValueError(modality_not_set_message(modalities))
+        modality = modalities[0]
+    if modality not in modalities:
+        raise ValueError(f"Unknown --modality {modality!r}: {model_folder} was trained on {modalities}.")
+    plans = plans_for_modality(predictor.plans_manager.plans, modality)
+    predictor.plans_manager.plans["foreground_intensity_properties_per_channel"] = \
+        plans["foreground_intensity_properties_per_channel"]
+    predictor.configuration_manager.configuration["normalization_schemes"] = [block["intensity_schemes"][modality]]
+    network = getattr(predictor.network, "_orig_mod", predictor.network)
+    if hasattr(network, "set_inference_modality"):
+        network.set_inference_modality(modality)
+    print(f"Modality {modality}: {block['intensity_schemes'][modality]} normalisation"
+          + (", the network's modality banks" if hasattr(network, "set_inference_modality") else ""))
+    return modality
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("-i", required=True, help="input folder (nnU-Net naming CASE_XXXX.ext)")
@@ -49,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="predict with these heads only: channel names (e.g. FLAIR) or head indices")
     heads.add_argument("--each-head", action="store_true",
                        help="write the fused prediction to OUT/fused and each head's own to OUT/head_<k>_<channels>")
+    parser.add_argument("--modality", default=None, metavar="NAME",
+                        help="modality of the input images, for models trained on an unregistered dataset (DBDC, "
+                             "the pooled U-Net): normalisation and the network's modality banks follow it")
     parser.add_argument("-step_size", type=float, default=0.5)
     parser.add_argument("--disable_tta", action="store_true")
     parser.add_argument("--save_probabilities", action="store_true")
@@ -116,6 +163,7 @@ def _run(args: argparse.Namespace) -> int:
     predictor = nnUNetPredictor(tile_step_size=args.step_size, use_gaussian=True, use_mirroring=not args.disable_tta,
                                 perform_everything_on_device=args.device == "cuda", device=torch.device(args.device))
     predictor.initialize_from_trained_model_folder(model_folder, folds, args.chk)
+    select_modality(predictor, args.modality, model_folder)
     runs = [(None, "")]
     if args.head or args.each_head:
         network = predictor.network._orig_mod if hasattr(predictor.network, "_orig_mod") else predictor.network

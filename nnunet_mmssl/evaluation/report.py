@@ -483,3 +483,81 @@ def format_table(result: Mapping, per_case: bool = False) -> str:
         case_header = ["Case", "Label/region", *(t for _, t, _ in _COLUMNS), "Convention"]
         lines += ["", "Per case:", *_render(case_header, case_rows, n_left=2)]
     return "\n".join(lines)
+
+
+def read_case_modality(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
+    """``(modalities, case id -> modality)`` from a dataset.json (``mmssl`` block) or an ``mmssl_split.json`` of an
+    unregistered dataset.
+
+    Raises:
+        ValueError: the file records no per-case modality (naming the file and the fix).
+    """
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        content = json.load(f)
+    block = content.get("mmssl", content) if isinstance(content, dict) else {}
+    if not isinstance(block, dict) or not block.get("case_modality"):
+        raise ValueError(f"{os.fspath(path)} records no per-case modality (mmssl.case_modality). Pass the dataset.json "
+                         f"or mmssl_split.json of a dataset converted with nnUNetv2_mmssl_convert --source-modality.")
+    case_modality = {str(k): str(v) for k, v in block["case_modality"].items()}
+    modalities = list(block.get("modalities") or dict.fromkeys(case_modality.values()))
+    return modalities, case_modality
+
+
+def aggregate_by_modality(result: Mapping, case_modality: Mapping[str, str],
+                          modalities: Sequence[str] | None = None) -> dict:
+    """Per-modality means of an :func:`evaluate_folders` result and their mean over modalities (the paper's
+    per-modality tables: each modality counts once, whatever its number of cases).
+
+    Args:
+        result: :func:`evaluate_folders` output.
+        case_modality: case id -> modality name; every evaluated case must be in it.
+        modalities: output order (default: order of first appearance).
+
+    Returns:
+        ``{"modalities": {name: {"n_cases", "mean": {label: {metric}}, "foreground_mean": {metric}}},
+        "mean_over_modalities": {"mean": {label: {metric}}, "foreground_mean": {metric}}}``.
+
+    Raises:
+        ValueError: an evaluated case without a modality (names it).
+    """
+    missing = [rec["case"] for rec in result["metric_per_case"] if rec["case"] not in case_modality]
+    if missing:
+        raise ValueError(f"{len(missing)} evaluated case(s) have no modality in the given file: "
+                         f"{_format_names(missing)}. Pass the dataset's own dataset.json or mmssl_split.json.")
+    names = list(result["mean"])
+    present = list(dict.fromkeys(case_modality[rec["case"]] for rec in result["metric_per_case"]))
+    order = [m for m in (modalities or present) if m in present]
+    per = {}
+    for modality in order:
+        records = [rec for rec in result["metric_per_case"] if case_modality[rec["case"]] == modality]
+        mean = {name: {metric: _nan_stats(np.array([r["metrics"][name][metric] for r in records],
+                                                   dtype=np.float64))[0] for metric in METRIC_NAMES}
+                for name in names}
+        foreground = {metric: _nan_stats(np.array([mean[n][metric] for n in names], dtype=np.float64))[0]
+                      for metric in METRIC_NAMES}
+        per[modality] = {"n_cases": len(records), "mean": mean, "foreground_mean": foreground}
+    over = {name: {metric: _nan_stats(np.array([per[m]["mean"][name][metric] for m in per], dtype=np.float64))[0]
+                   for metric in METRIC_NAMES} for name in names}
+    over_fg = {metric: _nan_stats(np.array([per[m]["foreground_mean"][metric] for m in per], dtype=np.float64))[0]
+               for metric in METRIC_NAMES}
+    return {"modalities": per, "mean_over_modalities": {"mean": over, "foreground_mean": over_fg}}
+
+
+def format_modality_table(by_modality: Mapping) -> str:
+    """One row per modality (cases, Dice and HD95 per label/region) and a row of the mean over modalities."""
+    per = by_modality["modalities"]
+    if not per:
+        return "No case with a modality."
+    names = list(next(iter(per.values()))["mean"])
+    header = ["Modality", "n", *(f"{name} {title}" for name in names for _, title, _ in _COLUMNS[::2])]
+    rows = []
+    for modality, entry in per.items():
+        rows.append([modality, str(entry["n_cases"]),
+                     *(_fmt(entry["mean"][name][metric], digits) for name in names
+                       for metric, _, digits in _COLUMNS[::2])])
+    over = by_modality["mean_over_modalities"]["mean"]
+    rows.append(["mean over modalities", "", *(_fmt(over[name][metric], digits) for name in names
+                                               for metric, _, digits in _COLUMNS[::2])])
+    return "\n".join(["Per modality (each modality counts once in the mean):", *_render(header, rows)])

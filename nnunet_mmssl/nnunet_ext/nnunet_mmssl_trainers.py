@@ -10,6 +10,21 @@ from nnunet_mmssl.trainers import (  # noqa: F401
     MemCifSupervisedTrainer,
     MemCifSupervisedTrainer_demo,
 )
+from nnunet_mmssl.trainers.dbdc import DBDCTrainer  # noqa: F401
+from nnunet_mmssl.trainers.dbdc_variants import (  # noqa: F401
+    DBDCSupervisedTrainer,
+    DBDCTrainer_lossIpc,
+    DBDCTrainer_lossIpcFpc,
+    DBDCTrainer_lossIpcFpcMc,
+    DBDCTrainer_lossIpcFpcMcPc,
+    DBDCTrainer_lossNone,
+    DBDCTrainer_mlmbEncoder,
+    DBDCTrainer_mlmbEncoderBottleneck,
+    DBDCTrainer_mlmbNone,
+    DBDCTrainer_noMAW,
+    DBDCTrainer_noMLPB_noMAW,
+    PooledUNetTrainer,
+)
 from nnunet_mmssl.trainers.mean_teacher import MeanTeacherTrainer, PlainSupervisedTrainer  # noqa: F401
 from nnunet_mmssl.trainers.mmf_mcml import (  # noqa: F401
     MMFMCMLSupervisedTrainer,

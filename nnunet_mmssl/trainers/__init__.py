@@ -1,6 +1,21 @@
 """Our nnU-Net trainers. ``from nnunet_mmssl.trainers import MemCifSSLTrainer`` is the public import."""
 
 from nnunet_mmssl.trainers.base import MMSSLTrainerBase, SSLTrainerBase
+from nnunet_mmssl.trainers.dbdc import DBDCTrainer
+from nnunet_mmssl.trainers.dbdc_variants import (
+    DBDCSupervisedTrainer,
+    DBDCTrainer_lossIpc,
+    DBDCTrainer_lossIpcFpc,
+    DBDCTrainer_lossIpcFpcMc,
+    DBDCTrainer_lossIpcFpcMcPc,
+    DBDCTrainer_lossNone,
+    DBDCTrainer_mlmbEncoder,
+    DBDCTrainer_mlmbEncoderBottleneck,
+    DBDCTrainer_mlmbNone,
+    DBDCTrainer_noMAW,
+    DBDCTrainer_noMLPB_noMAW,
+    PooledUNetTrainer,
+)
 from nnunet_mmssl.trainers.mean_teacher import MeanTeacherTrainer, PlainSupervisedTrainer
 from nnunet_mmssl.trainers.memcif import (
     MemCifSSLTrainer,
@@ -25,3 +40,8 @@ __all__ = ["MMSSLTrainerBase", "SSLTrainerBase", "MemCifSSLTrainer", "MemCifSSLT
            "MemCifSSLTrainer_plain", "MemCifSupervisedTrainer", "MemCifSSLTrainer_demo", "MemCifSupervisedTrainer_demo"]
 __all__ += ["MMFMCMLTrainer", "MMFMCMLTrainer_baseline", "MMFMCMLTrainer_MMF", "MMFMCMLTrainer_MMF_MAE",
             "MMFMCMLTrainer_MMF_MCML", "MMFMCMLSupervisedTrainer", "MeanTeacherTrainer", "PlainSupervisedTrainer"]
+__all__ += ["DBDCTrainer", "DBDCSupervisedTrainer", "DBDCTrainer_lossIpc", "DBDCTrainer_lossIpcFpc",
+            "DBDCTrainer_lossIpcFpcMc", "DBDCTrainer_lossIpcFpcMcPc", "DBDCTrainer_lossNone", "DBDCTrainer_mlmbEncoder",
+            "DBDCTrainer_mlmbEncoderBottleneck", "DBDCTrainer_mlmbNone", "DBDCTrainer_noMAW",
+            "DBDCTrainer_noMLPB_noMAW",
+            "PooledUNetTrainer"]

@@ -217,6 +217,8 @@ class DBDCTrainer(SSLTrainerBase):
     prototype_update_voxels: int = 65536
     # --- MAW
     use_maw: bool = True
+    #: window of eqs. 15-16 in epochs (paper 20 of 100 epochs), at most a fifth of the run (at least 2) so that a
+    #: short run uses it too; weights stay 1 until the window is full
     maw_tau: int = 20
     maw_beta: float = 0.2
     # --- dual consistency
@@ -240,7 +242,7 @@ class DBDCTrainer(SSLTrainerBase):
         self.plain_architecture = plain
         self.logger.local_logger.modality_names = list(self.modalities)
         self.num_modalities = len(self.modalities)
-        self.maw = ModalityWeighting(self.modalities, tau=self.maw_tau, beta=self.maw_beta)
+        self._maw = None
         self.modality_weights = np.ones(self.num_modalities)
         self.prototype_bank = None
         self._pending_prototype_updates: list = []
@@ -612,12 +614,26 @@ class DBDCTrainer(SSLTrainerBase):
                 dice[k] = float(np.nanmean(per_class))
         return dice
 
+    @property
+    def maw(self) -> ModalityWeighting:
+        """The MAW history, made on first use with the run's window (:attr:`maw_tau`, capped by the run length)."""
+        if self._maw is None:
+            tau = min(int(self.maw_tau), max(2, int(self.num_epochs) // 5))
+            self._maw = ModalityWeighting(self.modalities, tau=tau, beta=self.maw_beta)
+        return self._maw
+
+    def current_maw_weights(self) -> np.ndarray:
+        """Eqs. 13-16 on the validation Dice history once it spans the window (``tau`` changes), else ones."""
+        if len(self.maw.history) <= self.maw.tau:
+            return np.ones(self.num_modalities)
+        return np.asarray(self.maw.weights(), dtype=np.float64)
+
     def on_validation_epoch_end(self, val_outputs: list[dict]):
         dice = self.per_modality_dice(val_outputs)
         super().on_validation_epoch_end([{k: v for k, v in o.items() if k != "modality"} for o in val_outputs])
         self.maw.record(dice.tolist())
         if self.use_maw:
-            self.modality_weights = np.asarray(self.maw.weights(), dtype=np.float64)
+            self.modality_weights = self.current_maw_weights()
         self.logger.log("modality_val_dice", dice.tolist(), self.current_epoch)
         self.logger.log("maw_weights", [float(w) for w in self.modality_weights], self.current_epoch)
 
