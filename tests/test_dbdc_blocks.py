@@ -331,6 +331,21 @@ def test_half_embeddings_match_float32():
     assert live.grad.dtype == torch.float16 and torch.isfinite(live.grad).all() and live.grad.abs().sum() > 0
 
 
+def test_autocast_does_not_lower_the_cosines():
+    generator = torch.Generator().manual_seed(2)
+    embeddings = F.normalize(torch.randn(2, 8, 3, 5, generator=generator), dim=1)
+    labels = torch.randint(0, 3, (2, 3, 5), generator=generator)
+    bank = PrototypeBank(2, 3, dim=8)
+    reference = prototype_similarity(embeddings, bank.prototypes, torch.tensor([0, 1]))
+    mc_reference = modality_contrast_loss(embeddings, labels, bank.prototypes, torch.tensor([0, 1]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        similarity = prototype_similarity(embeddings, bank.prototypes, torch.tensor([0, 1]))
+        mc = modality_contrast_loss(embeddings, labels, bank.prototypes, torch.tensor([0, 1]))
+    assert similarity.dtype == torch.float32
+    torch.testing.assert_close(similarity, reference)
+    torch.testing.assert_close(mc, mc_reference)
+
+
 def test_mpcl_rejects_bad_terms_and_modalities():
     embeddings, labels, _ = _tiny(2)
     with pytest.raises(ValueError, match="subset"):
