@@ -247,6 +247,20 @@ def test_mpcl_terms_hand_computed(spatial_ndim, with_ignored):
     torch.testing.assert_close(module_loss, loss)
 
 
+def test_pseg_dice_averages_over_present_classes_only():
+    # C = 3 cosine maps, class 2 absent from the labels: u = (1, 0, -1) of class 0, v = (.6, .8, -1) of class 1
+    similarity = torch.tensor([[1.0, 0.6], [0.0, 0.8], [-1.0, -1.0]]).reshape(1, 3, 2, 1)
+    labels = torch.tensor([0, 1]).reshape(1, 2, 1)
+    z_u, z_v = math.exp(1) + 1 + math.exp(-1), math.exp(0.6) + math.exp(0.8) + math.exp(-1)
+    pu = [math.exp(1) / z_u, 1 / z_u]  # softmax of u, classes 0 and 1
+    pv = [math.exp(0.6) / z_v, math.exp(0.8) / z_v]
+    ce = ((math.log(z_u) - 1) + (math.log(z_v) - 0.8)) / 2
+    dice0 = (2 * pu[0] + 1e-5) / (pu[0] + pv[0] + 1 + 1e-5)
+    dice1 = (2 * pv[1] + 1e-5) / (pu[1] + pv[1] + 1 + 1e-5)
+    expected = 0.5 * (1 - (dice0 + dice1) / 2) + 0.5 * ce  # class 2 (absent) is not averaged in
+    assert pseg_loss(similarity, labels).item() == pytest.approx(expected, abs=1e-6)
+
+
 def test_valid_mask_excludes_voxels():
     embeddings, labels, valid = _tiny(2, with_ignored=True)
     labels = labels.clone()
@@ -317,6 +331,21 @@ def test_half_embeddings_match_float32():
     assert live.grad.dtype == torch.float16 and torch.isfinite(live.grad).all() and live.grad.abs().sum() > 0
 
 
+def test_autocast_does_not_lower_the_cosines():
+    generator = torch.Generator().manual_seed(2)
+    embeddings = F.normalize(torch.randn(2, 8, 3, 5, generator=generator), dim=1)
+    labels = torch.randint(0, 3, (2, 3, 5), generator=generator)
+    bank = PrototypeBank(2, 3, dim=8)
+    reference = prototype_similarity(embeddings, bank.prototypes, torch.tensor([0, 1]))
+    mc_reference = modality_contrast_loss(embeddings, labels, bank.prototypes, torch.tensor([0, 1]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        similarity = prototype_similarity(embeddings, bank.prototypes, torch.tensor([0, 1]))
+        mc = modality_contrast_loss(embeddings, labels, bank.prototypes, torch.tensor([0, 1]))
+    assert similarity.dtype == torch.float32
+    torch.testing.assert_close(similarity, reference)
+    torch.testing.assert_close(mc, mc_reference)
+
+
 def test_mpcl_rejects_bad_terms_and_modalities():
     embeddings, labels, _ = _tiny(2)
     with pytest.raises(ValueError, match="subset"):
@@ -332,20 +361,23 @@ def test_mpcl_rejects_bad_terms_and_modalities():
 
 
 def test_maw_hand_computed():
-    history = [[0.9, 0.5],  # outside the window of tau = 3 changes (the last 4 rows)
-               [0.2, 0.5],
-               [0.4, 0.25],
-               [0.2, 0.5],
-               [0.8, 0.25]]
+    history = [[0.9, 0.5, 0.1],  # outside the window of tau = 3 changes (the last 4 rows)
+               [0.2, 0.5, 0.5],
+               [0.4, 0.25, 0.5],
+               [0.2, 0.5, 0.5],
+               [0.8, 0.25, 0.5]]
     # modality 0, window .2 .4 .2 .8: r = ln 2 (up), ln .5 (down), ln 4 (up)
     #   d+ = ln 2 + ln 4 = 3 ln 2, d- = |ln .5| = ln 2, S = 3, P = 1.6 / 4 = .4 -> w0 = 3^-.2 * .6
     # modality 1, window .5 .25 .5 .25: r = ln .5 (down), ln 2 (up), ln .5 (down)
     #   d+ = ln 2, d- = 2 ln 2, S = .5, P = 1.5 / 4 = .375 -> w1 = .5^-.2 * .625
-    w0, w1 = 3 ** -0.2 * 0.6, 0.5 ** -0.2 * 0.625
-    expected = np.array([w0, w1]) * 2 / (w0 + w1)
+    # modality 2, window .5 .5 .5 .5: no change, d+ = d- = 0 (Delta = 0 counts as down), S = 1e-8 / 1e-8 = 1,
+    #   P = .5 -> w2 = .5
+    w0, w1, w2 = 3 ** -0.2 * 0.6, 0.5 ** -0.2 * 0.625, 0.5
+    expected = np.array([w0, w1, w2]) * 3 / (w0 + w1 + w2)
     weights = modality_adaptive_weights(history, tau=3, beta=0.2)
+    assert weights.dtype == np.float64
     np.testing.assert_allclose(weights, expected, rtol=1e-7)
-    assert weights.sum() == pytest.approx(2.0)
+    assert weights.sum() == pytest.approx(3.0)
     assert weights[1] > weights[0]  # the modality that learns slower and scores lower gets more weight
 
 

@@ -63,6 +63,11 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int 
     return (q * num_items).to(out_dtype)
 
 
+def _full_precision(device: torch.device):
+    """Context that switches autocast off: the cosines feed a softmax at temperature 0.1 and Sinkhorn at 0.05."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def _random_unit_prototypes(num_modalities: int, num_classes: int, dim: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return F.normalize(torch.randn(num_modalities, num_classes, dim, generator=generator), dim=-1)
@@ -129,8 +134,8 @@ class PrototypeBank(nn.Module):
            A class without any correct voxel in the batch (on all ranks) keeps its prototype.
 
         Under ``torch.distributed`` the per-class weighted sums, weights and counts are all-reduced before the EMA,
-        so every rank keeps identical prototypes (the Sinkhorn weights themselves are per rank). Accumulation is in
-        float32 whatever the embeddings' dtype.
+        so every rank keeps identical prototypes (the Sinkhorn weights themselves are per rank). Scores and
+        accumulation are in float32 whatever the embeddings' dtype, with autocast switched off.
 
         Args:
             embeddings: (N, D) L2-normalised embeddings of one modality's voxels (any float dtype; not modified).
@@ -157,7 +162,9 @@ class PrototypeBank(nn.Module):
             raise ValueError(f"PrototypeBank.update: labels must lie in [0, {self.num_classes}), got "
                              f"[{int(targets.min())}, {int(targets.max())}].")
         own = self.prototypes[modality].float()
-        assignment = sinkhorn_knopp(own @ feats.T, self.sinkhorn_epsilon, self.sinkhorn_iterations)
+        with _full_precision(device):
+            scores = own @ feats.T
+        assignment = sinkhorn_knopp(scores, self.sinkhorn_epsilon, self.sinkhorn_iterations)
         weights = assignment[targets, torch.arange(targets.numel(), device=device)].float()
         stats = torch.zeros(self.num_classes, self.dim + 2, device=device, dtype=torch.float32)
         stats[:, :self.dim].index_add_(0, targets, feats * weights[:, None])
@@ -223,7 +230,8 @@ def prototype_similarity(embeddings: torch.Tensor, prototypes: torch.Tensor,
                          modality: torch.Tensor | int) -> torch.Tensor:
     """Cosine similarity ``s_k = <I_k, P_k>`` of every voxel with its own modality's class prototypes.
 
-    Both sides are unit vectors, so the cosine is the dot product. The prototypes are detached.
+    Both sides are unit vectors, so the cosine is the dot product. The prototypes are detached. Computed in float32
+    with autocast switched off (a half-precision cosine is off by ~1e-3, i.e. 1e-2 in the logits at tau = 0.1).
 
     Args:
         embeddings: (B, D, *S) embeddings, L2-normalised along D (2D or 3D; any float dtype).
@@ -236,7 +244,9 @@ def prototype_similarity(embeddings: torch.Tensor, prototypes: torch.Tensor,
     modality = _check_bank(embeddings, prototypes, modality)
     own = prototypes.detach().float()[modality]  # (B, C, D)
     flat = embeddings.float().flatten(2)  # (B, D, N)
-    return torch.bmm(own, flat).reshape(embeddings.shape[0], prototypes.shape[1], *embeddings.shape[2:])
+    with _full_precision(embeddings.device):
+        similarity = torch.bmm(own, flat)
+    return similarity.reshape(embeddings.shape[0], prototypes.shape[1], *embeddings.shape[2:])
 
 
 def pseg_loss(similarity: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None,
@@ -296,7 +306,9 @@ def modality_contrast_loss(embeddings: torch.Tensor, labels: torch.Tensor, proto
     num_modalities, num_classes, dim = prototypes.shape
     flat, targets, mask = _flatten(embeddings, labels, valid, num_classes)
     bank = prototypes.detach().float().reshape(num_modalities * num_classes, dim)
-    sims = torch.einsum("md,bdn->bmn", bank, flat).reshape(flat.shape[0], num_modalities, num_classes, -1)
+    with _full_precision(embeddings.device):
+        sims = torch.einsum("md,bdn->bmn", bank, flat)
+    sims = sims.reshape(flat.shape[0], num_modalities, num_classes, -1)
     index = targets[:, None, None, :].expand(-1, num_modalities, 1, -1)
     per_modality = sims.gather(2, index)[:, :, 0]  # (B, K, N): cos with each modality's prototype of the class
     own = per_modality.gather(1, modality[:, None, None].expand(-1, 1, per_modality.shape[2]))[:, 0]
