@@ -203,13 +203,13 @@ class DBDCUNet(ModalitySelection, PlainConvUNet):
             modality: (B,) modality indices, an int, or None (see the module docstring).
             perturb_features: (B,) bool, samples whose bottleneck gets channel dropout (dual consistency).
         """
-        self.modality_context.modality = self.resolve_modality(x, modality)
+        self.modality_context.set(self.resolve_modality(x, modality))
         try:
             skips = self.encoder(x)
             skips[-1] = self._perturb(skips[-1], perturb_features)
             seg_outputs, features = self._decode(skips)
         finally:
-            self.modality_context.modality = None
+            self.modality_context.set(None)
         logits = seg_outputs if self.decoder.deep_supervision else seg_outputs[0]
         if self.return_embeddings:
             if self.projector is None:

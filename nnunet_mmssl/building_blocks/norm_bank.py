@@ -49,6 +49,24 @@ class ModalityContext:
 
     def __init__(self):
         self.modality: torch.Tensor | None = None
+        #: ``[(modality, count), ...]`` when the batch is sorted in contiguous runs of one modality, else None
+        self.segments: list[tuple[int, int]] | None = None
+
+    def set(self, modality: torch.Tensor | None) -> None:
+        """Set the batch's modality vector (one host synchronisation to find its contiguous runs)."""
+        self.modality = modality
+        self.segments = None
+        if modality is None or modality.numel() == 0:
+            return
+        values = modality.tolist()
+        runs: list[list[int]] = []
+        for v in values:
+            if runs and runs[-1][0] == v:
+                runs[-1][1] += 1
+            else:
+                runs.append([v, 1])
+        if len({k for k, _ in runs}) == len(runs):  # each modality in one contiguous run
+            self.segments = [(int(k), int(n)) for k, n in runs]
 
     def __deepcopy__(self, memo):  # a deep copy of a network gets its own (empty) context
         return ModalityContext()
@@ -58,6 +76,7 @@ class ModalityContext:
 
     def __setstate__(self, state):
         self.modality = None
+        self.segments = None
 
 
 def _make_norm(kind: str, conv_dim: int, num_features: int, momentum: float, eps: float) -> nn.Module:
@@ -104,9 +123,12 @@ class ModalityNormBank(nn.Module):
                                       "in forward(x, modality=...).")
         if modality.numel() != x.shape[0]:
             raise ValueError(f"modality has {modality.numel()} entries for a batch of {x.shape[0]}")
-        first = int(modality[0])
-        if bool((modality == first).all()):
-            return self.norms[first](x)
+        segments = self._context.segments
+        if segments is not None:
+            if len(segments) == 1:
+                return self.norms[segments[0][0]](x)
+            parts = x.split([n for _, n in segments])
+            return torch.cat([self.norms[k](part) for (k, _), part in zip(segments, parts, strict=True)])
         out = torch.empty_like(x)
         for k in torch.unique(modality).tolist():
             index = (modality == k).nonzero(as_tuple=True)[0]

@@ -505,14 +505,14 @@ class DBDCTrainer(SSLTrainerBase):
             slices[key] = slice(position, position + x.shape[0])
             position += x.shape[0]
 
-        for k, x in enumerate(labelled):
+        unlabelled_of = dict(unlabelled)
+        for k, x in enumerate(labelled):  # one contiguous run per modality: the norm banks split, not gather
             add(("sup", k), x, k)
-        if use_dc:
-            for k, u in unlabelled:
+            if use_dc and k in unlabelled_of:
                 if "ipc" in self.consistency_terms:
-                    add(("ipc", k), self.perturb_images(u), k)
+                    add(("ipc", k), self.perturb_images(unlabelled_of[k]), k)
                 if "fpc" in self.consistency_terms:
-                    add(("fpc", k), u, k, feature_perturbation=True)
+                    add(("fpc", k), unlabelled_of[k], k, feature_perturbation=True)
         net.return_embeddings = self.use_prototypes
         try:
             out = self.network(torch.cat(parts), modality=torch.cat(modality), perturb_features=torch.cat(perturb))
