@@ -35,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert per-case folders (one subfolder per case, files matched by name globs, searched "
                     "recursively) from one or more sources into <nnUNet_raw>/DatasetXXX_NAME with imagesTr/labelsTr "
                     "(labelled training), imagesUnlabeled (unlabelled) and imagesTs/labelsTs (test), plus "
-                    "dataset.json and mmssl_split.json. Cases without a label file are unlabelled.")
+                    "dataset.json and mmssl_split.json. Cases without a label file are unlabelled. Registered sources "
+                    "(every case holds every channel): --modality per channel. Unregistered sources (each source holds "
+                    "one modality, each case one image): --source-modality per source and --image; dataset.json then "
+                    "records every case's modality.")
     parser.add_argument("-i", "--input", nargs="+", required=True, metavar="SRC",
                         help="source folders; each immediate subfolder is one case")
     parser.add_argument("--modality", action="append", default=None, metavar="NAME=GLOB",

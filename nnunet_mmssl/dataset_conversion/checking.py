@@ -194,6 +194,9 @@ def validate_label_map(modality: str, label_map: Mapping[int, int], labels: Mapp
     Raises:
         ConversionError: a non-integer or negative value, or a target that is not a declared label.
     """
+    if not isinstance(label_map, Mapping):
+        raise ConversionError(f"label map of modality {modality!r} must be a mapping {{source value: target value}}, "
+                              f"got {label_map!r}")
     declared = set(labels.values())
     result: dict[int, int] = {}
     for source, target in label_map.items():
