@@ -305,7 +305,11 @@ def convert_unregistered(
             if modality in maps:
                 check_mapped_label(case, modality, maps[modality], label_dict)
             else:
-                check_label(case, label_dict)
+                try:
+                    check_label(case, label_dict)
+                except ConversionError as error:
+                    raise ConversionError(f"{error}, or map it onto a declared label (--label-map {modality}:V=T)") \
+                        from None
     report("all cases checked: image and label on one grid, labels valid" + (" and mapped" if maps else ""))
 
     # --- records ----------------------------------------------------------------------------------------------
