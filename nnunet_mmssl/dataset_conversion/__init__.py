@@ -1,4 +1,5 @@
-"""Dataset conversion: source case folders -> nnU-Net v2 raw dataset with unlabelled cases, and a synthetic phantom."""
+"""Dataset conversion: source case folders -> nnU-Net v2 raw dataset with unlabelled cases (registered channels or one
+modality per case), and a synthetic phantom."""
 
 from nnunet_mmssl.dataset_conversion.convert import (
     DEFAULT_LABELS,
@@ -28,6 +29,12 @@ from nnunet_mmssl.dataset_conversion.phantom import (
     generate_phantom_case,
     make_phantom_cases,
 )
+from nnunet_mmssl.dataset_conversion.unregistered import (
+    convert_unregistered,
+    parse_count_specs,
+    parse_intensity_scheme_specs,
+    parse_label_map_specs,
+)
 
 __all__ = [
     "DEFAULT_LABELS",
@@ -43,11 +50,15 @@ __all__ = [
     "check_case_geometry",
     "check_label",
     "convert_dataset",
+    "convert_unregistered",
     "discover_cases",
     "find_image_files",
     "generate_phantom_case",
     "make_phantom_cases",
     "match_case_files",
+    "parse_count_specs",
+    "parse_intensity_scheme_specs",
+    "parse_label_map_specs",
     "parse_label_specs",
     "parse_modality_specs",
     "read_label_array",
