@@ -37,8 +37,9 @@ class ModalityNotSetError(ValueError):
 def modality_not_set_message(modalities: Sequence[str]) -> str:
     names = "|".join(modalities)
     return (f"This model was trained on the unregistered modalities {list(modalities)} and needs the modality of the "
-            f"input image: predict with nnUNetv2_mmssl_predict ... --modality {names} (plain nnUNetv2_predict cannot "
-            f"pass it; the model would otherwise have to guess).")
+            f"input image: predict with nnUNetv2_mmssl_predict ... --modality {names} (or --modalities-from "
+            f"dataset.json for a folder mixing modalities); plain nnUNetv2_predict cannot pass it, and the model "
+            f"would otherwise have to guess.")
 
 
 class ModalityContext:

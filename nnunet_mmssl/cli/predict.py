@@ -81,6 +81,38 @@ def select_modality(predictor, modality: str | None, model_folder: str) -> str |
     return modality
 
 
+def _inputs_by_modality(cases: dict[str, list[str]], modalities_from: str) -> list[tuple[str, str]]:
+    """One temporary input folder (links to the case files) per modality recorded in ``modalities_from``.
+
+    Raises:
+        ValueError: an input case without a recorded modality (names it and the file).
+    """
+    from nnunet_mmssl.evaluation.report import read_case_modality
+
+    modalities, case_modality = read_case_modality(modalities_from)
+    unknown = sorted(c for c in cases if c not in case_modality)
+    if unknown:
+        raise ValueError(f"{len(unknown)} input case(s) have no modality in {modalities_from}: {unknown[:5]}. Pass "
+                         f"--modality for a single-modality folder, or the dataset's own dataset.json.")
+    result = []
+    try:
+        for modality in modalities:
+            mine = [c for c in cases if case_modality[c] == modality]
+            if not mine:
+                continue
+            folder = tempfile.mkdtemp(prefix=f"mmssl-predict-{modality}-")
+            result.append((folder, modality))
+            for case in mine:
+                for file in cases[case]:
+                    os.symlink(os.path.abspath(file), os.path.join(folder, os.path.basename(file)))
+            print(f"{len(mine)} {modality} case(s)")
+    except BaseException:
+        for folder, _ in result:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("-i", required=True, help="input folder (nnU-Net naming CASE_XXXX.ext)")
@@ -93,9 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="predict with these heads only: channel names (e.g. FLAIR) or head indices")
     heads.add_argument("--each-head", action="store_true",
                        help="write the fused prediction to OUT/fused and each head's own to OUT/head_<k>_<channels>")
-    parser.add_argument("--modality", default=None, metavar="NAME",
-                        help="modality of the input images, for models trained on an unregistered dataset (DBDC, "
-                             "the pooled U-Net): normalisation and the network's modality banks follow it")
+    modality = parser.add_mutually_exclusive_group()
+    modality.add_argument("--modality", default=None, metavar="NAME",
+                          help="modality of the input images, for models trained on an unregistered dataset (DBDC, "
+                               "the pooled U-Net): normalisation and the network's modality banks follow it")
+    modality.add_argument("--modalities-from", default=None, metavar="JSON",
+                          help="for an input folder mixing modalities: the dataset.json or mmssl_split.json that "
+                               "records each case's modality (e.g. imagesTs of a converted unregistered dataset); "
+                               "each case is predicted as its modality")
     parser.add_argument("-step_size", type=float, default=0.5)
     parser.add_argument("--disable_tta", action="store_true")
     parser.add_argument("--save_probabilities", action="store_true")
@@ -163,7 +200,11 @@ def _run(args: argparse.Namespace) -> int:
     predictor = nnUNetPredictor(tile_step_size=args.step_size, use_gaussian=True, use_mirroring=not args.disable_tta,
                                 perform_everything_on_device=args.device == "cuda", device=torch.device(args.device))
     predictor.initialize_from_trained_model_folder(model_folder, folds, args.chk)
-    select_modality(predictor, args.modality, model_folder)
+    inputs = [(args.i, args.modality)]
+    if args.modalities_from:
+        inputs = _inputs_by_modality(cases, args.modalities_from)
+    else:
+        select_modality(predictor, args.modality, model_folder)
     runs = [(None, "")]
     if args.head or args.each_head:
         network = predictor.network._orig_mod if hasattr(predictor.network, "_orig_mod") else predictor.network
@@ -191,12 +232,18 @@ def _run(args: argparse.Namespace) -> int:
             elif args.each_head:
                 network.inference_heads = None
                 print(f"Predicting with the mean of all heads -> {shown}")
-            predictor.predict_from_files(args.i, output_folder, save_probabilities=args.save_probabilities,
-                                         overwrite=True, num_processes_preprocessing=args.npp,
-                                         num_processes_segmentation_export=args.nps)
+            for input_folder, modality in inputs:
+                if args.modalities_from:
+                    select_modality(predictor, modality, model_folder)
+                predictor.predict_from_files(input_folder, output_folder, save_probabilities=args.save_probabilities,
+                                             overwrite=True, num_processes_preprocessing=args.npp,
+                                             num_processes_segmentation_export=args.nps)
         _move_into(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for input_folder, _ in inputs:
+            if input_folder != args.i:
+                shutil.rmtree(input_folder, ignore_errors=True)
     return 0
 
 
