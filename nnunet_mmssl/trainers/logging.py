@@ -44,7 +44,9 @@ class MMSSLLocalLogger(LocalLogger):
         if epoch < 0:
             return
         x = list(range(epoch + 1))
-        fig, axes = plt.subplots(5, 1, figsize=(14, 30))
+        modality_keys = [k for k in PER_MODALITY_KEYS if k in self.extra_keys]
+        timing_keys = [k for k in TIMING_KEYS if k in self.extra_keys]
+        fig, axes = plt.subplots(6 if modality_keys else 5, 1, figsize=(14, 36 if modality_keys else 30))
         ax = axes[0]
         ax.plot(x, log["train_losses"][:epoch + 1], color="b", label="loss_tr (labelled, output as validated)")
         ax.plot(x, log["val_losses"][:epoch + 1], color="r", label="loss_val")
@@ -58,6 +60,8 @@ class MMSSLLocalLogger(LocalLogger):
         durations = [e - s for s, e in zip(log["epoch_start_timestamps"][:epoch + 1],
                                            log["epoch_end_timestamps"][:epoch + 1])]
         axes[1].plot(x, durations, color="b", label="epoch duration")
+        for key in timing_keys:
+            axes[1].plot(x, log[key][:epoch + 1], color="m", ls="--", label=key)
         axes[1].set_ylim(bottom=0)
         axes[1].set_ylabel("time [s]")
         axes[1].legend(loc="upper left")
@@ -65,9 +69,10 @@ class MMSSLLocalLogger(LocalLogger):
         axes[2].set_ylabel("learning rate")
         axes[2].legend(loc="upper left")
         ax = axes[3]
-        weight_keys = [k for k in self.extra_keys if "weight" in k]
-        share_keys = [k for k in self.extra_keys if "share" in k]
-        loss_keys = [k for k in self.extra_keys if k not in weight_keys and k not in share_keys]
+        other = [k for k in self.extra_keys if k not in modality_keys and k not in timing_keys]
+        weight_keys = [k for k in other if "weight" in k]
+        share_keys = [k for k in other if "share" in k]
+        loss_keys = [k for k in other if k not in weight_keys and k not in share_keys]
         for key in loss_keys:
             values = np.asarray(log[key][:epoch + 1], dtype=float)
             if key == "train_unsup_losses" and "unsup_weights" in log:
@@ -91,11 +96,38 @@ class MMSSLLocalLogger(LocalLogger):
         ax.set_yscale("log")
         ax.set_ylabel("|grad w*L_unsup| / |grad L_sup|")
         ax.legend(loc="upper left")
+        if modality_keys:
+            self._plot_modalities(axes[5], x, epoch, modality_keys)
         for ax in axes:
             ax.set_xlabel("epoch")
         fig.tight_layout()
         fig.savefig(join(output_folder, "progress.png"))
         plt.close(fig)
+
+
+    def _plot_modalities(self, ax, x, epoch: int, keys: Sequence[str]) -> None:
+        """Per-modality validation pseudo Dice (solid) and MAW weights (dashed, right axis), one colour each."""
+        log = self.my_fantastic_logging
+        names = list(getattr(self, "modality_names", []) or [])
+        twin = ax.twinx() if "maw_weights" in keys else None
+        for key in keys:
+            rows = [r if isinstance(r, (list, tuple)) else [np.nan] * max(1, len(names)) for r in log[key][:epoch + 1]]
+            values = np.asarray(rows, dtype=float)
+            target, style = (twin, "--") if key == "maw_weights" else (ax, "-")
+            for k in range(values.shape[1]):
+                name = names[k] if k < len(names) else str(k)
+                target.plot(x, values[:, k], ls=style, color=f"C{k}", label=f"{key} {name}")
+        ax.set_ylabel("validation pseudo dice per modality")
+        ax.legend(loc="upper left")
+        if twin is not None:
+            twin.set_ylabel("MAW weight")
+            twin.legend(loc="upper right")
+
+
+#: list-valued keys (one value per modality) drawn in their own panel
+PER_MODALITY_KEYS = ("modality_val_dice", "maw_weights")
+#: seconds per epoch spent in a part of the step, drawn beside the epoch duration
+TIMING_KEYS = ("prototype_seconds",)
 
 
 def register_log_keys(meta_logger, extra_keys: Sequence[str]) -> MMSSLLocalLogger:
