@@ -149,3 +149,23 @@ def test_trainer_memory_check_warns_on_stock_plans_and_not_on_budgeted(planned, 
     assert results["stock"]["ratio"] > 3 and "what nnU-Net planned" in results["stock"]["source"]
     assert "-p nnUNetMMSSLPlans" in out and out.count("WARNING: one step of MemCifSSLTrainer") == 1
     assert results["budgeted"]["ratio"] <= 1.25 and "nnUNetMMSSLPlans" in results["budgeted"]["source"]
+
+
+def test_dbdc_step_counts_every_modality_and_both_perturbed_batches():
+    from nnunet_mmssl.trainers import DBDCSupervisedTrainer, DBDCTrainer, DBDCTrainer_lossIpc
+
+    plain = network_feature_map_size(ARCH_2D, PATCH, 1, 2)
+    voxels = PATCH[0] * PATCH[1]
+
+    def step(trainer, modalities):
+        return step_feature_map_size(trainer, ARCH_2D, [[0]], PATCH, 1, 2, modalities=modalities)
+
+    # per sample: the plain U-Net's maps + the projector's full-resolution maps (inputs of 3 decoder stages + 3 x D)
+    one = step(DBDCSupervisedTrainer, ["CT"])
+    assert one > plain
+    assert step(DBDCSupervisedTrainer, ["CT", "MR"]) == 2 * one  # one labelled batch per modality
+    # + an image-perturbed and a feature-perturbed unlabelled batch per modality (the pseudo-label pass stores nothing)
+    assert step(DBDCTrainer, ["CT", "MR"]) == 2 * 3 * one
+    assert step(DBDCTrainer_lossIpc, ["CT", "MR", "T1", "T2"]) == 4 * 2 * one
+    projector = one - plain
+    assert projector % voxels == 0 and projector // voxels >= 3 * DBDCTrainer.embedding_dim
