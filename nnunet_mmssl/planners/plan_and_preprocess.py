@@ -69,9 +69,13 @@ def _maybe_write_small_dataset_splits(preprocessed_folder: str, raw_folder: str,
     if layout is not None:
         from nnunet_mmssl.planners.modality_normalization import stratified_splits
 
-        n_splits = min(5, len(identifiers))
+        per_modality = [sum(1 for c in identifiers if layout.modality_of(c) == m) for m in layout.modalities]
+        smallest = min(n for n in per_modality if n > 0)
+        # as many folds as the rarest modality has cases (at most 5), so every fold validates every modality
+        n_splits = min(5, smallest) if smallest >= 2 else min(5, len(identifiers))
         save_json(stratified_splits(layout.case_modality, identifiers, n_splits), splits_file)
-        progress(f"Wrote {n_splits} folds stratified by modality to {splits_file}.")
+        progress(f"Wrote {n_splits} folds stratified by modality to {splits_file} (labelled cases per modality: "
+                 f"{dict(zip(layout.modalities, per_modality, strict=True))}).")
         return
     if len(identifiers) >= 5:
         return
