@@ -34,3 +34,13 @@ from nnunet_mmssl.trainers.mmf_mcml import (  # noqa: F401
     MMFMCMLTrainer_MMF_MAE,
     MMFMCMLTrainer_MMF_MCML,
 )
+from nnunet_mmssl.trainers.smml import (  # noqa: F401
+    ModalityDropoutTrainer,
+    SMMLTrainer,
+    SMMLTrainer_dual,
+    SMMLTrainer_dualFRC,
+    SMMLTrainer_dualPBC,
+    SMMLTrainer_dualPBCFRC,
+    SMMLTrainer_single,
+    SMMLTrainer_singleSRN,
+)

@@ -33,6 +33,16 @@ from nnunet_mmssl.trainers.mmf_mcml import (
     MMFMCMLTrainer_MMF_MAE,
     MMFMCMLTrainer_MMF_MCML,
 )
+from nnunet_mmssl.trainers.smml import (
+    ModalityDropoutTrainer,
+    SMMLTrainer,
+    SMMLTrainer_dual,
+    SMMLTrainer_dualFRC,
+    SMMLTrainer_dualPBC,
+    SMMLTrainer_dualPBCFRC,
+    SMMLTrainer_single,
+    SMMLTrainer_singleSRN,
+)
 from nnunet_mmssl.trainers.variants import MemCifSSLTrainer_demo, MemCifSupervisedTrainer_demo
 
 __all__ = ["MMSSLTrainerBase", "SSLTrainerBase", "MemCifSSLTrainer", "MemCifSSLTrainer_printedConsistency",
@@ -45,3 +55,5 @@ __all__ += ["DBDCTrainer", "DBDCSupervisedTrainer", "DBDCTrainer_lossIpc", "DBDC
             "DBDCTrainer_mlmbEncoderBottleneck", "DBDCTrainer_mlmbNone", "DBDCTrainer_noMAW",
             "DBDCTrainer_noMLPB_noMAW",
             "PooledUNetTrainer"]
+__all__ += ["ModalityDropoutTrainer", "SMMLTrainer", "SMMLTrainer_dual", "SMMLTrainer_dualFRC", "SMMLTrainer_dualPBC",
+            "SMMLTrainer_dualPBCFRC", "SMMLTrainer_single", "SMMLTrainer_singleSRN"]

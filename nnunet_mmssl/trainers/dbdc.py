@@ -51,6 +51,7 @@ from nnunet_mmssl.architectures.dbdc import DBDCUNet
 from nnunet_mmssl.dataloading.unlabeled_loader import build_unlabeled_augmenter
 from nnunet_mmssl.dataset_conversion.modality_layout import is_unregistered
 from nnunet_mmssl.losses.prototypes import PrototypeBank, mpcl_loss
+from nnunet_mmssl.losses.targets import class_map_from_target, regions_to_classes  # noqa: F401 (re-exported)
 from nnunet_mmssl.planners import get_mmssl_block
 from nnunet_mmssl.planners.mmssl_plans import PLAIN_UNET_CLASS
 from nnunet_mmssl.planners.modality_normalization import MODALITY_PROPERTY
@@ -119,40 +120,6 @@ class ModalityBatches:
         for loader in self.loaders:
             if loader is not None and hasattr(loader, "_finish"):
                 loader._finish()
-
-
-def class_map_from_target(target: torch.Tensor, has_regions: bool, ignore_label: int | None
-                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Prototype class of every voxel and the valid-voxel mask from an nnU-Net target at full resolution.
-
-    Args:
-        target: labels (B, 1, *S) (label values = classes), or regions (B, R[+1], *S) binary (with an ignore label,
-            nnU-Net appends the ignore mask as the last channel).
-        has_regions: region dataset.
-        ignore_label: nnU-Net's ignore label, or None.
-
-    Returns:
-        ``(classes (B, *S) long, valid (B, *S) bool or None)``; for regions the class is 0 for background, else the
-        (1-based) index of the last region containing the voxel.
-    """
-    if not has_regions:
-        labels = target[:, 0].long()
-        if ignore_label is None:
-            return labels, None
-        valid = labels != ignore_label
-        return torch.where(valid, labels, torch.zeros_like(labels)), valid
-    valid = None
-    if ignore_label is not None:
-        valid = target[:, -1] == 0
-        target = target[:, :-1]
-    return regions_to_classes(target > 0.5), valid
-
-
-def regions_to_classes(regions: torch.Tensor) -> torch.Tensor:
-    """(B, R, *S) bool region masks -> (B, *S) long: 0 background, else 1 + index of the last region containing
-    the voxel."""
-    index = torch.arange(1, regions.shape[1] + 1, device=regions.device).view(1, -1, *([1] * (regions.ndim - 2)))
-    return (regions.long() * index).amax(1)
 
 
 def write_summary_per_modality(validation_folder: str, modalities: list[str], modality_of, file_ending: str,

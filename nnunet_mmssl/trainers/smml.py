@@ -1,0 +1,246 @@
+"""SMMLTrainer: Semantic-guided Masked Mutual Learning (Liang et al. 2025; METHODS.md section 4).
+
+Full supervision on K registered modalities (nnU-Net input channels, K >= 2) so that one model serves every subset
+of modalities at inference. The network (:class:`~nnunet_mmssl.architectures.smml.SMMLNet`) has two branches of K
+narrow modality encoders, per-scale fusion and one decoder each; every training sample gets two different random
+non-empty modality masks (one per branch, :func:`~nnunet_mmssl.architectures.smml.random_modality_masks`).
+
+Loss per branch (eq. 13): nnU-Net's deep-supervised Dice+CE on the initial prediction + the task loss on the refined
+prediction + PBC (eqs. 1-3, tau 6) + FRC (eqs. 4-9) + the refinement KL (eq. 11); the objective is the sum over the
+two branches (``L_fc`` counted once per branch, as printed). The refinement network (SRN, eq. 10) is a small U-Net
+used in training only (not saved into the plans, not needed to predict); it reads the softmax (sigmoid) of the
+initial prediction -- priors of a zero-shot model are not wired in yet (``use_priors`` raises), so the SRN refines
+the prediction alone: what that loses is the second, independent opinion the priors give.
+
+Inference (nnU-Net's predictor): the mean of the two branches with every modality present, or, with
+``nnUNetv2_mmssl_predict --missing``, the network's mask for the absent modalities
+(:meth:`~nnunet_mmssl.architectures.smml.SMMLNet.set_missing_modalities`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunet_mmssl.architectures.smml import SMMLNet, random_modality_masks
+from nnunet_mmssl.losses.smml import class_entropy_weights, frc_loss, pbc_loss, refinement_kl
+from nnunet_mmssl.losses.targets import class_map_from_target
+from nnunet_mmssl.planners.mmssl_plans import PLAIN_UNET_CLASS
+from nnunet_mmssl.trainers.base import SSLTrainerBase
+
+
+class SMMLTrainer(SSLTrainerBase):
+    """Liang et al.'s SMML on nnU-Net (see module docstring); settings are class attributes."""
+
+    network_class_name: str = "nnunet_mmssl.architectures.smml.SMMLNet"
+    use_unlabeled: bool = False
+    #: width factor of each modality encoder (None = 1/sqrt(K): K encoders ~ one nnU-Net encoder)
+    encoder_width: float | None = None
+    #: fusion stage whose features FRC reads (0 = full resolution)
+    feature_stage: int = 1
+    #: two branches with different masks (False: one masked branch, the paper's Table 4 baseline)
+    dual_branch: bool = True
+    use_pbc: bool = True
+    pbc_temperature: float = 6.0
+    use_frc: bool = True
+    use_srn: bool = True
+    #: priors of a zero-shot model as SRN input (not implemented yet)
+    use_priors: bool = False
+    #: SRN widths (a small U-Net with the plans' first strides and kernels)
+    srn_features: tuple[int, ...] = (16, 32, 64)
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's exact signature)
+        if self.use_priors:
+            raise NotImplementedError("SMML priors (use_priors) are not implemented yet; the SRN reads the "
+                                      "prediction alone.")
+        plain = copy.deepcopy(PlansManager(plans).get_configuration(configuration).configuration["architecture"])
+        plans = copy.deepcopy(plans)
+        plans["configurations"][configuration]["architecture"] = self.training_architecture(plain)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.plain_architecture = plain
+        self.refiners = None
+
+    # ------------------------------------------------------------------ network as data
+    def network_kwargs(self) -> dict:
+        return {"encoder_width": self.encoder_width, "feature_stage": self.feature_stage,
+                "num_branches": 2 if self.dual_branch else 1}
+
+    def training_architecture(self, base_architecture: dict, modality_groups=None) -> dict:
+        if base_architecture["network_class_name"] not in (PLAIN_UNET_CLASS, self.network_class_name):
+            raise ValueError(f"SMML is built from nnU-Net's PlainConvUNet plans, but this configuration uses "
+                             f"{base_architecture['network_class_name']}. Plan with the default ExperimentPlanner.")
+        arch = copy.deepcopy(dict(base_architecture))
+        arch["network_class_name"] = self.network_class_name
+        arch["arch_kwargs"] = {**arch["arch_kwargs"], **self.network_kwargs()}
+        return arch
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
+        network = get_network_from_plans(
+            configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
+            configuration_manager.network_arch_init_kwargs_req_import, num_input_channels, num_output_channels,
+            allow_init=True, deep_supervision=enable_deep_supervision)
+        if not isinstance(network, SMMLNet):
+            raise TypeError(f"The plans build {type(network).__name__}, not SMMLNet. Use the model folder's "
+                            f"plans.json (written by SMMLTrainer).")
+        return network
+
+    def set_deep_supervision_enabled(self, enabled: bool) -> None:
+        self.network_module.deep_supervision = enabled
+
+    def samples_per_step(self, batch_size: float) -> float:
+        """Both branches are in the network's estimate; the SRNs are small (not counted)."""
+        return float(batch_size)
+
+    # ------------------------------------------------------------------ set-up
+    def _build_refiners(self) -> torch.nn.ModuleList:
+        kwargs = self.configuration_manager.network_arch_init_kwargs
+        imported = get_network_from_plans(  # resolve the plans' ops once through nnU-Net
+            PLAIN_UNET_CLASS, {k: v for k, v in kwargs.items() if k not in self.network_kwargs()},
+            self.configuration_manager.network_arch_init_kwargs_req_import, 1, 1, allow_init=False,
+            deep_supervision=False)
+        conv_op = type(imported.encoder.stages[0][0].convs[0].conv)
+        stages = min(len(self.srn_features), len(kwargs["strides"]))
+        outputs = self.label_manager.num_segmentation_heads
+        refiners = torch.nn.ModuleList()
+        for _ in range(2 if self.dual_branch else 1):
+            net = PlainConvUNet(outputs, stages, list(self.srn_features[:stages]), conv_op,
+                                list(kwargs["kernel_sizes"][:stages]), list(kwargs["strides"][:stages]), 2, outputs,
+                                1, True, type(imported.encoder.stages[0][0].convs[0].norm),
+                                {"eps": 1e-5, "affine": True}, None, None, torch.nn.LeakyReLU, {"inplace": True},
+                                deep_supervision=False)
+            net.apply(net.initialize)
+            refiners.append(net)
+        return refiners.to(self.device)
+
+    def configure_optimizers(self):
+        """nnU-Net's SGD and poly schedule over the network and the refinement networks."""
+        if self.use_srn and self.refiners is None:
+            self.refiners = self._build_refiners()
+        optimizer, scheduler = super().configure_optimizers()
+        if self.refiners is not None:
+            optimizer.add_param_group({"params": list(self.refiners.parameters())})
+        return optimizer, scheduler
+
+    # ------------------------------------------------------------------ the step
+    def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if self.label_manager.has_regions else torch.softmax(logits, 1)
+
+    def compute_losses(self, data: torch.Tensor, target, unlabeled):
+        lm = self.label_manager
+        sigmoid = lm.has_regions
+        net = self.network_module
+        masks = random_modality_masks(data.shape[0], data.shape[1], device=data.device)
+        if not self.dual_branch:
+            masks = torch.stack([masks[0], masks[0]])
+        net.return_branches = True
+        try:
+            out1, out2, feat1, feat2 = self.network(data, masks=masks)
+        finally:
+            net.return_branches = False
+        outputs = [out1, out2] if self.dual_branch else [out1]
+        full = target[0] if isinstance(target, list) else target
+        classes, valid = class_map_from_target(full, lm.has_regions, lm.ignore_label)
+        if sigmoid:  # PBC's cross entropy against the regions (without nnU-Net's ignore channel)
+            pbc_target = full[:, :-1] if lm.ignore_label is not None else full
+        else:
+            pbc_target = classes
+        top = [o[0] if isinstance(o, (list, tuple)) else o for o in outputs]
+
+        loss = sum(self.loss(o, target) for o in outputs)
+        with torch.no_grad():
+            fused = [(a + b) / 2 for a, b in zip(out1, out2, strict=True)] if isinstance(out1, (list, tuple)) else \
+                (out1 + out2) / 2
+            self.monitor_loss = self.loss(fused, target).detach()
+        inner = self.loss.loss if hasattr(self.loss, "loss") else self.loss
+        if self.use_srn:
+            for branch, logits in enumerate(top):
+                refined = self.refiners[branch](self._probabilities(logits))
+                loss = loss + inner(refined, full) + refinement_kl(logits, refined, sigmoid, valid)
+        if self.dual_branch and self.use_pbc:
+            l1, l2 = pbc_loss(top[0], top[1], pbc_target, self.pbc_temperature, sigmoid, valid)
+            loss = loss + l1 + l2
+        if self.dual_branch and self.use_frc:
+            weights = class_entropy_weights(top[0], top[1], sigmoid)
+            frc_classes = classes if valid is None else torch.where(valid, classes, torch.full_like(classes, -1))
+            loss = loss + 2 * frc_loss(feat1, feat2, frc_classes, weights, weights.shape[1])
+        return loss, torch.zeros((), device=self.device)
+
+    # ------------------------------------------------------------------ checkpoints (the SRNs are training-only)
+    def checkpoint_extra_state(self) -> dict:
+        if self.refiners is None:
+            return {}
+        return {"refiners": {k: v.detach().cpu() for k, v in self.refiners.state_dict().items()}}
+
+    def load_checkpoint_extra_state(self, state: dict) -> None:
+        if "refiners" in state:
+            if self.refiners is None:
+                self.refiners = self._build_refiners()
+            self.refiners.load_state_dict({k: v.to(self.device) for k, v in state["refiners"].items()})
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        if self.refiners is not None:
+            self.refiners.train()
+
+
+class SMMLTrainer_single(SMMLTrainer):
+    """Paper Table 4 baseline: one masked branch, task loss only."""
+
+    dual_branch = False
+    use_pbc = False
+    use_frc = False
+    use_srn = False
+
+
+class SMMLTrainer_singleSRN(SMMLTrainer_single):
+    """Table 4: single masked branch + SRN."""
+
+    use_srn = True
+
+
+class SMMLTrainer_dual(SMMLTrainer):
+    """Table 4: two masked branches (different masks), task losses only."""
+
+    use_pbc = False
+    use_frc = False
+    use_srn = False
+
+
+class SMMLTrainer_dualPBC(SMMLTrainer_dual):
+    """Table 4: dual branch + PBC."""
+
+    use_pbc = True
+
+
+class SMMLTrainer_dualFRC(SMMLTrainer_dual):
+    """Table 4: dual branch + FRC."""
+
+    use_frc = True
+
+
+class SMMLTrainer_dualPBCFRC(SMMLTrainer_dual):
+    """Table 4: dual branch + PBC + FRC (the full SMMLTrainer adds the SRN)."""
+
+    use_pbc = True
+    use_frc = True
+
+
+class ModalityDropoutTrainer(SSLTrainerBase):
+    """nnU-Net's plain U-Net with random modality dropout: each labelled sample's input channels outside a random
+    non-empty subset (uniform over the 2^K - 1) are zeroed -- the missing-modality baseline nnU-Net users build today.
+    Predict with ``nnUNetv2_mmssl_predict --missing`` (zeroed normalised input, what it was trained on)."""
+
+    use_unlabeled = False
+
+    def compute_losses(self, data: torch.Tensor, target, unlabeled):
+        if data.shape[1] >= 2:
+            mask = random_modality_masks(data.shape[0], data.shape[1], device=data.device)[0]
+            data = data * mask.to(data.dtype).view(*mask.shape, *([1] * (data.ndim - 2)))
+        return self.loss(self.network(data), target), torch.zeros((), device=data.device)
