@@ -141,7 +141,7 @@ def frc_loss(features1: torch.Tensor, features2: torch.Tensor, classes: torch.Te
     v1 = F.normalize(p1.flatten(0, 1)[keep], dim=1)
     v2 = F.normalize(p2.flatten(0, 1)[keep], dim=1)
     difference = ((v1 @ v1.T - v2 @ v2.T) ** 2).sum(1)
-    return (difference * weights.flatten()[keep].to(difference.dtype)).sum()
+    return (difference * weights.detach().flatten()[keep].to(difference.dtype)).sum()
 
 
 def refinement_kl(initial_logits: torch.Tensor, refined_logits: torch.Tensor, sigmoid: bool = False,
