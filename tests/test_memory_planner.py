@@ -169,3 +169,14 @@ def test_dbdc_step_counts_every_modality_and_both_perturbed_batches():
     assert step(DBDCTrainer_lossIpc, ["CT", "MR", "T1", "T2"]) == 4 * 2 * one
     projector = one - plain
     assert projector % voxels == 0 and projector // voxels >= 3 * DBDCTrainer.embedding_dim
+
+
+def test_smml_step_counts_both_branches_of_k_encoders():
+    from nnunet_mmssl.trainers import SMMLTrainer, SMMLTrainer_single
+
+    plain = network_feature_map_size(ARCH_2D, PATCH, 2, 2)
+    dual = _step(SMMLTrainer)
+    single = _step(SMMLTrainer_single)
+    assert dual == 2 * single  # two identical branches, one labelled batch (SMML is supervised)
+    assert single > plain  # K narrow encoders + fusion + nnU-Net's decoder exceed one plain U-Net
+    assert resolve_trainer_class("SMMLTrainer") is SMMLTrainer
