@@ -54,10 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label", action="append", default=None, metavar="GLOB",
                         help="file-name glob of the label file (repeatable, or GLOB1,GLOB2); cases without a match "
                              "are unlabelled")
-    parser.add_argument("--label-map", action="extend", nargs="+", default=None, metavar="M:V=T",
-                        help="with --source-modality: map value V of modality M's labels onto declared label T "
-                             "(repeatable; M:V=T,V2=T2 gives several); with a map every value of M's labels must be "
-                             "mapped (0 maps to 0 unless given)")
+    parser.add_argument("--label-map", action="extend", nargs="+", default=None, metavar="[M:]V=T",
+                        help="map value V of the labels onto declared label T, e.g. BraTS 4=3 (repeatable; V=T,V2=T2 "
+                             "gives several); with --source-modality per modality: M:V=T. With a map every value "
+                             "present must be mapped (0 maps to 0 unless given)")
+    parser.add_argument("--regions", nargs="+", default=None, metavar="NAME=V1,V2",
+                        help="write an nnU-Net region dataset: each region the union of label values, in output "
+                             "order, e.g. WT=1,2,3 TC=2,3 ET=3 (labels of the files still declared with --labels)")
+    parser.add_argument("--regions-class-order", nargs="+", type=int, default=None, metavar="V",
+                        help="label value exported for each region (default: per region the smallest value no later "
+                             "region contains; BraTS: 1 2 3)")
     parser.add_argument("--intensity-scheme", action="extend", nargs="+", default=None, metavar="M=SCHEME",
                         help="with --source-modality: nnU-Net normalisation of modality M (default: CTNormalization "
                              "for CT, ZScoreNormalization per case otherwise)")
@@ -159,6 +165,8 @@ def _run_unregistered(args: argparse.Namespace, label_globs: list[str] | None, l
         parse_label_map_specs,
     )
 
+    _refuse(args, {"--regions": "regions"}, "is for registered sources for now (region datasets of one image per "
+                                            "case are not supported)")
     _refuse(args, {"--modality": "modality"}, "is for registered sources (every case holds every channel); with "
                                               "--source-modality each case holds one image: give its glob with "
                                               "--image GLOB")
@@ -184,9 +192,16 @@ def _run_unregistered(args: argparse.Namespace, label_globs: list[str] | None, l
 def _run_registered(args: argparse.Namespace, label_globs: list[str] | None, labels: dict | None,
                     output_root: str) -> Path:
     from nnunet_mmssl.dataset_conversion.convert import ConversionError, convert_dataset, parse_modality_specs
+    from nnunet_mmssl.dataset_conversion.regions import parse_region_specs
+    from nnunet_mmssl.dataset_conversion.unregistered import parse_label_map_specs
 
-    _refuse(args, {"--image": "image", "--label-map": "label_map", "--intensity-scheme": "intensity_scheme"},
+    _refuse(args, {"--image": "image", "--intensity-scheme": "intensity_scheme"},
             "is for unregistered sources: give the modality of each source with --source-modality NAME ...")
+    label_map = None
+    if args.label_map:
+        label_map = parse_label_map_specs([f"all:{spec}" for spec in args.label_map])["all"]
+    if args.regions_class_order and not args.regions:
+        raise ConversionError("--regions-class-order needs --regions")
     if not args.modality:
         raise ConversionError("--modality NAME=GLOB is required (one per channel), or --source-modality NAME ... "
                               "when each source holds one modality")
@@ -206,7 +221,9 @@ def _run_registered(args: argparse.Namespace, label_globs: list[str] | None, lab
         num_labeled=num_labeled, num_test=num_test, seed=args.seed, labels=labels,
         case_prefix=args.case_prefix, overwrite=args.overwrite, spacing_tolerance=args.spacing_tolerance,
         origin_tolerance=args.origin_tolerance, direction_tolerance=args.direction_tolerance,
-        num_processes=args.num_processes, progress=None if args.quiet else print)
+        num_processes=args.num_processes, progress=None if args.quiet else print, label_map=label_map,
+        regions=parse_region_specs(args.regions) if args.regions else None,
+        regions_class_order=args.regions_class_order)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -213,12 +213,18 @@ def validate_label_map(modality: str, label_map: Mapping[int, int], labels: Mapp
     return result
 
 
+#: the "modality" of a registered dataset's single label map (every case)
+ALL_MODALITIES = "all"
+
+
 def _unmapped_error(where: str, modality: str, label_map: Mapping[int, int], unmapped: Sequence[int],
                     labels: Mapping[str, int] | None) -> ConversionError:
     targets = f" with T one of the declared labels {dict(labels)}" if labels is not None else ""
-    return ConversionError(f"{where} contains value {unmapped[0]} (all unmapped: {list(unmapped)}) that the label map "
-                           f"of modality {modality!r} {_format_map(label_map)} does not map; add it: --label-map "
-                           f"{modality}:{unmapped[0]}=T{targets}")
+    whose = "the label map" if modality == ALL_MODALITIES else f"the label map of modality {modality!r}"
+    prefix = "" if modality == ALL_MODALITIES else f"{modality}:"
+    return ConversionError(f"{where} contains value {unmapped[0]} (all unmapped: {list(unmapped)}) that {whose} "
+                           f"{_format_map(label_map)} does not map; add it: --label-map {prefix}{unmapped[0]}=T"
+                           f"{targets}")
 
 
 def check_mapped_label(case: SourceCase, modality: str, label_map: Mapping[int, int],

@@ -61,6 +61,7 @@ from nnunet_mmssl.dataset_conversion.finding import (
     match_case_files,
     resolve_sources,
 )
+from nnunet_mmssl.dataset_conversion.regions import region_labels
 from nnunet_mmssl.dataset_conversion.request import (
     DEFAULT_LABELS,
     FILE_ENDING,
@@ -150,6 +151,9 @@ def convert_dataset(
     direction_tolerance: float = 1e-3,
     num_processes: int = 1,
     progress: Callable[[str], None] | None = None,
+    label_map: Mapping[int, int] | None = None,
+    regions: Mapping[str, Sequence[int]] | None = None,
+    regions_class_order: Sequence[int] | None = None,
 ) -> Path:
     """Convert case folders from one or more sources into ``<output_root>/DatasetXXX_NAME`` (see module docstring).
 
@@ -174,6 +178,11 @@ def convert_dataset(
         direction_tolerance: absolute tolerance on the direction cosines.
         num_processes: worker processes for writing (1 = in this process).
         progress: optional callback receiving one-line progress messages (also logged at INFO).
+        label_map: source value -> declared label value, applied to every label file (e.g. BraTS ``{4: 3}``); with
+            a map every value present must be mapped (0 -> 0 unless given).
+        regions: nnU-Net regions, name -> label values (:mod:`~nnunet_mmssl.dataset_conversion.regions`); the
+            dataset.json then declares them (sigmoid outputs) instead of the plain labels.
+        regions_class_order: export value of each region (default: see the regions module).
 
     Returns:
         The written dataset folder.
@@ -202,10 +211,15 @@ def convert_dataset(
     report(f"found {len(cases)} cases ({sum(c.label_file is not None for c in cases)} with label) in "
            f"{len(sources)} source(s); split: {len(split['labeled'])} labelled, {len(split['unlabeled'])} "
            f"unlabelled, {len(split['test'])} test")
+    mapping = validate_label_map("all", label_map, label_dict) if label_map else None
+    region_json = region_labels(label_dict, regions, regions_class_order) if regions else None
     for case in cases:
         check_case_geometry(case, tol)
         if case.label_file is not None:
-            check_label(case, label_dict)
+            if mapping is not None:
+                check_mapped_label(case, "all", mapping, label_dict)
+            else:
+                check_label(case, label_dict)
     report("all cases checked: grids consistent, labels valid")
 
     # --- records ----------------------------------------------------------------------------------------------
@@ -229,8 +243,14 @@ def convert_dataset(
                    "test": len(records["test"]), "unlabeled_with_label_not_copied": num_labels_dropped},
         "split": records,
     }
+    if mapping is not None:
+        mmssl["label_map"] = {str(k): v for k, v in mapping.items()}
     dataset_json = make_dataset_json(channel_names, label_dict, records, dataset_name, mmssl)
+    if region_json is not None:
+        mmssl["label_values"] = dict(label_dict)
+        dataset_json["labels"], dataset_json["regions_class_order"] = region_json
 
     # --- writing into a temporary sibling, then rename -----------------------------------------------------------
     return write_dataset(target, cases, case_ids, split, {"dataset.json": dataset_json, SPLIT_FILE_NAME: mmssl},
-                         num_processes, report, write_case=_write_case)
+                         num_processes, report, write_case=_write_case,
+                         label_maps=[mapping] * len(cases) if mapping is not None else None)
