@@ -33,7 +33,8 @@ def test_region_dataset_with_brats_label_map(tmp_path):
     src = _write_sources(tmp_path)
     code = main(["-i", str(src), "--modality", "T1=t1.nii.gz", "--modality", "FLAIR=flair.nii.gz", "--label",
                  "seg.nii.gz", "--labels", *[f"{k}={v}" for k, v in LABELS.items()], "--label-map", "1=1", "2=2",
-                 "4=3", "--regions", "WT=1,2,3", "TC=2,3", "ET=3", "-d", "7", "-n", "Regions", "-o", str(tmp_path / "raw"),
+                 "4=3", "--regions", "WT=1,2,3", "TC=2,3", "ET=3", "-d", "7", "-n", "Regions",
+                 "-o", str(tmp_path / "raw"),
                  "-q"])
     assert code == 0
     folder = tmp_path / "raw" / "Dataset007_Regions"
