@@ -32,7 +32,7 @@ USER_TRAINERS = textwrap.dedent('''
             super().__init__(plans, configuration, fold, dataset_json, device)
             self.num_epochs = 2
             self.num_iterations_per_epoch = 2
-            self.num_val_iterations_per_epoch = 2
+            self.num_val_iterations_per_epoch = 1
 ''')
 
 
@@ -56,7 +56,10 @@ def workspace(tmp_path_factory):
                nnUNet_results=str(root / "results"), nnUNet_extTrainer=str(user_folder), nnUNet_def_n_proc="2",
                nnUNet_n_proc_DA="0", nnUNet_compile="false")
     env.pop("NNUNET_MMSSL_NO_EXT_TRAINER", None)
-    src = make_unregistered_phantom_sources(root / "sources", num_labeled=4, num_unlabeled=2, seed=5)
+    # small volumes (3d_fullres patch ~ 10 x 32 x 32) with each modality's own grid, spacing and label numbering
+    geometry = {"CT": ((10, 32, 32), (2.5, 1.2, 1.2), 5), "MR": ((8, 28, 28), (3.0, 1.4, 1.4), 1)}
+    src = make_unregistered_phantom_sources(root / "sources", num_labeled=4, num_unlabeled=2, seed=5,
+                                            geometry=geometry)
     _run(["nnUNetv2_mmssl_convert", "-i", str(src / "CT"), str(src / "MR"), "--source-modality", "CT", "MR",
           "--image", "image.nii.gz", "--label", "label.nii.gz", "--label-map", "CT:5=1", "--labels", "background=0",
           "lesion=1", "--num-labeled", "3", "--num-test", "1", "-d", str(DATASET_ID), "-n", "DBDCPhantom"], env)

@@ -42,7 +42,8 @@ def _ct_image(case, rng: np.random.Generator) -> np.ndarray:
 
 def make_unregistered_phantom_sources(output_folder: str | os.PathLike, num_labeled: Mapping[str, int] | int = 4,
                                       num_unlabeled: Mapping[str, int] | int = 4,
-                                      modalities: Sequence[str] = ("CT", "MR"), seed: int = 0) -> Path:
+                                      modalities: Sequence[str] = ("CT", "MR"), seed: int = 0,
+                                      geometry: Mapping[str, tuple] | None = None) -> Path:
     """Write one source folder per modality (see the module docstring); return ``output_folder``.
 
     Args:
@@ -51,10 +52,12 @@ def make_unregistered_phantom_sources(output_folder: str | os.PathLike, num_labe
         modalities: names from :data:`UNREGISTERED_PHANTOM_GEOMETRY` ("CT" is CT-like, anything else MR-like with
             the MR geometry).
         seed: base seed; case ``i`` of modality ``k`` uses ``default_rng([seed, k, i])``.
+        geometry: per modality ``(shape, spacing, label value)`` overriding :data:`UNREGISTERED_PHANTOM_GEOMETRY`.
     """
     out = Path(output_folder)
     for k, modality in enumerate(modalities):
-        shape, spacing, label_value = UNREGISTERED_PHANTOM_GEOMETRY.get(modality, UNREGISTERED_PHANTOM_GEOMETRY["MR"])
+        table = {**UNREGISTERED_PHANTOM_GEOMETRY, **dict(geometry or {})}
+        shape, spacing, label_value = table.get(modality, table["MR"])
         n_lab = num_labeled[modality] if isinstance(num_labeled, Mapping) else int(num_labeled)
         n_unl = num_unlabeled[modality] if isinstance(num_unlabeled, Mapping) else int(num_unlabeled)
         for i in range(n_lab + n_unl):
