@@ -150,20 +150,18 @@ def _norm_children(module: nn.Module):
 
 def _replace_in(module: nn.Module, num_modalities: int, conv_dim: int, context: ModalityContext, kind: str,
                 momentum: float) -> int:
-    count = 0
+    # a norm may be reachable twice (nnU-Net's ConvDropoutNormReLU holds it as ``.norm`` and in its
+    # ``all_modules`` Sequential): every place that holds it gets the same bank, so no bank is left unused
+    banks: dict[int, ModalityNormBank] = {}
     for parent, name, norm in list(_norm_children(module)):
-        features = getattr(norm, "num_features", None) or getattr(norm, "num_channels", None)
-        bank = ModalityNormBank(num_modalities, int(features), conv_dim, context, kind, momentum,
-                                eps=float(getattr(norm, "eps", 1e-5)))
+        bank = banks.get(id(norm))
+        if bank is None:
+            features = getattr(norm, "num_features", None) or getattr(norm, "num_channels", None)
+            bank = ModalityNormBank(num_modalities, int(features), conv_dim, context, kind, momentum,
+                                    eps=float(getattr(norm, "eps", 1e-5)))
+            banks[id(norm)] = bank
         setattr(parent, name, bank)
-        # nnU-Net's ConvDropoutNormReLU also holds the norm in its ``all_modules`` Sequential
-        for sibling in parent.modules():
-            if isinstance(sibling, nn.Sequential):
-                for i, m in enumerate(sibling):
-                    if m is norm:
-                        sibling[i] = bank
-        count += 1
-    return count
+    return len(banks)
 
 
 def replace_norms_with_banks(encoder_stages: Sequence[nn.Module], decoder_stages: Sequence[nn.Module],
