@@ -19,7 +19,7 @@ from plans_fixtures import DATASET_JSON  # noqa: E402
 
 REGION_JSON = {**DATASET_JSON, "labels": {"background": 0, "whole": [1, 2], "core": [2]}, "regions_class_order": [1, 2]}
 TRAINERS = ["MemCifSSLTrainer", "MMFMCMLTrainer", "MeanTeacherTrainer", "PlainSupervisedTrainer", "DBDCTrainer",
-            "SMMLTrainer", "ModalityDropoutTrainer"]
+            "SMMLTrainer", "SMMLSSLTrainer", "ModalityDropoutTrainer"]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -195,7 +195,7 @@ def harness():
 
 
 @pytest.mark.parametrize("name", ["SMMLTrainer", "SMMLTrainer_single", "SMMLTrainer_singleSRN", "SMMLTrainer_dual",
-                                  "SMMLTrainer_dualPBC", "SMMLTrainer_dualFRC", "SMMLTrainer_dualPBCFRC",
+                                  "SMMLTrainer_dualPBC", "SMMLTrainer_dualFRC", "SMMLTrainer_dualPBCFRC", "SMMLSSLTrainer",
                                   "ModalityDropoutTrainer"])
 def test_trainers_take_steps_and_learn(harness, name):
     import nnunet_mmssl.trainers as trainers
@@ -209,7 +209,7 @@ def test_trainers_take_steps_and_learn(harness, name):
     if name.startswith("SMML"):
         net = trainer.network_module
         assert len(net.branches) == (1 if "single" in name else 2)
-        has_srn = name in ("SMMLTrainer", "SMMLTrainer_singleSRN")
+        has_srn = name in ("SMMLTrainer", "SMMLTrainer_singleSRN", "SMMLSSLTrainer")
         assert (trainer.refiners is not None) == has_srn
         if has_srn:  # the SRN is trained (its weights moved) but is not part of the predicting network
             assert any(p.grad is not None for p in trainer.refiners.parameters())
@@ -240,3 +240,110 @@ def test_every_subset_of_the_fixture_predicts(harness):
             net.set_missing_modalities(missing)
             outputs.append(net(x)[0])
     assert all(not torch.allclose(a, b) for a, b in itertools.combinations(outputs, 2))
+
+
+# ---------------------------------------------------------------- semi-supervised SMML (beyond the paper)
+def _ssl_stub(threshold: float, use_frc: bool, regions: bool = False):
+    """An SMMLSSLTrainer shell whose branches return fixed logits/features (no nnU-Net set-up needed)."""
+    from types import SimpleNamespace
+
+    from nnunet_mmssl.trainers import SMMLSSLTrainer
+
+    trainer = object.__new__(SMMLSSLTrainer)
+    trainer.label_manager = SimpleNamespace(has_regions=regions)
+    trainer.pseudo_label_threshold = threshold
+    trainer.use_frc = use_frc
+    return trainer
+
+
+def _fixed_branches(trainer, logits1, logits2, feat1=None, feat2=None):
+    feat1 = torch.zeros(1, 2, *logits1.shape[2:]) if feat1 is None else feat1
+    feat2 = torch.zeros(1, 2, *logits1.shape[2:]) if feat2 is None else feat2
+    trainer._branch_outputs = lambda data: ([logits1], [logits2], feat1, feat2)
+
+
+def test_ssl_consistency_by_hand_and_gradient_only_into_the_less_reliable_branch():
+    tau = 6.0
+    # three voxels, two classes: v0 both say class 0 (branch 1 surer), v1 unsure (mean 0.5: below the threshold),
+    # v2 both say class 1 (branch 2 surer)
+    logits1 = torch.tensor([[[[3.0, 0.0, 0.0]], [[0.0, 0.5, 4.0]]]], requires_grad=True)
+    logits2 = torch.tensor([[[[2.0, 0.5, 0.0]], [[0.0, 0.0, 5.0]]]], requires_grad=True)
+    trainer = _ssl_stub(threshold=0.9, use_frc=False)
+    _fixed_branches(trainer, logits1, logits2)
+    loss = trainer.unlabeled_consistency(torch.zeros(1, 2, 1, 3))
+
+    def kl(t, s):  # KL(softmax(t/tau) || softmax(s/tau)) of one voxel
+        pt, ps = torch.softmax(torch.tensor(t) / tau, 0), torch.softmax(torch.tensor(s) / tau, 0)
+        return float((pt * (pt / ps).log()).sum())
+
+    # v0: branch 2 learns from branch 1; v2: branch 1 learns from branch 2; each direction averaged over one voxel
+    expected = kl([3.0, 0.0], [2.0, 0.0]) + kl([0.0, 5.0], [0.0, 4.0])
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    g1, g2 = logits1.grad[0, :, 0], logits2.grad[0, :, 0]  # (C, voxel)
+    assert torch.all(g1[:, 0] == 0) and torch.any(g1[:, 2] != 0)  # branch 1 is the teacher at v0, student at v2
+    assert torch.all(g2[:, 2] == 0) and torch.any(g2[:, 0] != 0)
+    assert torch.all(g1[:, 1] == 0) and torch.all(g2[:, 1] == 0)  # the unsure voxel takes no part
+
+
+def test_ssl_consistency_nothing_confident_gives_zero_and_no_gradient():
+    logits1 = torch.zeros(1, 2, 1, 3, requires_grad=True)
+    logits2 = torch.zeros(1, 2, 1, 3, requires_grad=True)
+    feat1 = torch.randn(1, 2, 1, 3, requires_grad=True)
+    feat2 = torch.randn(1, 2, 1, 3, requires_grad=True)
+    trainer = _ssl_stub(threshold=0.9, use_frc=True)
+    _fixed_branches(trainer, logits1, logits2, feat1, feat2)
+    loss = trainer.unlabeled_consistency(torch.zeros(1, 2, 1, 3))
+    loss.backward()
+    assert float(loss) == 0.0
+    for t in (logits1, logits2, feat1, feat2):
+        assert t.grad is None or torch.all(t.grad == 0)
+
+
+def test_ssl_frc_uses_the_pseudo_label_classes():
+    """FRC's prototypes come from the confident pseudo-label's classes; both branches' features get gradient."""
+    logits = torch.tensor([[[[4.0, 4.0, -4.0, -4.0]], [[-4.0, -4.0, 4.0, 4.0]]]])
+    feat1 = torch.tensor([[[[1.0, 1.0, 0.0, 0.0]], [[0.0, 0.0, 1.0, 1.0]]]], requires_grad=True)
+    feat2 = torch.tensor([[[[1.0, 1.0, 1.0, 1.0]], [[0.0, 0.0, 0.5, 0.5]]]], requires_grad=True)
+    trainer = _ssl_stub(threshold=0.9, use_frc=True)
+    trainer.use_pbc = False
+    _fixed_branches(trainer, logits.clone(), logits.clone(), feat1, feat2)
+    loss = trainer.unlabeled_consistency(torch.zeros(1, 2, 1, 4))
+    # branch 1: prototypes (1,0) and (0,1) -> cos 0; branch 2: (1,0) and (1,0.5) -> cos^2 = 0.8 = D of each class
+    # row; weights = the mean entropy of each class's probability over the voxels
+    p = torch.softmax(logits, 1)
+    weights = (-(p * p.log())).flatten(2).mean(-1)[0]
+    assert float(loss) == pytest.approx(2 * 0.8 * float(weights.sum()), rel=1e-5)
+    loss.backward()
+    assert feat1.grad.abs().sum() > 0 and feat2.grad.abs().sum() > 0
+
+
+def test_ssl_consistency_on_regions():
+    # one region, two voxels: confident inside (p ~ 0.98) and confident outside; sigmoid KL per region
+    logits1 = torch.tensor([[[[4.0, -4.0]]]], requires_grad=True)
+    logits2 = torch.tensor([[[[3.0, -5.0]]]], requires_grad=True)
+    trainer = _ssl_stub(threshold=0.9, use_frc=False, regions=True)
+    _fixed_branches(trainer, logits1, logits2)
+    loss = trainer.unlabeled_consistency(torch.zeros(1, 2, 1, 2))
+    loss.backward()
+    # v0: region present, branch 1 surer -> branch 2 learns; v1: absent, branch 2 surer -> branch 1 learns
+    assert logits1.grad[0, 0, 0, 0] == 0 and logits1.grad[0, 0, 0, 1] != 0
+    assert logits2.grad[0, 0, 0, 1] == 0 and logits2.grad[0, 0, 0, 0] != 0
+    assert float(loss) > 0
+
+
+def test_ssl_trainer_uses_the_unlabelled_batch_with_its_ramped_weight(harness):
+    from nnunet_mmssl.trainers import SMMLSSLTrainer, SMMLTrainer
+
+    trainer = harness.make_trainer(SMMLSSLTrainer, seed=0)
+    assert trainer.use_unlabeled and not SMMLTrainer.use_unlabeled
+    trainer.pseudo_label_threshold = 0.0  # every voxel takes part, so the unsupervised term is non-zero
+    trainer.unsupervised_rampup_fraction = 0.0
+    calls = []
+    original = trainer.unlabeled_consistency
+    trainer.unlabeled_consistency = lambda x: calls.append(x) or original(x)
+    steps = harness.batches(trainer, seed=0, count=1)
+    out = harness.run_steps(trainer, steps, seed=0)[0]
+    assert len(calls) == 1 and torch.equal(calls[0], steps[0][1]["data"])
+    assert float(out["unsup_loss"]) > 0
+    assert float(out["objective"]) == pytest.approx(float(out["sup_loss"]) + float(out["unsup_loss"]), rel=1e-5)

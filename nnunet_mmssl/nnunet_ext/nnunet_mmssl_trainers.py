@@ -36,6 +36,7 @@ from nnunet_mmssl.trainers.mmf_mcml import (  # noqa: F401
 )
 from nnunet_mmssl.trainers.smml import (  # noqa: F401
     ModalityDropoutTrainer,
+    SMMLSSLTrainer,
     SMMLTrainer,
     SMMLTrainer_dual,
     SMMLTrainer_dualFRC,

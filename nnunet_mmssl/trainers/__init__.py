@@ -35,6 +35,7 @@ from nnunet_mmssl.trainers.mmf_mcml import (
 )
 from nnunet_mmssl.trainers.smml import (
     ModalityDropoutTrainer,
+    SMMLSSLTrainer,
     SMMLTrainer,
     SMMLTrainer_dual,
     SMMLTrainer_dualFRC,
@@ -55,5 +56,5 @@ __all__ += ["DBDCTrainer", "DBDCSupervisedTrainer", "DBDCTrainer_lossIpc", "DBDC
             "DBDCTrainer_mlmbEncoderBottleneck", "DBDCTrainer_mlmbNone", "DBDCTrainer_noMAW",
             "DBDCTrainer_noMLPB_noMAW",
             "PooledUNetTrainer"]
-__all__ += ["ModalityDropoutTrainer", "SMMLTrainer", "SMMLTrainer_dual", "SMMLTrainer_dualFRC", "SMMLTrainer_dualPBC",
-            "SMMLTrainer_dualPBCFRC", "SMMLTrainer_single", "SMMLTrainer_singleSRN"]
+__all__ += ["ModalityDropoutTrainer", "SMMLSSLTrainer", "SMMLTrainer", "SMMLTrainer_dual", "SMMLTrainer_dualFRC",
+            "SMMLTrainer_dualPBC", "SMMLTrainer_dualPBCFRC", "SMMLTrainer_single", "SMMLTrainer_singleSRN"]

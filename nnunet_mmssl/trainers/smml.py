@@ -12,6 +12,9 @@ used in training only (not saved into the plans, not needed to predict); it read
 initial prediction -- priors of a zero-shot model are not wired in yet (``use_priors`` raises), so the SRN refines
 the prediction alone: what that loses is the second, independent opinion the priors give.
 
+``SMMLSSLTrainer`` (beyond the paper) adds our unlabelled stream: PBC and FRC between the two masked branches on
+unlabelled batches, against confident pseudo-labels of the branches' mean.
+
 Inference (nnU-Net's predictor): the mean of the two branches with every modality present, or, with
 ``nnUNetv2_mmssl_predict --missing``, the network's mask for the absent modalities
 (:meth:`~nnunet_mmssl.architectures.smml.SMMLNet.set_missing_modalities`).
@@ -28,7 +31,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_mmssl.architectures.smml import SMMLNet, random_modality_masks
 from nnunet_mmssl.losses.smml import class_entropy_weights, frc_loss, pbc_loss, refinement_kl
-from nnunet_mmssl.losses.targets import class_map_from_target
+from nnunet_mmssl.losses.targets import class_map_from_target, regions_to_classes
 from nnunet_mmssl.planners.mmssl_plans import PLAIN_UNET_CLASS
 from nnunet_mmssl.trainers.base import SSLTrainerBase
 
@@ -52,6 +55,8 @@ class SMMLTrainer(SSLTrainerBase):
     use_priors: bool = False
     #: SRN widths (a small U-Net with the plans' first strides and kernels)
     srn_features: tuple[int, ...] = (16, 32, 64)
+    #: semi-supervised variant: confidence a voxel's pseudo-label needs to enter PBC/FRC on unlabelled data
+    pseudo_label_threshold: float = 0.9
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's exact signature)
@@ -95,8 +100,9 @@ class SMMLTrainer(SSLTrainerBase):
         self.network_module.deep_supervision = enabled
 
     def samples_per_step(self, batch_size: float) -> float:
-        """Both branches are in the network's estimate; the SRNs are small (not counted)."""
-        return float(batch_size)
+        """Both branches are in the network's estimate; the SRNs are small (not counted); the semi-supervised
+        variant adds its unlabelled batch."""
+        return float(super().samples_per_step(batch_size))
 
     # ------------------------------------------------------------------ set-up
     def _build_refiners(self) -> torch.nn.ModuleList:
@@ -132,18 +138,35 @@ class SMMLTrainer(SSLTrainerBase):
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.label_manager.has_regions else torch.softmax(logits, 1)
 
-    def compute_losses(self, data: torch.Tensor, target, unlabeled):
-        lm = self.label_manager
-        sigmoid = lm.has_regions
+    def _branch_outputs(self, data: torch.Tensor):
+        """Both branches' outputs and fused features under two different random masks per sample."""
         net = self.network_module
         masks = random_modality_masks(data.shape[0], data.shape[1], device=data.device)
         if not self.dual_branch:
             masks = torch.stack([masks[0], masks[0]])
         net.return_branches = True
         try:
-            out1, out2, feat1, feat2 = self.network(data, masks=masks)
+            return self.network(data, masks=masks)
         finally:
             net.return_branches = False
+
+    def _consistency(self, top: list[torch.Tensor], feat1, feat2, classes, valid, pbc_target) -> torch.Tensor:
+        """PBC (both directions) + FRC (counted for both branches) against labels or pseudo-labels."""
+        sigmoid = self.label_manager.has_regions
+        loss = torch.zeros((), device=top[0].device)
+        if self.dual_branch and self.use_pbc:
+            l1, l2 = pbc_loss(top[0], top[1], pbc_target, self.pbc_temperature, sigmoid, valid)
+            loss = loss + l1 + l2
+        if self.dual_branch and self.use_frc:
+            weights = class_entropy_weights(top[0], top[1], sigmoid)
+            frc_classes = classes if valid is None else torch.where(valid, classes, torch.full_like(classes, -1))
+            loss = loss + 2 * frc_loss(feat1, feat2, frc_classes, weights, weights.shape[1])
+        return loss
+
+    def compute_losses(self, data: torch.Tensor, target, unlabeled):
+        lm = self.label_manager
+        sigmoid = lm.has_regions
+        out1, out2, feat1, feat2 = self._branch_outputs(data)
         outputs = [out1, out2] if self.dual_branch else [out1]
         full = target[0] if isinstance(target, list) else target
         classes, valid = class_map_from_target(full, lm.has_regions, lm.ignore_label)
@@ -163,14 +186,34 @@ class SMMLTrainer(SSLTrainerBase):
             for branch, logits in enumerate(top):
                 refined = self.refiners[branch](self._probabilities(logits))
                 loss = loss + inner(refined, full) + refinement_kl(logits, refined, sigmoid, valid)
-        if self.dual_branch and self.use_pbc:
-            l1, l2 = pbc_loss(top[0], top[1], pbc_target, self.pbc_temperature, sigmoid, valid)
-            loss = loss + l1 + l2
-        if self.dual_branch and self.use_frc:
-            weights = class_entropy_weights(top[0], top[1], sigmoid)
-            frc_classes = classes if valid is None else torch.where(valid, classes, torch.full_like(classes, -1))
-            loss = loss + 2 * frc_loss(feat1, feat2, frc_classes, weights, weights.shape[1])
-        return loss, torch.zeros((), device=self.device)
+        loss = loss + self._consistency(top, feat1, feat2, classes, valid, pbc_target)
+        unsup = torch.zeros((), device=self.device)
+        if unlabeled is not None:
+            unsup = self.unlabeled_consistency(unlabeled)
+        return loss, unsup
+
+    def unlabeled_consistency(self, unlabeled: torch.Tensor) -> torch.Tensor:
+        """PBC + FRC on unlabelled data against confident pseudo-labels (our semi-supervised extension).
+
+        The pseudo-label is the two branches' mean probability (no gradient); a voxel takes part when its confidence
+        (softmax: the top probability; regions: every region's ``max(p, 1 - p)``) reaches
+        :attr:`pseudo_label_threshold`. PBC's per-voxel direction is then decided by each branch's cross entropy to
+        the pseudo-label, and FRC's prototypes are those of the pseudo-label's classes.
+        """
+        sigmoid = self.label_manager.has_regions
+        out1, out2, feat1, feat2 = self._branch_outputs(unlabeled)
+        top = [o[0] if isinstance(o, (list, tuple)) else o for o in (out1, out2)]
+        with torch.no_grad():
+            probs = (self._probabilities(top[0].float()) + self._probabilities(top[1].float())) / 2
+            if sigmoid:
+                pbc_target = (probs > 0.5).to(probs.dtype)
+                confidence = torch.maximum(probs, 1 - probs).amin(1)
+                classes = regions_to_classes(pbc_target.bool())
+            else:
+                confidence, classes = probs.max(1)
+                pbc_target = classes
+            valid = confidence >= self.pseudo_label_threshold
+        return self._consistency(top, feat1, feat2, classes, valid, pbc_target)
 
     # ------------------------------------------------------------------ checkpoints (the SRNs are training-only)
     def checkpoint_extra_state(self) -> dict:
@@ -230,6 +273,17 @@ class SMMLTrainer_dualPBCFRC(SMMLTrainer_dual):
 
     use_pbc = True
     use_frc = True
+
+
+class SMMLSSLTrainer(SMMLTrainer):
+    """Beyond the paper: SMML + our unlabelled stream. On each unlabelled batch the two masked branches are held to
+    each other by PBC and FRC against confident pseudo-labels (:meth:`SMMLTrainer.unlabeled_consistency`), weighted
+    by :attr:`unsupervised_weight` and a sigmoid ramp over the first 20 % of the run; the SRN sees labelled data
+    only. Compare with ``SMMLTrainer`` on the same split (it is the supervised twin)."""
+
+    use_unlabeled = True
+    unsupervised_weight = 1.0
+    unsupervised_rampup_fraction = 0.2
 
 
 class ModalityDropoutTrainer(SSLTrainerBase):
