@@ -195,8 +195,8 @@ def harness():
 
 
 @pytest.mark.parametrize("name", ["SMMLTrainer", "SMMLTrainer_single", "SMMLTrainer_singleSRN", "SMMLTrainer_dual",
-                                  "SMMLTrainer_dualPBC", "SMMLTrainer_dualFRC", "SMMLTrainer_dualPBCFRC", "SMMLSSLTrainer",
-                                  "ModalityDropoutTrainer"])
+                                  "SMMLTrainer_dualPBC", "SMMLTrainer_dualFRC", "SMMLTrainer_dualPBCFRC",
+                                  "SMMLSSLTrainer", "ModalityDropoutTrainer"])
 def test_trainers_take_steps_and_learn(harness, name):
     import nnunet_mmssl.trainers as trainers
 
