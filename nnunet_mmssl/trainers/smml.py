@@ -9,8 +9,9 @@ Loss per branch (eq. 13): nnU-Net's deep-supervised Dice+CE on the initial predi
 prediction + PBC (eqs. 1-3, tau 6) + FRC (eqs. 4-9) + the refinement KL (eq. 11); the objective is the sum over the
 two branches (``L_fc`` counted once per branch, as printed). The refinement network (SRN, eq. 10) is a small U-Net
 used in training only (not saved into the plans, not needed to predict); it reads the softmax (sigmoid) of the
-initial prediction -- priors of a zero-shot model are not wired in yet (``use_priors`` raises), so the SRN refines
-the prediction alone: what that loses is the second, independent opinion the priors give.
+initial prediction and, when the dataset has them, the case's priors (``priorsTr/``, one per modality, e.g. masks of
+a zero-shot model; :mod:`nnunet_mmssl.dataloading.priors`), which go through the image's spatial augmentation. Without
+priors the SRN refines the prediction alone: what that loses is the second, independent opinion the priors give.
 
 ``SMMLSSLTrainer`` (beyond the paper) adds our unlabelled stream: PBC and FRC between the two masked branches on
 unlabelled batches, against confident pseudo-labels of the branches' mean.
@@ -23,6 +24,7 @@ Inference (nnU-Net's predictor): the mean of the two branches with every modalit
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
@@ -30,6 +32,13 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_mmssl.architectures.smml import SMMLNet, random_modality_masks
+from nnunet_mmssl.dataloading.priors import (
+    PRIORS_FOLDER,
+    DatasetWithPriors,
+    PriorsError,
+    priors_data_identifier,
+    wrap_transforms_for_priors,
+)
 from nnunet_mmssl.losses.smml import class_entropy_weights, frc_loss, pbc_loss, refinement_kl
 from nnunet_mmssl.losses.targets import class_map_from_target, regions_to_classes
 from nnunet_mmssl.planners.mmssl_plans import PLAIN_UNET_CLASS
@@ -51,8 +60,9 @@ class SMMLTrainer(SSLTrainerBase):
     pbc_temperature: float = 6.0
     use_frc: bool = True
     use_srn: bool = True
-    #: priors of a zero-shot model as SRN input (not implemented yet)
-    use_priors: bool = False
+    #: per-case priors (``priorsTr/``, see :mod:`nnunet_mmssl.dataloading.priors`) as extra SRN input: None = when
+    #: the configuration's preprocessed priors exist, True = required, False = never
+    use_priors: bool | None = None
     #: SRN widths (a small U-Net with the plans' first strides and kernels)
     srn_features: tuple[int, ...] = (16, 32, 64)
     #: semi-supervised variant: confidence a voxel's pseudo-label needs to enter PBC/FRC on unlabelled data
@@ -60,15 +70,20 @@ class SMMLTrainer(SSLTrainerBase):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's exact signature)
-        if self.use_priors:
-            raise NotImplementedError("SMML priors (use_priors) are not implemented yet; the SRN reads the "
-                                      "prediction alone.")
         plain = copy.deepcopy(PlansManager(plans).get_configuration(configuration).configuration["architecture"])
         plans = copy.deepcopy(plans)
         plans["configurations"][configuration]["architecture"] = self.training_architecture(plain)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.plain_architecture = plain
         self.refiners = None
+        self.priors_folder = os.path.join(self.preprocessed_dataset_folder_base,
+                                          priors_data_identifier(self.configuration_manager.data_identifier))
+        found = os.path.isdir(self.priors_folder)
+        if self.use_priors and not found:
+            raise PriorsError(f"{type(self).__name__} needs priors, but {self.priors_folder} does not exist. Put "
+                              f"them into the raw dataset's {PRIORS_FOLDER}/ (CASE_XXXX per modality) and rerun "
+                              f"nnUNetv2_mmssl_plan_and_preprocess, or train SMMLTrainer without priors.")
+        self.priors_enabled = bool(self.use_srn and (found if self.use_priors is None else self.use_priors))
 
     # ------------------------------------------------------------------ network as data
     def network_kwargs(self) -> dict:
@@ -114,9 +129,10 @@ class SMMLTrainer(SSLTrainerBase):
         conv_op = type(imported.encoder.stages[0][0].convs[0].conv)
         stages = min(len(self.srn_features), len(kwargs["strides"]))
         outputs = self.label_manager.num_segmentation_heads
+        inputs = outputs + (self.num_input_channels if self.priors_enabled else 0)
         refiners = torch.nn.ModuleList()
         for _ in range(2 if self.dual_branch else 1):
-            net = PlainConvUNet(outputs, stages, list(self.srn_features[:stages]), conv_op,
+            net = PlainConvUNet(inputs, stages, list(self.srn_features[:stages]), conv_op,
                                 list(kwargs["kernel_sizes"][:stages]), list(kwargs["strides"][:stages]), 2, outputs,
                                 1, True, type(imported.encoder.stages[0][0].convs[0].norm),
                                 {"eps": 1e-5, "affine": True}, None, None, torch.nn.LeakyReLU, {"inplace": True},
@@ -163,9 +179,47 @@ class SMMLTrainer(SSLTrainerBase):
             loss = loss + 2 * frc_loss(feat1, feat2, frc_classes, weights, weights.shape[1])
         return loss
 
+    # ------------------------------------------------------------------ priors (extra channels of the batches)
+    def on_train_start(self):
+        if self.priors_enabled:
+            self.print_to_log_file(f"SRN priors from {self.priors_folder}")
+        super().on_train_start()
+
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        if not self.priors_enabled:
+            return dataset_tr, dataset_val
+        k = self.num_input_channels
+        return (DatasetWithPriors(dataset_tr, self.priors_folder, k),
+                DatasetWithPriors(dataset_val, self.priors_folder, k))
+
+    def get_training_transforms(self, *args, **kwargs):
+        transforms = SSLTrainerBase.get_training_transforms(*args, **kwargs)
+        return wrap_transforms_for_priors(transforms, self.num_input_channels) if self.priors_enabled else transforms
+
+    def get_validation_transforms(self, *args, **kwargs):
+        transforms = SSLTrainerBase.get_validation_transforms(*args, **kwargs)
+        return wrap_transforms_for_priors(transforms, self.num_input_channels) if self.priors_enabled else transforms
+
+    def split_priors(self, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(image channels, priors or None) of a batch."""
+        k = self.num_input_channels
+        if data.shape[1] == k:
+            if self.priors_enabled:
+                raise PriorsError(f"A labelled batch has {k} channels but the SRN expects {k} priors after them.")
+            return data, None
+        if data.shape[1] != 2 * k or not self.priors_enabled:
+            raise ValueError(f"A batch has {data.shape[1]} channels; expected {k} (images) or {2 * k} (images and "
+                             f"priors, with priors enabled).")
+        return data[:, :k], data[:, k:]
+
+    def validation_step(self, batch: dict) -> dict:
+        return super().validation_step({**batch, "data": self.split_priors(batch["data"])[0]})
+
     def compute_losses(self, data: torch.Tensor, target, unlabeled):
         lm = self.label_manager
         sigmoid = lm.has_regions
+        data, priors = self.split_priors(data)
         out1, out2, feat1, feat2 = self._branch_outputs(data)
         outputs = [out1, out2] if self.dual_branch else [out1]
         full = target[0] if isinstance(target, list) else target
@@ -184,7 +238,10 @@ class SMMLTrainer(SSLTrainerBase):
         inner = self.loss.loss if hasattr(self.loss, "loss") else self.loss
         if self.use_srn:
             for branch, logits in enumerate(top):
-                refined = self.refiners[branch](self._probabilities(logits))
+                srn_input = self._probabilities(logits)
+                if priors is not None:
+                    srn_input = torch.cat([srn_input, priors.to(srn_input.dtype)], 1)
+                refined = self.refiners[branch](srn_input)
                 loss = loss + inner(refined, full) + refinement_kl(logits, refined, sigmoid, valid)
         loss = loss + self._consistency(top, feat1, feat2, classes, valid, pbc_target)
         unsup = torch.zeros((), device=self.device)
