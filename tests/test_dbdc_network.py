@@ -378,3 +378,24 @@ def test_modality_guarded_unet():
         guarded.guard_enabled = True
         guarded.train()  # training batches are already normalised per case: no guard
         assert guarded(x)[0].shape == (2, 3, 16, 16)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_instance_banks_with_equal_affine_are_nnunets_unet(dim):
+    # all convolutions shared and nnU-Net's decoder order: with instance-norm banks whose K norms hold the plain
+    # network's affine parameters, every modality gets exactly nnU-Net's PlainConvUNet output
+    plain = _build(dim, n_stages=4, cls="dynamic_network_architectures.architectures.unet.PlainConvUNet", seed=1)
+    net = _build(dim, n_stages=4, modalities=MODALITIES, norm_bank_kind="instance", seed=2)
+    plain_state = plain.state_dict()
+    state = {key: plain_state[key.replace(".norms.0.", ".").replace(".norms.1.", ".")]
+             for key in net.state_dict() if not key.startswith("projector")}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    assert not unexpected and all(key.startswith("projector") for key in missing)
+    plain.eval()
+    net.eval()
+    x = torch.randn((2, 1, *_shape(dim)), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = plain(x)
+        for modality in (0, 1, torch.tensor([1, 0])):
+            for a, b in zip(net(x, modality=modality), expected, strict=True):
+                torch.testing.assert_close(a, b)
