@@ -21,7 +21,7 @@ from nnunet_mmssl.architectures.dbdc import DBDCUNet, ModalityGuardedUNet  # noq
 from nnunet_mmssl.building_blocks.norm_bank import ModalityNormBank  # noqa: E402
 from nnunet_mmssl.trainers import dbdc_variants as variants  # noqa: E402
 from nnunet_mmssl.trainers.base import SSLTrainerBase  # noqa: E402
-from nnunet_mmssl.trainers.dbdc import DBDCTrainer  # noqa: E402
+from nnunet_mmssl.trainers.dbdc import DBDCDataError, DBDCTrainer  # noqa: E402
 
 MODALITIES = ["CT", "MR"]
 UNREGISTERED_JSON = {"channel_names": {"0": "CT+MR"}, "labels": {"background": 0, "organ": 1}, "numTraining": 4,
@@ -348,3 +348,49 @@ def test_checkpoint_restores_bank_statistics_prototypes_and_maw_history(tmp_path
     assert resumed.maw.history == [[0.5, 0.25], [0.625, 0.375]]
     assert resumed.maw.state_dict() == trainer.maw.state_dict()
     assert resumed.modality_weights.tolist() == [0.75, 1.25]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MAW from the per-modality validation Dice
+
+
+def _val(modality: int, tp: float, fp: float, fn: float) -> dict:
+    return {"loss": np.float64(0.5), "tp_hard": np.array([tp]), "fp_hard": np.array([fp]), "fn_hard": np.array([fn]),
+            "modality": modality}
+
+
+@pytest.mark.parametrize("cls", [DBDCTrainer, variants.DBDCTrainer_noMAW])
+def test_validation_dice_per_modality_feeds_maw(cls):
+    trainer = make(cls)
+    trainer.num_epochs = 10  # MAW window tau = min(20, max(2, 10 // 5)) = 2 epochs
+    assert trainer.maw.tau == 2
+    # modality 0: tp 3 + 1, fp 1 + 0, fn 1 + 1 -> Dice 8 / 11; modality 1: tp 2, fp 2, fn 0 -> Dice 4 / 6
+    outputs = [_val(0, 3, 1, 1), _val(1, 2, 2, 0), _val(0, 1, 0, 1)]
+    torch.testing.assert_close(trainer.per_modality_dice(outputs), np.array([8 / 11, 2 / 3]), check_dtype=False)
+    assert np.isnan(trainer.per_modality_dice([_val(0, 1, 0, 0)])[1])  # no validation batch of modality 1
+    epochs = [outputs, [_val(0, 5, 1, 1), _val(1, 2, 1, 1)], [_val(0, 6, 1, 0), _val(1, 2, 1, 1)]]
+    for epoch, val_outputs in enumerate(epochs):
+        trainer.current_epoch = epoch
+        trainer.on_validation_epoch_end(val_outputs)
+        if epoch < 2:  # the window is not full yet
+            assert trainer.modality_weights.tolist() == [1.0, 1.0]
+    assert trainer.maw.history[0] == pytest.approx([8 / 11, 2 / 3])
+    assert len(trainer.maw.history) == 3
+    assert trainer.logger.get_value("modality_val_dice", step=0) == pytest.approx([8 / 11, 2 / 3])
+    if cls is DBDCTrainer:
+        weights = trainer.modality_weights
+        assert weights.sum() == pytest.approx(2.0) and not np.allclose(weights, 1.0)
+        np.testing.assert_allclose(weights, trainer.maw.weights())
+    else:  # the history is kept (and saved), the weights stay equal
+        assert trainer.modality_weights.tolist() == [1.0, 1.0]
+
+
+def test_dbdc_needs_nnunets_plain_unet_plans():
+    plans = unregistered_plans()
+    plans["configurations"]["2d"]["architecture"]["network_class_name"] = \
+        "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+    with pytest.raises(ValueError, match="PlainConvUNet.*ResidualEncoderUNet"):
+        DBDCTrainer(plans, "2d", 0, copy.deepcopy(UNREGISTERED_JSON), torch.device("cpu"))
+    trainer = make()
+    with pytest.raises(DBDCDataError, match="modalities \\['T1', 'T2'\\]"):
+        trainer.load_checkpoint_extra_state({**trainer.checkpoint_extra_state(), "modalities": ["T1", "T2"]})
