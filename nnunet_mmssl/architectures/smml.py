@@ -170,6 +170,9 @@ class SMMLNet(nn.Module):
         self.inference_mask = mask
 
     def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None):
+        if x.shape[1] != self.num_modalities:
+            raise ValueError(f"SMMLNet has {self.num_modalities} modality encoders but got {x.shape[1]} input "
+                             f"channels.")
         if masks is None:
             present = self.inference_mask if self.inference_mask is not None else \
                 torch.ones(self.num_modalities, dtype=torch.bool)

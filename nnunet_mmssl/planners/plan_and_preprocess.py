@@ -9,6 +9,8 @@
    nnU-Net's planning with the memory of our trainers' whole steps (dual-branch networks, unlabelled batch), so that
    ``-p nnUNetMMSSLPlans`` stays within the GPU memory target. Configurations whose preprocessing equals nnU-Net's
    share its data folders; others are preprocessed too.
+5. ``priorsTr/`` (optional per-case priors for SMML's refinement network) is preprocessed like its images into
+   ``<data_identifier>_priors/`` (:mod:`nnunet_mmssl.dataloading.priors`); checked before anything is written.
 """
 
 import contextlib
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_mmssl.dataloading.image_checks import check_image_files
+from nnunet_mmssl.dataloading.priors import PRIORS_FOLDER, find_prior_files, has_priors, preprocess_priors
 from nnunet_mmssl.dataloading.unlabeled_preprocessing import (
     UNLABELED_IMAGES_FOLDER,
     UnlabeledDataError,
@@ -165,6 +168,16 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
         raise UnlabeledDataError(f"No unlabelled cases found in {os.path.join(raw_folder, UNLABELED_IMAGES_FOLDER)}. "
                                  f"Put them there as CASE_XXXX{dataset_json['file_ending']} (nnUNetv2_mmssl_convert "
                                  f"does this), or pass --no-unlabeled for supervised-only training.")
+    priors = has_priors(raw_folder)
+    if priors and layout is not None:
+        raise ValueError(f"{os.path.join(raw_folder, PRIORS_FOLDER)} exists, but priors are for registered "
+                         f"multi-channel datasets (SMMLTrainer's refinement network); this dataset is unregistered. "
+                         f"Remove the folder.")
+    if priors and preprocess:
+        ending = dataset_json["file_ending"]
+        labelled = [f[:-len(ending)] for f in os.listdir(os.path.join(raw_folder, "labelsTr")) if f.endswith(ending)]
+        find_prior_files(raw_folder, dataset_json, labelled)  # every file there before any work
+        progress(f"Priors found in {os.path.join(raw_folder, PRIORS_FOLDER)}: they are preprocessed with the images")
     if fingerprint or preprocess:
         _check_raw_images(raw_folder, dataset_json, unlabeled_cases, num_processes, progress)
 
@@ -210,6 +223,8 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
         if unlabeled:
             preprocess_unlabeled(raw_folder, preprocessed_folder, plans, configurations, num_processes, progress,
                                  check_images=False)
+        if priors:
+            preprocess_priors(raw_folder, preprocessed_folder, plans, configurations, progress)
         if mmssl_own:
             progress(f"Preprocessing {mmssl_own} of {mmssl_plans_name} (preprocessing differs from "
                      f"{plans_identifier})")
@@ -217,6 +232,8 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
             if unlabeled:
                 preprocess_unlabeled(raw_folder, preprocessed_folder, mmssl_plans, mmssl_own, num_processes, progress,
                                      check_images=False)
+            if priors:
+                preprocess_priors(raw_folder, preprocessed_folder, mmssl_plans, mmssl_own, progress)
     return plans_file
 
 
