@@ -1,0 +1,136 @@
+"""SMML end to end through the console scripts (issue #12).
+
+A tiny 4-channel brain-tumour-like set (T1, T1ce, T2, FLAIR; BraTS-like numbering with enhancing = 4) ->
+``nnUNetv2_mmssl_convert --label-map 4=3 --regions WT TC ET`` -> priors for the training cases in ``priorsTr/`` ->
+``nnUNetv2_mmssl_plan_and_preprocess`` (priors preprocessed beside the data) -> ``nnUNetv2_train -tr SMMLTrainer``
+(a user's short subclass, 3d_fullres, priors read by the refinement network) -> ``nnUNetv2_mmssl_predict --missing``
+with two channel files absent from the input folder -> ``nnUNetv2_mmssl_evaluate_missing`` over all 15 subsets.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import textwrap
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+pytestmark = pytest.mark.slow
+
+DATASET_ID = 913
+NAME = "SMMLPhantom"
+CHANNELS = ["T1", "T1ce", "T2", "FLAIR"]
+USER_TRAINERS = textwrap.dedent('''
+    import torch
+    from nnunet_mmssl.trainers import SMMLTrainer
+
+
+    class SMMLTrainer_itest(SMMLTrainer):
+        """2 epochs of 2 iterations."""
+
+        def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_epochs = 2
+            self.num_iterations_per_epoch = 2
+            self.num_val_iterations_per_epoch = 1
+''')
+
+
+def _run(args: list[str], env: dict, ok: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, env=env, capture_output=True, text=True)
+    if ok:
+        assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def _write_case(folder, rng, labelled: bool) -> None:
+    """A lesion of three nested parts; each sequence shows some of them (as in BraTS) under noise."""
+    shape = (8, 24, 24)
+    z, y, x = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    centre = (rng.integers(3, 5), rng.integers(9, 15), rng.integers(9, 15))
+    r = np.sqrt(((z - centre[0]) * 2.0) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2)
+    whole, core, enhancing = r < 7, r < 4.5, (r < 4.5) & (r > 2.5)
+    seg = np.zeros(shape, np.uint8)
+    seg[whole] = 1  # edema
+    seg[core] = 2  # necrosis
+    seg[enhancing] = 4  # enhancing, BraTS numbering
+    brain = np.sqrt(((z - 4) * 2.0) ** 2 + (y - 12) ** 2 + (x - 12) ** 2) < 12
+    shows = {"T1": core, "T1ce": enhancing, "T2": whole & ~core, "FLAIR": whole}
+    folder.mkdir(parents=True)
+    for name in CHANNELS:
+        image = brain * (100 + 80 * shows[name]) + rng.normal(0, 10, shape)
+        item = sitk.GetImageFromArray(image.astype(np.float32))
+        item.SetSpacing((1.0, 1.0, 2.0))
+        sitk.WriteImage(item, str(folder / f"{name}.nii.gz"))
+    if labelled:
+        item = sitk.GetImageFromArray(seg)
+        item.SetSpacing((1.0, 1.0, 2.0))
+        sitk.WriteImage(item, str(folder / "seg.nii.gz"))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smml_itest")
+    user_folder = root / "user_trainers"
+    user_folder.mkdir()
+    (user_folder / "my_smml_trainers.py").write_text(USER_TRAINERS)
+    env = dict(os.environ)
+    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
+               nnUNet_results=str(root / "results"), nnUNet_extTrainer=str(user_folder), nnUNet_def_n_proc="2",
+               nnUNet_n_proc_DA="0", nnUNet_compile="false")
+    env.pop("NNUNET_MMSSL_NO_EXT_TRAINER", None)
+    rng = np.random.default_rng(3)
+    for i in range(8):
+        _write_case(root / "sources" / f"patient_{i}", rng, labelled=i < 6)
+    _run(["nnUNetv2_mmssl_convert", "-i", str(root / "sources"),
+          *[a for name in CHANNELS for a in ("--modality", f"{name}={name}.nii.gz")], "--label", "seg.nii.gz",
+          "--labels", "background=0", "edema=1", "necrosis=2", "enhancing=3", "--label-map", "1=1", "2=2", "4=3",
+          "--regions", "WT=1,2,3", "TC=2,3", "ET=3", "--num-labeled", "4", "--num-test", "2", "-d", str(DATASET_ID),
+          "-n", NAME], env)
+    raw = root / "raw" / f"Dataset{DATASET_ID:03d}_{NAME}"
+    priors = raw / "priorsTr"
+    priors.mkdir()
+    for label_file in (raw / "labelsTr").iterdir():  # a "zero-shot" prior per sequence: the whole tumour, blurred
+        label = sitk.ReadImage(str(label_file))
+        prior = sitk.Cast(sitk.SmoothingRecursiveGaussian(sitk.Cast(label > 0, sitk.sitkFloat32), 1.0),
+                          sitk.sitkFloat32)
+        prior = sitk.Clamp(prior, sitk.sitkFloat32, 0.0, 1.0)
+        case = label_file.name[:-len(".nii.gz")]
+        for c in range(len(CHANNELS)):
+            sitk.WriteImage(prior, str(priors / f"{case}_{c:04d}.nii.gz"))
+    _run(["nnUNetv2_mmssl_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2"], env)
+    pre = root / "preprocessed" / f"Dataset{DATASET_ID:03d}_{NAME}"
+    _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", "SMMLTrainer_itest", "-device", "cpu"], env)
+    model = root / "results" / f"Dataset{DATASET_ID:03d}_{NAME}" / "SMMLTrainer_itest__nnUNetPlans__3d_fullres"
+    return {"root": root, "env": env, "raw": raw, "pre": pre, "model": model}
+
+
+def test_regions_and_priors_are_preprocessed_beside_the_data(workspace):
+    raw, pre = workspace["raw"], workspace["pre"]
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    assert dataset_json["labels"] == {"background": 0, "WT": [1, 2, 3], "TC": [2, 3], "ET": [3]}
+    assert list(dataset_json["channel_names"].values()) == CHANNELS
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    identifier = plans["configurations"]["3d_fullres"]["data_identifier"]
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    dataset = infer_dataset_class(str(pre / identifier))(str(pre / identifier))
+    assert len(dataset.identifiers) == 4
+    for case in dataset.identifiers:
+        data, seg, _, _ = dataset.load_case(case)
+        priors = np.load(pre / f"{identifier}_priors" / f"{case}.npy")
+        assert priors.shape == (4, *data.shape[1:])
+        assert 0 <= priors.min() and priors.max() <= 1
+        tumour = np.asarray(seg[0]) > 0  # the prior (blurred whole tumour) sits on the preprocessed label
+        assert priors[0][tumour].mean() > 0.6 and priors[0][~tumour].mean() < 0.2
+
+
+def test_smml_trains_with_priors(workspace):
+    model = workspace["model"]
+    log = "".join(p.read_text() for p in (model / "fold_0").glob("training_log_*.txt"))
+    assert "SRN priors from" in log
+    assert (model / "fold_0" / "checkpoint_final.pth").is_file()
+    summary = json.loads((model / "fold_0" / "validation" / "summary.json").read_text())
+    assert set(summary["mean"]) == {"(1, 2, 3)", "(2, 3)", "(3,)"} or len(summary["mean"]) == 3
