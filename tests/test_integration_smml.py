@@ -9,7 +9,6 @@ with two channel files absent from the input folder -> ``nnUNetv2_mmssl_evaluate
 
 import json
 import os
-import shutil
 import subprocess
 import textwrap
 
