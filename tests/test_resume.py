@@ -20,7 +20,7 @@ import torch
 import trainer_harness as harness
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_mmssl.trainers import MeanTeacherTrainer
+from nnunet_mmssl.trainers import MeanTeacherTrainer, SMMLSSLTrainer, SMMLTrainer
 from nnunet_mmssl.trainers.checkpoint_io import (
     CHECKPOINT_KEY,
     atomic_torch_save,
@@ -55,13 +55,16 @@ def assert_same_training_state(actual: dict, expected: dict) -> None:
     assert_same_tensors(actual["network"], expected["network"], "network")
     assert_same_optimizer(actual["optimizer"], expected["optimizer"])
     assert actual["current_epoch"] == expected["current_epoch"]
+    assert ("refiners" in actual) == ("refiners" in expected)
+    if "refiners" in expected:
+        assert_same_tensors(actual["refiners"], expected["refiners"], "refiners")
     assert ("teacher" in actual) == ("teacher" in expected)
     if "teacher" in expected:
         assert_same_tensors(actual["teacher"], expected["teacher"], "teacher")
         assert actual["ema_step"] == expected["ema_step"]
 
 
-@pytest.mark.parametrize("trainer_class", harness.TRAINERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("trainer_class", harness.TRAINERS + [SMMLTrainer, SMMLSSLTrainer], ids=lambda c: c.__name__)
 def test_save_load_round_trip_and_resumed_steps_equal_uninterrupted_run(folders, trainer_class):
     steps = harness.batches(harness.make_trainer(trainer_class, seed=9), seed=1, count=4)
     first = harness.make_trainer(trainer_class, seed=0)
@@ -162,7 +165,7 @@ KILL_TRAINER = textwrap.dedent('''
     import os
 
     import torch
-    from nnunet_mmssl.trainers import MeanTeacherTrainer
+    from nnunet_mmssl.trainers import MeanTeacherTrainer, SMMLSSLTrainer, SMMLTrainer
 
 
     class MeanTeacherTrainer_killtest(MeanTeacherTrainer):

@@ -85,6 +85,9 @@ def training_state(trainer) -> dict:
     state = {"network": copy.deepcopy(trainer.network_module.state_dict()),
              "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
              "current_epoch": trainer.current_epoch}
+    refiners = getattr(trainer, "refiners", None)  # SMML's training-only refinement networks
+    if refiners is not None:
+        state["refiners"] = copy.deepcopy(refiners.state_dict())
     teacher = getattr(trainer, "teacher", None)
     if teacher is not None:
         state["teacher"] = copy.deepcopy(teacher.module.state_dict())
