@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from nnunet_mmssl.cli._common import add_model_arguments, add_verbose, run_cli
 
@@ -160,3 +161,7 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command; 0 on success, 2 on a user error (one line on stderr), 1 on an unexpected error."""
     return run_cli(PROG, build_parser(), _run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -82,9 +82,6 @@ def find_cases(folder: str, dataset_json: dict, what: str = "Case", ignore_other
             raise UnlabeledDataError(f"{os.path.join(folder, name)} has channel index {channel}, but dataset.json "
                                      f"declares {num_channels} channels {dataset_json['channel_names']}. Remove it, or "
                                      f"renumber the case's channels 0000..{num_channels - 1:04d}.")
-        if channel in absent:
-            cases.setdefault(case, {})
-            continue
         cases.setdefault(case, {})[channel] = os.path.join(folder, name)
     present = [c for c in range(num_channels) if c not in absent]
     result = {}

@@ -212,6 +212,7 @@ def _run_subset(predict: PredictSubset, present: tuple[int, ...], key: str, subs
         record = {"key": key, "present": list(present), "present_names": [names[c] for c in present],
                   "missing": list(missing), "missing_names": [names[c] for c in missing], "scores": scores}
         write_json_atomic(record, os.path.join(tmp, SCORES_NAME))
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 otherwise
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -331,8 +332,9 @@ def plot_heatmap(summary: Mapping, path: str, metric: str = "dice") -> str:
                        for r in summary["regions"]]
                       + [[np.nan if s["foreground_mean"][metric] is None else s["foreground_mean"][metric]
                           for s in subsets]], dtype=np.float64) * scale
-    figure = Figure(figsize=(max(6.0, 0.55 * len(subsets) + 2.5), 1.2 + 0.5 * len(rows) + 0.15 * len(
-        summary["channels"]) * 4))
+    ticks = ["+".join(s["present_names"]) for s in subsets]
+    figure = Figure(figsize=(max(6.0, 0.55 * len(subsets) + 2.5),
+                             1.5 + 0.5 * len(rows) + 0.09 * max(len(t) for t in ticks)))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     bounded = metric in ("dice", "sensitivity")
@@ -343,7 +345,7 @@ def plot_heatmap(summary: Mapping, path: str, metric: str = "dice") -> str:
             axes.text(j, i, f"{value:.{digits}f}", ha="center", va="center", fontsize=7,
                       color="white" if not bounded or value < 60 else "black")
     axes.set_yticks(range(len(rows)), rows)
-    axes.set_xticks(range(len(subsets)), ["+".join(s["present_names"]) for s in subsets], rotation=90, fontsize=8)
+    axes.set_xticks(range(len(subsets)), ticks, rotation=90, fontsize=8)
     axes.set_title(f"{title} per modality subset ({summary['n_cases']} case(s))")
     figure.colorbar(image, ax=axes, label=title)
     figure.tight_layout()
