@@ -9,6 +9,10 @@ Models trained on an unregistered dataset (one image per case, a modality per ca
 ``--modality NAME``: the images are normalised with that modality's scheme and intensity fingerprint, and the
 network's modality banks select that modality. Without it (or with an unknown name) the command stops and lists the
 trained modalities -- it never guesses; one folder of inputs is one modality.
+
+``--missing NAME ...`` predicts without those channels (names from ``dataset.json`` or indices): the input folder may
+lack their files. Every network gets them as 0 after normalisation (the z-score mean); SMML also masks those
+modalities' encoders. See :mod:`nnunet_mmssl.inference.missing`.
 """
 
 import argparse
@@ -133,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="for an input folder mixing modalities: the dataset.json or mmssl_split.json that "
                                "records each case's modality (e.g. imagesTs of a converted unregistered dataset); "
                                "each case is predicted as its modality")
+    parser.add_argument("--missing", nargs="+", default=None, metavar="CHANNEL",
+                        help="predict without these channels (names from dataset.json channel_names, or indices); "
+                             "the input folder may lack their files. Absent channels are 0 after normalisation "
+                             "(the z-score mean); SMML also masks their encoders")
     parser.add_argument("-step_size", type=float, default=0.5)
     parser.add_argument("--disable_tta", action="store_true")
     parser.add_argument("--save_probabilities", action="store_true")
@@ -186,20 +194,34 @@ def _move_into(tmp: str, final: str) -> None:
 def _run(args: argparse.Namespace) -> int:
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from nnunet_mmssl.dataloading.image_checks import check_input_folder
+    from nnunet_mmssl.inference.missing import MissingModalityPredictor, resolve_missing_channels
 
     model_folder = _model_folder(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("-device cuda, but no CUDA GPU is available here; pass -device cpu")
     dataset_json = load_json(os.path.join(model_folder, "dataset.json"))
-    cases = check_input_folder(args.i, dataset_json, num_processes=max(1, args.npp))
-    print(f"Checked {len(cases)} input cases in {args.i} (all channels present, images complete and finite)")
+    missing = resolve_missing_channels(args.missing or [], dataset_json["channel_names"])
+    cases = check_input_folder(args.i, dataset_json, num_processes=max(1, args.npp), absent_channels=missing)
+    if missing:
+        names = [dataset_json["channel_names"][str(c)] for c in missing]
+        print(f"Checked {len(cases)} input cases in {args.i} (channels {names} declared missing, the others "
+              f"present; images complete and finite)")
+    else:
+        print(f"Checked {len(cases)} input cases in {args.i} (all channels present, images complete and finite)")
     folds = [f if f == "all" else int(f) for f in args.f]
-    predictor = nnUNetPredictor(tile_step_size=args.step_size, use_gaussian=True, use_mirroring=not args.disable_tta,
-                                perform_everything_on_device=args.device == "cuda", device=torch.device(args.device))
+    predictor = MissingModalityPredictor(tile_step_size=args.step_size, use_gaussian=True,
+                                         use_mirroring=not args.disable_tta,
+                                         perform_everything_on_device=args.device == "cuda",
+                                         device=torch.device(args.device))
     predictor.initialize_from_trained_model_folder(model_folder, folds, args.chk)
+    predictor.set_missing_channels(missing)
+    if missing:
+        network = getattr(predictor.network, "_orig_mod", predictor.network)
+        masked = hasattr(network, "set_missing_modalities")
+        print(f"Missing channels {names}: set to 0 after normalisation"
+              + (f"; {type(network).__name__} masks their encoders" if masked else ""))
     inputs = [(args.i, args.modality)]
     if args.modalities_from:
         inputs = _inputs_by_modality(cases, args.modalities_from)

@@ -217,26 +217,29 @@ def check_image_files(paths: Iterable[str | os.PathLike], num_processes: int = 1
             pass
 
 
-def check_input_folder(folder: str | os.PathLike, dataset_json: dict, num_processes: int = 1) -> dict[str, list[str]]:
+def check_input_folder(folder: str | os.PathLike, dataset_json: dict, num_processes: int = 1,
+                       absent_channels: Sequence[int] = ()) -> dict[str, list[str]]:
     """Check a prediction input folder against a model's ``dataset.json`` and read every image whole.
 
     Files not ending in the model's ``file_ending`` and hidden files are ignored (as nnU-Net does); every other file
-    must be ``CASE_XXXX<file_ending>`` with a declared channel, every case must have all channels, and every image
-    must pass :func:`check_image_file`.
+    must be ``CASE_XXXX<file_ending>`` with a declared channel, every case must have all channels except the
+    ``absent_channels`` (whose files need not exist and are skipped if they do), and every image read must pass
+    :func:`check_image_file`.
 
     Args:
         folder: the input folder.
         dataset_json: the model's ``dataset.json`` (``channel_names``, ``file_ending``).
         num_processes: processes for reading the images.
+        absent_channels: channel indices declared missing (``--missing``).
 
     Returns:
-        case id -> channel files.
+        case id -> the present channels' files, in channel order.
 
     Raises:
         ImageFileError: missing or empty folder, or a bad image file.
         UnlabeledDataError: a case lacks a channel, or a file name does not follow ``CASE_XXXX<file_ending>``.
     """
-    from nnunet_mmssl.dataloading.unlabeled_preprocessing import find_cases
+    from nnunet_mmssl.dataloading.unlabeled_preprocessing import UnlabeledDataError, find_cases
 
     folder = str(folder)
     file_ending = dataset_json["file_ending"]
@@ -244,7 +247,14 @@ def check_input_folder(folder: str | os.PathLike, dataset_json: dict, num_proces
     if not os.path.isdir(folder):
         raise ImageFileError(f"input folder {folder} does not exist or is not a folder. Pass the folder holding "
                              f"CASE_XXXX{file_ending} files (channels {channels}).")
-    cases = find_cases(folder, dataset_json, "Input case", ignore_other_endings=True)
+    try:
+        cases = find_cases(folder, dataset_json, "Input case", ignore_other_endings=True,
+                           absent_channels=absent_channels)
+    except UnlabeledDataError as error:
+        if "lacks channel" not in str(error):
+            raise
+        raise UnlabeledDataError(f"{error} To predict a patient without a modality, declare it missing: "
+                                 f"nnUNetv2_mmssl_predict --missing NAME.") from None
     if not cases:
         raise ImageFileError(f"input folder {folder} holds no CASE_XXXX{file_ending} files. The model expects the "
                              f"channels {channels} as CASE_0000{file_ending}, CASE_0001{file_ending}, ...")
