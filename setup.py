@@ -81,6 +81,7 @@ setup(
             "nnUNetv2_mmssl_plan_and_preprocess=nnunet_mmssl.cli.plan_and_preprocess:main",
             "nnUNetv2_mmssl_predict=nnunet_mmssl.cli.predict:main",
             "nnUNetv2_mmssl_evaluate=nnunet_mmssl.cli.evaluate:main",
+            "nnUNetv2_mmssl_evaluate_missing=nnunet_mmssl.cli.evaluate_missing:main",
             "nnUNetv2_mmssl_demo=nnunet_mmssl.cli.demo:main",
             "nnUNetv2_mmssl_pseudolabel=nnunet_mmssl.cli.pseudolabel:main",
         ]
