@@ -208,6 +208,10 @@ def _run_subset(predict: PredictSubset, present: tuple[int, ...], key: str, subs
         scores = evaluate_folders(labels_folder, predictions, labels=labels, regions=regions,
                                   file_ending=file_ending, num_processes=num_processes)
         scores["prediction_folder"] = os.path.join(final, PREDICTIONS_FOLDER)
+        for case in scores.get("metric_per_case", []):  # where the files will be once the folder is renamed
+            if case.get("prediction_file"):
+                case["prediction_file"] = os.path.join(final, PREDICTIONS_FOLDER,
+                                                       os.path.basename(case["prediction_file"]))
         names = _names(channel_names)
         record = {"key": key, "present": list(present), "present_names": [names[c] for c in present],
                   "missing": list(missing), "missing_names": [names[c] for c in missing], "scores": scores}
