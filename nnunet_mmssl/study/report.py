@@ -89,18 +89,25 @@ def format_table(rows: Sequence[Mapping], differences: Sequence[Mapping] = ()) -
     return "\n".join(lines)
 
 
-def plot_dice(rows: Sequence[Mapping], path: str) -> str:
-    """Dice vs number of labelled cases, one line per trainer, error bars = std over seeds (PNG via Agg)."""
+def plot_dice(rows: Sequence[Mapping], path: str) -> dict:
+    """Dice vs number of labelled cases, one line per trainer, error bars = std over seeds (PNG via Agg).
+
+    Returns:
+        trainer -> {"sizes", "dice_mean", "dice_std"}: the plotted points.
+    """
     import matplotlib
 
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    series = {}
     for trainer in dict.fromkeys(r["trainer"] for r in rows):
         mine = [r for r in rows if r["trainer"] == trainer and r["dice"]["mean"] is not None]
-        ax.errorbar([r["size"] for r in mine], [r["dice"]["mean"] for r in mine],
-                    yerr=[r["dice"]["std"] for r in mine], marker="o", capsize=3, label=trainer)
+        series[trainer] = {"sizes": [r["size"] for r in mine], "dice_mean": [r["dice"]["mean"] for r in mine],
+                           "dice_std": [r["dice"]["std"] for r in mine]}
+        ax.errorbar(series[trainer]["sizes"], series[trainer]["dice_mean"], yerr=series[trainer]["dice_std"],
+                    marker="o", capsize=3, label=trainer)
     sizes = sorted({r["size"] for r in rows})
     ax.set_xticks(sizes)
     ax.set_xlabel("labelled training cases")
@@ -112,13 +119,13 @@ def plot_dice(rows: Sequence[Mapping], path: str) -> str:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
-    return path
+    return series
 
 
 def write_report(output: str, results: Sequence[Mapping], pairs: Mapping[str, str], settings: Mapping,
                  n_resamples: int = 10000, seed: int = 0) -> dict:
     """Write ``study_table.txt``, ``dice_vs_labeled.png`` and ``study_results.json`` into ``output``; return the
-    JSON's content (``table`` rows, ``differences``, ``runs``, ``settings``, the file names)."""
+    JSON's content (``table`` rows, ``differences``, ``runs``, ``settings``, ``plot_series``, the file names)."""
     from nnunet_mmssl.study.runner import atomic_write_json, atomic_write_text
 
     rows = summary_table(results)
@@ -126,9 +133,10 @@ def write_report(output: str, results: Sequence[Mapping], pairs: Mapping[str, st
     text = format_table(rows, differences)
     os.makedirs(output, exist_ok=True)
     atomic_write_text(os.path.join(output, "study_table.txt"), text + "\n")
-    plot_dice(rows, os.path.join(output, "dice_vs_labeled.png"))
+    series = plot_dice(rows, os.path.join(output, "dice_vs_labeled.png"))
     report = {"settings": dict(settings), "table": rows, "differences": differences, "table_text": text,
-              "plot": "dice_vs_labeled.png", "table_file": "study_table.txt", "runs": list(results)}
+              "plot": "dice_vs_labeled.png", "plot_series": series, "table_file": "study_table.txt",
+              "runs": list(results)}
     atomic_write_json(os.path.join(output, "study_results.json"), _finite(report))
     return report
 

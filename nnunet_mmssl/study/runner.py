@@ -72,9 +72,10 @@ def study_trainer_class(base: type, epochs: int, iterations: int, val_iterations
         module: ``__module__`` of the class (the generated module), so that it pickles.
     """
     allowed = {str(k): tuple(v) for k, v in unlabeled_by_fold.items()}
+    folder_name = unlabeled_folder  # the class body defines a method of that name
 
     class Study(base):
-        study_unlabeled_folder_name = unlabeled_folder
+        study_unlabeled_folder_name = folder_name
         study_unlabeled_by_fold = allowed
 
         def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
