@@ -282,3 +282,70 @@ def test_report_files_agree(tmp_path):
     image = matplotlib.image.imread(str(tmp_path / "dice_vs_labeled.png"))
     assert image.shape[:2] == (480, 720)
     assert not list(tmp_path.glob("*partial*"))
+
+
+# ---------------------------------------------------------------------------------------------- end to end (slow)
+@pytest.mark.slow
+def test_study_end_to_end_on_tiny_phantom(tmp_path, monkeypatch, capsys):
+    """2 sizes x 2 trainers x 1 seed, 2d, 1 epoch of 2 iterations, through nnU-Net's real commands; then resume."""
+    import subprocess
+    import sys
+
+    from nnunet_mmssl.cli.study import main
+    from nnunet_mmssl.dataset_conversion import PHANTOM_LABEL_GLOB, PHANTOM_MODALITY_GLOBS, convert_dataset
+    from nnunet_mmssl.dataset_conversion.phantom import make_phantom_cases
+
+    raw, pre = tmp_path / "raw", tmp_path / "preprocessed"
+    monkeypatch.setenv("nnUNet_raw", str(raw))
+    monkeypatch.setenv("nnUNet_preprocessed", str(pre))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    src = make_phantom_cases(tmp_path / "phantom", num_labeled=6, num_unlabeled=2, shape=(12, 32, 32),
+                             spacing=(2.0, 1.0, 1.0), seed=3)
+    convert_dataset([str(src / "labeled"), str(src / "unlabeled")], PHANTOM_MODALITY_GLOBS, PHANTOM_LABEL_GLOB,
+                    str(raw), 902, "Study", num_labeled=4, num_test=2, seed=0, labels={"background": 0, "lesion": 1})
+    code = "from nnunet_mmssl.cli.plan_and_preprocess import main; raise SystemExit(main(['-d', '902', '-c', '2d']))"
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))
+    dataset = raw / "Dataset902_Study"
+    pool = sorted(p.name[:-len("_0000.nii.gz")] for p in (dataset / "imagesTr").glob("*_0000.nii.gz"))
+    assert len(pool) == 4
+    out = tmp_path / "study"
+    argv = ["-d", "902", "--labeled", "1", "50%", "-tr", "PlainSupervisedTrainer", "MeanTeacherTrainer",
+            "--seeds", "0", "-c", "2d", "--epochs", "1", "--iterations", "2", "--val-iterations", "1",
+            "--bootstrap", "500", "-o", str(out)]
+    assert main(argv) == 0
+
+    report = json.loads((out / "study_results.json").read_text())
+    rows = {(r["trainer"], r["size"]): r for r in report["table"]}
+    assert set(rows) == {(t, s) for t in ("PlainSupervisedTrainer", "MeanTeacherTrainer") for s in (1, 2)}
+    text = (out / "study_table.txt").read_text()
+    for (trainer, size), row in rows.items():
+        run = json.loads((out / "runs" / trainer / f"n{size}_seed0.json").read_text())
+        assert row["dice"]["mean"] == pytest.approx(run["mean"]["dice"]) and row["dice"]["std"] == 0
+        assert sorted(run["per_case"]) == sorted(report["settings"]["test_cases"])
+        assert f"{row['dice']['mean']:.3f} ± 0.000" in text
+        assert report["plot_series"][trainer]["dice_mean"][[1, 2].index(size)] == pytest.approx(row["dice"]["mean"])
+    assert (out / "dice_vs_labeled.png").stat().st_size > 1000
+    diffs = [d for d in report["differences"] if d["metric"] == "dice"]
+    assert [(d["ssl"], d["supervised"], d["size"], d["n_pairs"]) for d in diffs] == \
+        [("MeanTeacherTrainer", "PlainSupervisedTrainer", 1, 2), ("MeanTeacherTrainer", "PlainSupervisedTrainer", 2, 2)]
+    # each run is a fold of splits_final.json; the sizes nest; the run's unlabelled stream = the unlabelled cases +
+    # the pool cases it does not label
+    splits = json.loads((pre / "Dataset902_Study" / "splits_final.json").read_text())
+    folds = report["settings"]["folds"]
+    one, two = (set(splits[folds[f"n{s}_seed0"]]["train"]) for s in (1, 2))
+    assert len(one) == 1 and one < two <= set(pool)
+    log = next((out / "nnUNet_results" / "Dataset902_Study" / "MeanTeacherTrainer__study__nnUNetPlans__2d"
+                / f"fold_{folds['n1_seed0']}").glob("training_log*.txt")).read_text()
+    assert "study fold {}: 5 unlabelled cases allowed".format(folds["n1_seed0"]) in log  # 2 unlabelled + 3 pool
+    study_folder = pre / "Dataset902_Study" / "nnUNetPlans_2d_unlabeled_study"
+    assert {p.name[:-5] for p in study_folder.glob("*.b2nd") if not p.name.endswith("_seg.b2nd")} >= set(pool)
+
+    # resume: nothing repeated; a run without its result is predicted and scored again, not retrained
+    capsys.readouterr()
+    (out / "runs" / "MeanTeacherTrainer" / "n2_seed0.json").unlink()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "4 runs, 3 already done, 1 to do" in printed and "trained: predicting again" in printed
+    assert json.loads((out / "study_results.json").read_text())["table"] == report["table"]
+    assert main(argv[:-2] + ["--epochs", "2", "-o", str(out)]) == 2  # other settings in the same folder: refused
