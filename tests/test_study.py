@@ -347,5 +347,22 @@ def test_study_end_to_end_on_tiny_phantom(tmp_path, monkeypatch, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "4 runs, 3 already done, 1 to do" in printed and "trained: predicting again" in printed
+    assert "Preprocessing the" not in printed and (study_folder / ".study_plans.json").is_file()  # built once
     assert json.loads((out / "study_results.json").read_text())["table"] == report["table"]
     assert main(argv[:-2] + ["--epochs", "2", "-o", str(out)]) == 2  # other settings in the same folder: refused
+
+
+def test_console_script_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    from nnunet_mmssl.cli.study import main
+
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path))
+    base = ["-d", "1", "--labeled", "1", "-o", str(tmp_path / "out")]
+    assert main(base + ["-tr", "NoSuchTrainer"]) == 2
+    assert "unknown trainer 'NoSuchTrainer'" in capsys.readouterr().err
+    assert main(base + ["-tr", "MeanTeacherTrainer", "--pair", "MeanTeacherTrainer"]) == 2
+    assert "write SSL=SUP" in capsys.readouterr().err
+    assert main(base + ["-tr", "MeanTeacherTrainer", "--pair", "MeanTeacherTrainer=MemCifSupervisedTrainer"]) == 2
+    assert "MemCifSupervisedTrainer is not among the trainers" in capsys.readouterr().err
+    assert main(base + ["-tr", "MeanTeacherTrainer"]) == 2
+    err = capsys.readouterr().err
+    assert "-d 1: no matching dataset folder" in err and "Traceback" not in err

@@ -31,6 +31,8 @@ STUDY_SUFFIX = "__study"
 #: folder (beside nnU-Net's data folder) with the study's unlabelled cases: the pool's images + the unlabelled ones
 STUDY_UNLABELED_SUFFIX = "_study"
 TRAINER_MODULE = "mmssl_study_trainers"
+#: hidden file in the study's unlabelled folder: the plans it was preprocessed with (rebuilt when they change)
+STUDY_RECIPE_FILE = ".study_plans.json"
 METRICS = ("dice", "hd95", "sensitivity")
 _TRAIN = ("import sys; from nnunetv2.run.run_training import run_training_entry as m; "
           "sys.argv[0] = 'nnUNetv2_train'; sys.exit(m())")
@@ -162,9 +164,10 @@ def build_study_unlabeled_folder(final: str, pool_images: Mapping[str, Sequence[
                                  num_processes: int = 1, progress=print) -> str:
     """The study's unlabelled folder: the pool's images preprocessed as unlabelled data + the unlabelled cases.
 
-    Nothing is done when ``final`` already holds every pool case and every case of ``unlabeled_folder``; otherwise it
-    is rebuilt atomically (:func:`~nnunet_mmssl.dataloading.unlabeled_preprocessing.build_folder_atomically`). The
-    dataset's preprocessed unlabelled cases are linked (symbolic links), not copied; no label is read.
+    Nothing is done when ``final`` already holds every pool case and every case of ``unlabeled_folder``, preprocessed
+    with the same plans (recorded in :data:`STUDY_RECIPE_FILE`); otherwise it is rebuilt atomically
+    (:func:`~nnunet_mmssl.dataloading.unlabeled_preprocessing.build_folder_atomically`). The dataset's preprocessed
+    unlabelled cases are linked (symbolic links), not copied; no label is read.
 
     Args:
         final: the folder to build.
@@ -181,12 +184,20 @@ def build_study_unlabeled_folder(final: str, pool_images: Mapping[str, Sequence[
 
     linked = sorted(os.listdir(unlabeled_folder)) if unlabeled_folder and os.path.isdir(unlabeled_folder) else []
     linked = [f for f in linked if not f.startswith(".")]
-    if os.path.isdir(final):
+    recipe = json.dumps({"configuration": configuration, "plans": plans["configurations"][configuration],
+                         "foreground_intensity_properties_per_channel":
+                             plans.get("foreground_intensity_properties_per_channel")}, sort_keys=True)
+    recipe_file = os.path.join(final, STUDY_RECIPE_FILE)
+    if os.path.isdir(final) and os.path.isfile(recipe_file):
         present = set(os.listdir(final))
-        if set(linked) <= present and all(f"{case}.b2nd" in present for case in pool_images):
+        with open(recipe_file) as handle:
+            same_plans = handle.read() == recipe
+        if same_plans and set(linked) <= present and all(f"{case}.b2nd" in present for case in pool_images):
             return final
 
     def fill(tmp: str) -> None:
+        with open(os.path.join(tmp, STUDY_RECIPE_FILE), "w") as handle:
+            handle.write(recipe)
         for name in linked:
             os.symlink(os.path.abspath(os.path.join(unlabeled_folder, name)), os.path.join(tmp, name))
         progress(f"Preprocessing the {len(pool_images)} pool images as unlabelled cases (labels not read) -> {final}")
