@@ -347,7 +347,8 @@ def test_study_end_to_end_on_tiny_phantom(tmp_path, monkeypatch, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "4 runs, 3 already done, 1 to do" in printed and "trained: predicting again" in printed
-    assert "Preprocessing the" not in printed and (study_folder / ".study_plans.json").is_file()  # built once
+    assert "Preprocessing the" not in printed  # the study's unlabelled folder is built once
+    assert (study_folder.parent / f".{study_folder.name}.plans.json").is_file()
     assert json.loads((out / "study_results.json").read_text())["table"] == report["table"]
     assert main(argv[:-2] + ["--epochs", "2", "-o", str(out)]) == 2  # other settings in the same folder: refused
 

@@ -31,8 +31,9 @@ STUDY_SUFFIX = "__study"
 #: folder (beside nnU-Net's data folder) with the study's unlabelled cases: the pool's images + the unlabelled ones
 STUDY_UNLABELED_SUFFIX = "_study"
 TRAINER_MODULE = "mmssl_study_trainers"
-#: hidden file in the study's unlabelled folder: the plans it was preprocessed with (rebuilt when they change)
-STUDY_RECIPE_FILE = ".study_plans.json"
+#: suffix of the hidden sibling file ``.<folder><suffix>`` of the study's unlabelled folder: the plans it was
+#: preprocessed with (the folder is rebuilt when they change; nnU-Net allows one file type inside the folder)
+STUDY_RECIPE_SUFFIX = ".plans.json"
 METRICS = ("dice", "hd95", "sensitivity")
 _TRAIN = ("import sys; from nnunetv2.run.run_training import run_training_entry as m; "
           "sys.argv[0] = 'nnUNetv2_train'; sys.exit(m())")
@@ -165,7 +166,7 @@ def build_study_unlabeled_folder(final: str, pool_images: Mapping[str, Sequence[
     """The study's unlabelled folder: the pool's images preprocessed as unlabelled data + the unlabelled cases.
 
     Nothing is done when ``final`` already holds every pool case and every case of ``unlabeled_folder``, preprocessed
-    with the same plans (recorded in :data:`STUDY_RECIPE_FILE`); otherwise it is rebuilt atomically
+    with the same plans (recorded beside it, :data:`STUDY_RECIPE_SUFFIX`); otherwise it is rebuilt atomically
     (:func:`~nnunet_mmssl.dataloading.unlabeled_preprocessing.build_folder_atomically`). The dataset's preprocessed
     unlabelled cases are linked (symbolic links), not copied; no label is read.
 
@@ -187,7 +188,8 @@ def build_study_unlabeled_folder(final: str, pool_images: Mapping[str, Sequence[
     recipe = json.dumps({"configuration": configuration, "plans": plans["configurations"][configuration],
                          "foreground_intensity_properties_per_channel":
                              plans.get("foreground_intensity_properties_per_channel")}, sort_keys=True)
-    recipe_file = os.path.join(final, STUDY_RECIPE_FILE)
+    parent, name = os.path.split(final)
+    recipe_file = os.path.join(parent, f".{name}{STUDY_RECIPE_SUFFIX}")
     if os.path.isdir(final) and os.path.isfile(recipe_file):
         present = set(os.listdir(final))
         with open(recipe_file) as handle:
@@ -196,8 +198,6 @@ def build_study_unlabeled_folder(final: str, pool_images: Mapping[str, Sequence[
             return final
 
     def fill(tmp: str) -> None:
-        with open(os.path.join(tmp, STUDY_RECIPE_FILE), "w") as handle:
-            handle.write(recipe)
         for name in linked:
             os.symlink(os.path.abspath(os.path.join(unlabeled_folder, name)), os.path.join(tmp, name))
         progress(f"Preprocessing the {len(pool_images)} pool images as unlabelled cases (labels not read) -> {final}")
@@ -210,7 +210,9 @@ def build_study_unlabeled_folder(final: str, pool_images: Mapping[str, Sequence[
             with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
                 pool.starmap(_preprocess_one, jobs)
 
-    return build_folder_atomically(final, fill, progress)
+    build_folder_atomically(final, fill, progress)
+    atomic_write_text(recipe_file, recipe)
+    return final
 
 
 # ---------------------------------------------------------------------------------------------- runs
