@@ -367,3 +367,16 @@ def test_console_script_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert main(base + ["-tr", "MeanTeacherTrainer"]) == 2
     err = capsys.readouterr().err
     assert "-d 1: no matching dataset folder" in err and "Traceback" not in err
+
+
+def test_missing_splits_file_starts_with_nnunets_own_folds(tmp_path):
+    """Folds 0-4 stay nnU-Net's (a later plain nnUNetv2_train FOLD trains what it always did); the study appends."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    from nnunet_mmssl.cli.study import _splits_file_content
+
+    assert _splits_file_content(str(tmp_path / "splits_final.json"), POOL) == \
+        generate_crossval_split(sorted(POOL), seed=12345, n_splits=5)
+    assert _splits_file_content(str(tmp_path / "splits_final.json"), POOL[:3]) == []
+    (tmp_path / "splits_final.json").write_text(json.dumps([{"train": ["a"], "val": ["b"]}]))
+    assert _splits_file_content(str(tmp_path / "splits_final.json"), POOL) == [{"train": ["a"], "val": ["b"]}]
