@@ -84,6 +84,7 @@ setup(
             "nnUNetv2_mmssl_evaluate_missing=nnunet_mmssl.cli.evaluate_missing:main",
             "nnUNetv2_mmssl_demo=nnunet_mmssl.cli.demo:main",
             "nnUNetv2_mmssl_pseudolabel=nnunet_mmssl.cli.pseudolabel:main",
+            "nnUNetv2_mmssl_study=nnunet_mmssl.cli.study:main",
         ]
     },
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},

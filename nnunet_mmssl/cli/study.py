@@ -1,0 +1,233 @@
+"""``nnUNetv2_mmssl_study``: Dice at N labelled cases, SSL vs supervised, in one command.
+
+On a dataset converted by ``nnUNetv2_mmssl_convert`` and preprocessed by ``nnUNetv2_mmssl_plan_and_preprocess``
+(imagesTr/labelsTr = the labelled pool, imagesTs/labelsTs = the test set, imagesUnlabeled = unlabelled cases), every
+(trainer, labelled count, seed) is trained with ``nnUNetv2_train`` on its own fold of ``splits_final.json``,
+predicted with ``nnUNetv2_predict`` on the test set and scored with ``nnunet_mmssl.evaluation.evaluate_folders``.
+Writes a table (mean ± std over seeds), the paired difference of each SSL trainer against its supervised twin with a
+bootstrap interval, a plot of Dice vs labelled cases, and all of it as JSON. A killed study continues where it
+stopped. See :mod:`nnunet_mmssl.study` for the design.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from nnunet_mmssl.cli._common import add_verbose, run_cli
+
+PROG = "nnUNetv2_mmssl_study"
+#: what every run shares, recorded in the JSON and the README
+SHARED = ("All runs share the plans and the preprocessed data of nnUNetv2_mmssl_plan_and_preprocess, computed from "
+          "every labelled case of imagesTr (the whole pool): the planning geometry (spacing, patch size) and, for "
+          "CT-normalised channels, the intensity fingerprint (percentiles, mean, std of the foreground voxels, which "
+          "uses the labels of all pool cases). Z-score normalisation is per case, so for MR data no label "
+          "information reaches a run except through the planning geometry. Everything else is per run: the labelled "
+          "cases, the unlabelled stream (the dataset's unlabelled cases plus the pool cases not labelled in the run, "
+          "their labels never read) and the training. The test set is the same for every run.")
+SETTINGS_KEYS = ("dataset", "configuration", "plans", "epochs", "iterations", "val_iterations")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("-d", "--dataset", required=True, help="dataset id or name (DatasetXXX_NAME)")
+    parser.add_argument("--labeled", nargs="+", required=True, metavar="N|P%",
+                        help="labelled counts (1 2 4) or fractions of the pool (5%% 10%%)")
+    parser.add_argument("-tr", "--trainers", nargs="+", default=["PlainSupervisedTrainer", "MeanTeacherTrainer"],
+                        help="trainers (default PlainSupervisedTrainer MeanTeacherTrainer)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="split seeds (default 0)")
+    parser.add_argument("-c", "--configuration", default="2d", help="configuration (default 2d)")
+    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    parser.add_argument("--epochs", type=int, default=100, help="epochs per run (default 100)")
+    parser.add_argument("--iterations", type=int, default=250, help="training iterations per epoch (default 250)")
+    parser.add_argument("--val-iterations", type=int, default=5,
+                        help="nnU-Net's per-epoch validation iterations, on the run's labelled cases (default 5)")
+    parser.add_argument("--pair", action="append", default=[], metavar="SSL=SUP",
+                        help="compare SSL with SUP (added to the built-in twins, e.g. MeanTeacherTrainer="
+                             "PlainSupervisedTrainer)")
+    parser.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples (default 10000)")
+    parser.add_argument("-device", default="cpu", choices=["cpu", "cuda", "mps"])
+    parser.add_argument("-np", "--num-processes", type=int, default=2,
+                        help="processes for preprocessing the pool images as unlabelled cases (default 2)")
+    parser.add_argument("-o", "--output", required=True, help="study folder (models, predictions, logs, report)")
+    return add_verbose(parser)
+
+
+def parse_pairs(specs, trainers) -> dict[str, str]:
+    """The built-in twins among ``trainers`` plus ``--pair SSL=SUP`` (both must be in ``trainers``)."""
+    from nnunet_mmssl.study.report import SUPERVISED_TWINS
+
+    pairs = {s: t for s, t in SUPERVISED_TWINS.items() if s in trainers and t in trainers}
+    for spec in specs:
+        ssl, sep, sup = spec.partition("=")
+        if not sep or not ssl or not sup:
+            raise ValueError(f"--pair {spec!r}: write SSL=SUP, e.g. --pair MeanTeacherTrainer=PlainSupervisedTrainer")
+        for name in (ssl, sup):
+            if name not in trainers:
+                raise ValueError(f"--pair {spec}: {name} is not among the trainers -tr {' '.join(trainers)}; add it")
+        pairs[ssl] = sup
+    return pairs
+
+
+def find_dataset(root_variable: str, dataset: str) -> str:
+    """``$root_variable/DatasetXXX_NAME`` for an id or a name.
+
+    Raises:
+        ValueError: the variable is unset or no (or several) folders match.
+    """
+    root = os.environ.get(root_variable)
+    if not root or not os.path.isdir(root):
+        raise ValueError(f"{root_variable} is {'unset' if not root else root + ' (not a folder)'}; set it to nnU-Net's "
+                         f"folder as for nnUNetv2_train")
+    if dataset.isdigit():
+        prefix = f"Dataset{int(dataset):03d}_"
+        found = sorted(n for n in os.listdir(root) if n.startswith(prefix))
+    else:
+        found = [dataset] if os.path.isdir(os.path.join(root, dataset)) else []
+    if len(found) != 1:
+        raise ValueError(f"-d {dataset}: {'no' if not found else 'several'} matching dataset folder(s) in {root} "
+                         f"({found}); convert and preprocess the dataset first")
+    return os.path.join(root, found[0])
+
+
+def _check_settings(output: str, settings: dict) -> None:
+    from nnunet_mmssl.study.runner import atomic_write_json
+
+    path = os.path.join(output, "study_settings.json")
+    if os.path.isfile(path):
+        with open(path) as handle:
+            old = json.load(handle)
+        changed = [k for k in SETTINGS_KEYS if old.get(k) != settings[k]]
+        if changed:
+            what = ", ".join(f"{k}: {old.get(k)}" for k in changed)
+            raise ValueError(f"{output} holds a study with other settings ({what}); continue it with the same "
+                             f"settings, or choose another folder with -o")
+    atomic_write_json(path, {k: settings[k] for k in SETTINGS_KEYS})
+
+
+def _splits_file_content(path: str, pool: list[str]) -> list[dict]:
+    """The existing ``splits_final.json``, or nnU-Net's own default folds (so that later ``nnUNetv2_train`` folds
+    0-4 stay nnU-Net's), or [] for a pool too small for them."""
+    if os.path.isfile(path):
+        with open(path) as handle:
+            return json.load(handle)
+    if len(pool) >= 5:
+        from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+        return generate_crossval_split(sorted(pool), seed=12345, n_splits=5)
+    return []
+
+
+def run_study(args: argparse.Namespace) -> dict:
+    """Run (or continue) the study; return the report (see :func:`nnunet_mmssl.study.report.write_report`)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_mmssl._ext_trainer_hook import EXT_TRAINER_FOLDER, EXT_TRAINER_VARIABLE
+    from nnunet_mmssl.dataloading.unlabeled_loader import open_unlabeled_dataset
+    from nnunet_mmssl.dataloading.unlabeled_preprocessing import UNLABELED_IMAGES_FOLDER, find_cases
+    from nnunet_mmssl.dataset_conversion.modality_layout import read_layout
+    from nnunet_mmssl.planners import unlabeled_data_identifier
+    from nnunet_mmssl.study.report import write_report
+    from nnunet_mmssl.study.runner import (
+        STUDY_UNLABELED_SUFFIX,
+        StudyContext,
+        StudyJob,
+        StudyRunner,
+        atomic_write_json,
+        build_study_unlabeled_folder,
+        resolve_trainer,
+        write_study_trainers,
+    )
+    from nnunet_mmssl.study.splits import assign_folds, parse_labeled, plan_runs
+
+    for value, name in ((args.epochs, "--epochs"), (args.iterations, "--iterations")):
+        if value < 1:
+            raise ValueError(f"{name} {value}: must be at least 1")
+    classes = {t: resolve_trainer(t) for t in args.trainers}
+    pairs = parse_pairs(args.pair, args.trainers)
+    raw = find_dataset("nnUNet_raw", str(args.dataset))
+    dataset_name = os.path.basename(raw)
+    preprocessed = find_dataset("nnUNet_preprocessed", dataset_name)
+    with open(os.path.join(raw, "dataset.json")) as handle:
+        dataset_json = json.load(handle)
+    if read_layout(dataset_json.get("mmssl"), os.path.join(raw, "dataset.json")) is not None:
+        raise ValueError(f"{raw} is an unregistered dataset (a modality per case); the study predicts with "
+                         f"nnUNetv2_predict, which needs --modality for such models: not supported yet")
+    plans_file = os.path.join(preprocessed, args.plans + ".json")
+    if not os.path.isfile(plans_file):
+        raise ValueError(f"plans {plans_file} not found; run nnUNetv2_mmssl_plan_and_preprocess -d {args.dataset} "
+                         f"-c {args.configuration} (or pass the plans with -p)")
+    with open(plans_file) as handle:
+        plans = json.load(handle)
+    if args.configuration not in plans["configurations"]:
+        raise ValueError(f"-c {args.configuration}: not in {plans_file} (has {sorted(plans['configurations'])})")
+    data_identifier = PlansManager(plans).get_configuration(args.configuration).data_identifier
+    if not os.path.isdir(os.path.join(preprocessed, data_identifier)):
+        raise ValueError(f"{os.path.join(preprocessed, data_identifier)} not found; preprocess configuration "
+                         f"{args.configuration} with nnUNetv2_mmssl_plan_and_preprocess -c {args.configuration}")
+
+    pool_images = find_cases(os.path.join(raw, "imagesTr"), dataset_json, "Labelled case")
+    test_images = find_cases(os.path.join(raw, "imagesTs"), dataset_json, "Test case")
+    if not test_images:
+        raise ValueError(f"{os.path.join(raw, 'imagesTs')} holds no test cases; convert with --num-test N")
+    labels_ts = os.path.join(raw, "labelsTs")
+    if not os.path.isdir(labels_ts):
+        raise ValueError(f"{labels_ts} not found: the test cases need labels (nnUNetv2_mmssl_convert writes them)")
+    unlabeled_folder = os.path.join(preprocessed, unlabeled_data_identifier(data_identifier, plans))
+    real_unlabeled: list[str] = []
+    if find_cases(os.path.join(raw, UNLABELED_IMAGES_FOLDER), dataset_json, "Unlabelled case"):
+        real_unlabeled = sorted(open_unlabeled_dataset(unlabeled_folder).identifiers)
+    sizes = parse_labeled(args.labeled, len(pool_images))
+    runs = plan_runs(pool_images, real_unlabeled, test_images, sizes, args.seeds)
+
+    output = os.path.abspath(args.output)
+    settings = {"dataset": dataset_name, "configuration": args.configuration, "plans": args.plans,
+                "epochs": args.epochs, "iterations": args.iterations, "val_iterations": args.val_iterations}
+    _check_settings(output, settings)
+
+    splits_file = os.path.join(preprocessed, "splits_final.json")
+    old_splits = _splits_file_content(splits_file, list(pool_images))
+    new_splits, folds = assign_folds(old_splits, runs)
+    if new_splits != old_splits or not os.path.isfile(splits_file):
+        atomic_write_json(splits_file, new_splits)
+        print(f"{splits_file}: folds {sorted(set(folds.values()))} are the study's runs", flush=True)
+
+    study_folder_name = unlabeled_data_identifier(data_identifier, plans) + STUDY_UNLABELED_SUFFIX
+    if any(getattr(c, "use_unlabeled", False) for c in classes.values()):
+        build_study_unlabeled_folder(os.path.join(preprocessed, study_folder_name), pool_images,
+                                     unlabeled_folder if real_unlabeled else None, plans, args.configuration,
+                                     dataset_json, num_processes=args.num_processes,
+                                     progress=lambda m: print(m, flush=True))
+    by_fold = {str(folds[r.name]): r.unlabeled for r in runs}
+    ext_folder = os.path.join(output, "ext_trainers")
+    write_study_trainers(ext_folder, args.trainers, args.epochs, args.iterations, args.val_iterations,
+                         study_folder_name, by_fold)
+    env = dict(os.environ, nnUNet_results=os.path.join(output, "nnUNet_results"), nnUNet_compile="false")
+    others = [p for p in env.get(EXT_TRAINER_VARIABLE, "").split(os.pathsep) if p and p != ext_folder]
+    env[EXT_TRAINER_VARIABLE] = os.pathsep.join([ext_folder] + others +
+                                                ([EXT_TRAINER_FOLDER] if EXT_TRAINER_FOLDER not in others else []))
+    context = StudyContext(dataset_name=dataset_name, raw_folder=raw, configuration=args.configuration,
+                           plans=args.plans, device=args.device, output=output, env=env,
+                           test_images=os.path.join(raw, "imagesTs"), test_labels=labels_ts)
+    jobs = [StudyJob(trainer, run, folds[run.name]) for run in sorted(runs, key=lambda r: (r.size, r.seed))
+            for trainer in args.trainers]
+    results = StudyRunner(context, progress=lambda m: print(m, flush=True)).run_all(jobs)
+    report = write_report(output, results, pairs, {
+        **settings, "trainers": list(args.trainers), "labeled": list(args.labeled), "sizes": sizes,
+        "seeds": list(args.seeds), "pool_size": len(pool_images), "test_cases": sorted(test_images),
+        "n_dataset_unlabeled": len(real_unlabeled), "pairs": pairs, "shared_between_runs": SHARED,
+        "folds": folds, "device": args.device}, n_resamples=args.bootstrap)
+    print("\n" + report["table_text"] + f"\n\nWritten to {output}: study_table.txt, study_results.json, "
+          f"dice_vs_labeled.png", flush=True)
+    return report
+
+
+def _run(args: argparse.Namespace) -> int:
+    run_study(args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the study; 0 on success, 2 on a user error (one line on stderr), 1 on an unexpected error."""
+    return run_cli(PROG, build_parser(), _run, argv)

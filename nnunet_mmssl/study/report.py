@@ -1,0 +1,152 @@
+"""The study's outputs: table (mean ± std over seeds), paired SSL − supervised differences, Dice plot, JSON."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from nnunet_mmssl.study.bootstrap import paired_bootstrap
+
+METRICS = ("dice", "hd95", "sensitivity")
+#: each SSL trainer's supervised-only twin (same network, no unlabelled stream)
+SUPERVISED_TWINS = {"MemCifSSLTrainer": "MemCifSupervisedTrainer", "MeanTeacherTrainer": "PlainSupervisedTrainer",
+                    "MMFMCMLTrainer": "MMFMCMLSupervisedTrainer", "SMMLSSLTrainer": "SMMLTrainer",
+                    "DBDCTrainer": "DBDCSupervisedTrainer"}
+
+
+def summary_table(results: Sequence[Mapping]) -> list[dict]:
+    """One row per (trainer, size): each metric's mean and std (``ddof=0``) over seeds of the runs' test means.
+
+    A run whose mean of a metric is undefined (None) is left out of that metric's row and counted in ``n_missing``.
+    """
+    groups: dict[tuple[str, int], list[Mapping]] = {}
+    for result in results:
+        groups.setdefault((result["trainer"], int(result["size"])), []).append(result)
+    rows = []
+    for (trainer, size), runs in groups.items():
+        row = {"trainer": trainer, "size": size, "seeds": sorted(int(r["seed"]) for r in runs)}
+        for metric in METRICS:
+            values = [r["mean"][metric] for r in runs if r["mean"].get(metric) is not None]
+            row[metric] = {"mean": float(np.mean(values)) if values else None,
+                           "std": float(np.std(values)) if values else None, "n": len(values),
+                           "n_missing": len(runs) - len(values)}
+        rows.append(row)
+    order = {t: k for k, t in enumerate(dict.fromkeys(r["trainer"] for r in results))}
+    return sorted(rows, key=lambda r: (order[r["trainer"]], r["size"]))
+
+
+def paired_differences(results: Sequence[Mapping], pairs: Mapping[str, str], n_resamples: int = 10000,
+                       seed: int = 0) -> list[dict]:
+    """For each (SSL, supervised) pair with results and each size: SSL − supervised over common (seed, case) pairs.
+
+    Returns:
+        one dict per (pair, size, metric) with :func:`~.bootstrap.paired_bootstrap`'s fields, ``ssl``,
+        ``supervised``, ``size``, ``metric`` and ``seeds``.
+    """
+    index = {(r["trainer"], int(r["size"]), int(r["seed"])): r for r in results}
+    out = []
+    for ssl, sup in pairs.items():
+        sizes = sorted({s for (t, s, _) in index if t == ssl} & {s for (t, s, _) in index if t == sup})
+        for size in sizes:
+            seeds = sorted({d for (t, s, d) in index if t == ssl and s == size}
+                           & {d for (t, s, d) in index if t == sup and s == size})
+            for metric in METRICS:
+                a, b = [], []
+                for seed_ in seeds:
+                    x, y = index[(ssl, size, seed_)]["per_case"], index[(sup, size, seed_)]["per_case"]
+                    for case in sorted(set(x) & set(y)):
+                        a.append(np.nan if x[case][metric] is None else x[case][metric])
+                        b.append(np.nan if y[case][metric] is None else y[case][metric])
+                out.append({"ssl": ssl, "supervised": sup, "size": size, "metric": metric, "seeds": seeds,
+                            **paired_bootstrap(a, b, n_resamples=n_resamples, seed=seed)})
+    return out
+
+
+def _cell(entry: Mapping | None, digits: int = 3) -> str:
+    if entry is None or entry.get("mean") is None:
+        return "n/a"
+    return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
+
+
+def format_table(rows: Sequence[Mapping], differences: Sequence[Mapping] = ()) -> str:
+    """The table as text: one line per (trainer, size), then the Dice differences with their intervals."""
+    header = f"{'trainer':<28} {'labelled':>8} {'seeds':>5} {'Dice':>15} {'HD95 mm':>17} {'sensitivity':>15}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(f"{row['trainer']:<28} {row['size']:>8} {len(row['seeds']):>5} {_cell(row['dice']):>15} "
+                     f"{_cell(row['hd95'], 2):>17} {_cell(row['sensitivity']):>15}")
+    dice = [d for d in differences if d["metric"] == "dice"]
+    if dice:
+        lines += ["", ("Paired difference SSL − supervised (Dice, mean over (seed, test case) pairs, "
+                       f"{100 * dice[0]['confidence']:.0f} % bootstrap interval):")]
+        for d in dice:
+            value = "n/a" if d["mean_difference"] is None else \
+                f"{d['mean_difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+            lines.append(f"  {d['ssl'] + ' − ' + d['supervised']:<52} {d['size']:>4} labelled: {value} "
+                         f"({d['n_pairs']} pairs)")
+    return "\n".join(lines)
+
+
+def plot_dice(rows: Sequence[Mapping], path: str) -> dict:
+    """Dice vs number of labelled cases, one line per trainer, error bars = std over seeds (PNG via Agg).
+
+    Returns:
+        trainer -> {"sizes", "dice_mean", "dice_std"}: the plotted points.
+    """
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series = {}
+    for trainer in dict.fromkeys(r["trainer"] for r in rows):
+        mine = [r for r in rows if r["trainer"] == trainer and r["dice"]["mean"] is not None]
+        series[trainer] = {"sizes": [r["size"] for r in mine], "dice_mean": [r["dice"]["mean"] for r in mine],
+                           "dice_std": [r["dice"]["std"] for r in mine]}
+        ax.errorbar(series[trainer]["sizes"], series[trainer]["dice_mean"], yerr=series[trainer]["dice_std"],
+                    marker="o", capsize=3, label=trainer)
+    sizes = sorted({r["size"] for r in rows})
+    ax.set_xticks(sizes)
+    ax.set_xlabel("labelled training cases")
+    ax.set_ylabel("test Dice (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".partial.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return series
+
+
+def write_report(output: str, results: Sequence[Mapping], pairs: Mapping[str, str], settings: Mapping,
+                 n_resamples: int = 10000, seed: int = 0) -> dict:
+    """Write ``study_table.txt``, ``dice_vs_labeled.png`` and ``study_results.json`` into ``output``; return the
+    JSON's content (``table`` rows, ``differences``, ``runs``, ``settings``, ``plot_series``, the file names)."""
+    from nnunet_mmssl.study.runner import atomic_write_json, atomic_write_text
+
+    rows = summary_table(results)
+    differences = paired_differences(results, pairs, n_resamples=n_resamples, seed=seed)
+    text = format_table(rows, differences)
+    os.makedirs(output, exist_ok=True)
+    atomic_write_text(os.path.join(output, "study_table.txt"), text + "\n")
+    series = plot_dice(rows, os.path.join(output, "dice_vs_labeled.png"))
+    report = {"settings": dict(settings), "table": rows, "differences": differences, "table_text": text,
+              "plot": "dice_vs_labeled.png", "plot_series": series, "table_file": "study_table.txt",
+              "runs": list(results)}
+    atomic_write_json(os.path.join(output, "study_results.json"), _finite(report))
+    return report
+
+
+def _finite(value):
+    """NaN / inf -> None, recursively (strict JSON)."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

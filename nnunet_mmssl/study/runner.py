@@ -1,0 +1,377 @@
+"""Run every (trainer, labelled count, seed) of a study through nnU-Net's own training and prediction, resumably.
+
+* **One preprocessing for all runs.** The dataset's plans and preprocessed data (``nnUNetv2_mmssl_plan_and_preprocess``)
+  are shared. The labelled pool's *images* are preprocessed once more as unlabelled data (no label read) into
+  ``<data_identifier>_unlabeled_study`` beside nnU-Net's data, together with links to the dataset's own unlabelled
+  cases; each run reads from there only the cases allowed to it (:attr:`~.splits.RunSplit.unlabeled`).
+* **One fold per run.** Each (size, seed) is an entry of ``splits_final.json`` (:func:`~.splits.assign_folds`).
+* **One generated trainer per trainer.** ``<trainer>__study`` (:func:`study_trainer_class`, written into
+  ``<output>/ext_trainers`` and found through ``nnUNet_extTrainer``) has the study's budget, skips nnU-Net's final
+  validation, and picks its fold's unlabelled cases. Models go to ``<output>/nnUNet_results``, so two studies with
+  different budgets never share a model folder.
+* **Resumable.** A run is done when its ``checkpoint_final.pth`` and its result file exist; a run with a final
+  checkpoint but no result is predicted and scored again; an unfinished training continues (``--c``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from nnunet_mmssl.study.splits import RunSplit
+
+STUDY_SUFFIX = "__study"
+#: folder (beside nnU-Net's data folder) with the study's unlabelled cases: the pool's images + the unlabelled ones
+STUDY_UNLABELED_SUFFIX = "_study"
+TRAINER_MODULE = "mmssl_study_trainers"
+#: suffix of the hidden sibling file ``.<folder><suffix>`` of the study's unlabelled folder: the plans it was
+#: preprocessed with (the folder is rebuilt when they change; nnU-Net allows one file type inside the folder)
+STUDY_RECIPE_SUFFIX = ".plans.json"
+METRICS = ("dice", "hd95", "sensitivity")
+_TRAIN = ("import sys; from nnunetv2.run.run_training import run_training_entry as m; "
+          "sys.argv[0] = 'nnUNetv2_train'; sys.exit(m())")
+_PREDICT = ("import sys; from nnunetv2.inference.predict_from_raw_data import predict_entry_point as m; "
+            "sys.argv[0] = 'nnUNetv2_predict'; sys.exit(m())")
+
+
+# ---------------------------------------------------------------------------------------------- generated trainers
+def resolve_trainer(name: str) -> type:
+    """A trainer class of nnunet_mmssl by name, or nnU-Net's ``nnUNetTrainer``.
+
+    Raises:
+        ValueError: an unknown name, with the known ones.
+    """
+    import nnunet_mmssl.trainers as ours
+
+    found = getattr(ours, name, None)
+    if isinstance(found, type):
+        return found
+    if name == "nnUNetTrainer":
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+        return nnUNetTrainer
+    known = sorted(n for n in dir(ours) if isinstance(getattr(ours, n), type) and "Trainer" in n)
+    raise ValueError(f"-tr: unknown trainer {name!r}; the study runs nnUNetTrainer or a trainer of nnunet_mmssl, "
+                     f"e.g. {known}")
+
+
+def study_trainer_class(base: type, epochs: int, iterations: int, val_iterations: int, unlabeled_folder: str,
+                        unlabeled_by_fold: Mapping[str, Sequence[str]], module: str | None = None) -> type:
+    """``<base>__study``: ``base`` with the study's budget, no final validation, and its fold's unlabelled cases.
+
+    Args:
+        base: the trainer class.
+        epochs, iterations, val_iterations: nnU-Net's ``num_epochs``, ``num_iterations_per_epoch``,
+            ``num_val_iterations_per_epoch``.
+        unlabeled_folder: name of the study's unlabelled folder beside nnU-Net's data folder.
+        unlabeled_by_fold: fold (as a string) -> identifiers of the unlabelled cases that fold may read.
+        module: ``__module__`` of the class (the generated module), so that it pickles.
+    """
+    allowed = {str(k): tuple(v) for k, v in unlabeled_by_fold.items()}
+    folder_name = unlabeled_folder  # the class body defines a method of that name
+
+    class Study(base):
+        study_unlabeled_folder_name = folder_name
+        study_unlabeled_by_fold = allowed
+
+        def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                     device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's exact signature)
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_epochs = epochs
+            self.num_iterations_per_epoch = iterations
+            self.num_val_iterations_per_epoch = val_iterations
+
+        def perform_actual_validation(self, save_probabilities: bool = False):
+            self.print_to_log_file("study run: final validation skipped (the study scores the test set)")
+
+        def unlabeled_folder(self) -> str:
+            return os.path.join(self.preprocessed_dataset_folder_base, self.study_unlabeled_folder_name)
+
+        def unlabeled_dataset(self):
+            key = str(self.fold)
+            if key not in self.study_unlabeled_by_fold:
+                raise ValueError(f"{type(self).__name__} has no unlabelled cases for fold {key}: train study runs "
+                                 f"with nnUNetv2_mmssl_study (its folds are {sorted(self.study_unlabeled_by_fold)})")
+            wanted = set(self.study_unlabeled_by_fold[key])
+            dataset = super().unlabeled_dataset()
+            if not self.is_ddp:
+                missing = sorted(wanted - set(dataset.identifiers))
+                if missing:
+                    raise ValueError(f"{self.unlabeled_folder()} lacks the unlabelled case(s) {missing[:5]} of fold "
+                                     f"{key}; rerun nnUNetv2_mmssl_study (it rebuilds the folder)")
+            chosen = [i for i in dataset.identifiers if i in wanted]
+            self.print_to_log_file(f"study fold {key}: {len(chosen)} unlabelled cases allowed (the pool cases not "
+                                   f"labelled in this run and the dataset's unlabelled cases)")
+            return type(dataset)(dataset.source_folder, chosen)
+
+    Study.__name__ = Study.__qualname__ = base.__name__ + STUDY_SUFFIX
+    if module is not None:
+        Study.__module__ = module
+    return Study
+
+
+_MODULE_TEMPLATE = '''"""Generated by nnUNetv2_mmssl_study for nnUNet_extTrainer; rewritten by each study run."""
+from nnunet_mmssl.study.runner import resolve_trainer, study_trainer_class
+
+EPOCHS = {epochs}
+ITERATIONS = {iterations}
+VAL_ITERATIONS = {val_iterations}
+UNLABELED_FOLDER = {folder!r}
+UNLABELED_BY_FOLD = {by_fold!r}
+
+'''
+
+
+def write_study_trainers(folder: str, trainers: Sequence[str], epochs: int, iterations: int, val_iterations: int,
+                         unlabeled_folder: str, unlabeled_by_fold: Mapping[str, Sequence[str]]) -> str:
+    """Write the module defining ``<trainer>__study`` for each trainer into ``folder``; return its path."""
+    os.makedirs(folder, exist_ok=True)
+    text = _MODULE_TEMPLATE.format(epochs=int(epochs), iterations=int(iterations), val_iterations=int(val_iterations),
+                                   folder=unlabeled_folder,
+                                   by_fold={str(k): list(v) for k, v in sorted(unlabeled_by_fold.items())})
+    for trainer in trainers:
+        resolve_trainer(trainer)
+        text += (f"{trainer}{STUDY_SUFFIX} = study_trainer_class(resolve_trainer({trainer!r}), EPOCHS, ITERATIONS, "
+                 f"VAL_ITERATIONS, UNLABELED_FOLDER, UNLABELED_BY_FOLD, __name__)\n")
+    path = os.path.join(folder, TRAINER_MODULE + ".py")
+    atomic_write_text(path, text)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- files
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` under a temporary name, then rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.partial-{os.getpid()}"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1, allow_nan=False))
+
+
+# ---------------------------------------------------------------------------------------------- unlabelled folder
+def build_study_unlabeled_folder(final: str, pool_images: Mapping[str, Sequence[str]], unlabeled_folder: str | None,
+                                 plans: dict, configuration: str, dataset_json: dict, case_modality=None,
+                                 num_processes: int = 1, progress=print) -> str:
+    """The study's unlabelled folder: the pool's images preprocessed as unlabelled data + the unlabelled cases.
+
+    Nothing is done when ``final`` already holds every pool case and every case of ``unlabeled_folder``, preprocessed
+    with the same plans (recorded beside it, :data:`STUDY_RECIPE_SUFFIX`); otherwise it is rebuilt atomically
+    (:func:`~nnunet_mmssl.dataloading.unlabeled_preprocessing.build_folder_atomically`). The dataset's preprocessed
+    unlabelled cases are linked (symbolic links), not copied; no label is read.
+
+    Args:
+        final: the folder to build.
+        pool_images: pool case -> its channel files (imagesTr).
+        unlabeled_folder: nnU-Net-preprocessed unlabelled cases (``<data_identifier>_unlabeled``), or None.
+        plans, configuration, dataset_json: as for the dataset's own unlabelled preprocessing.
+        case_modality: case -> modality name of an unregistered dataset (None: registered).
+        num_processes: worker processes.
+        progress: callable taking a message.
+    """
+    import multiprocessing
+
+    from nnunet_mmssl.dataloading.unlabeled_preprocessing import _preprocess_one, build_folder_atomically
+
+    linked = sorted(os.listdir(unlabeled_folder)) if unlabeled_folder and os.path.isdir(unlabeled_folder) else []
+    linked = [f for f in linked if not f.startswith(".")]
+    recipe = json.dumps({"configuration": configuration, "plans": plans["configurations"][configuration],
+                         "foreground_intensity_properties_per_channel":
+                             plans.get("foreground_intensity_properties_per_channel")}, sort_keys=True)
+    parent, name = os.path.split(final)
+    recipe_file = os.path.join(parent, f".{name}{STUDY_RECIPE_SUFFIX}")
+    if os.path.isdir(final) and os.path.isfile(recipe_file):
+        present = set(os.listdir(final))
+        with open(recipe_file) as handle:
+            same_plans = handle.read() == recipe
+        if same_plans and set(linked) <= present and all(f"{case}.b2nd" in present for case in pool_images):
+            return final
+
+    def fill(tmp: str) -> None:
+        for name in linked:
+            os.symlink(os.path.abspath(os.path.join(unlabeled_folder, name)), os.path.join(tmp, name))
+        progress(f"Preprocessing the {len(pool_images)} pool images as unlabelled cases (labels not read) -> {final}")
+        jobs = [(os.path.join(tmp, case), list(files), plans, configuration, dataset_json, True,
+                 (case_modality or {}).get(case)) for case, files in sorted(pool_images.items())]
+        if num_processes <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                _preprocess_one(*job)
+        else:
+            with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
+                pool.starmap(_preprocess_one, jobs)
+
+    build_folder_atomically(final, fill, progress)
+    atomic_write_text(recipe_file, recipe)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------- runs
+@dataclasses.dataclass(frozen=True)
+class StudyJob:
+    """One (trainer, size, seed) run."""
+
+    trainer: str
+    split: RunSplit
+    fold: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.trainer}/{self.split.name}"
+
+
+@dataclasses.dataclass
+class StudyContext:
+    """What every run of a study needs: dataset, plans, configuration, folders, environment."""
+
+    dataset_name: str
+    raw_folder: str
+    configuration: str
+    plans: str
+    device: str
+    output: str
+    env: dict
+    test_images: str
+    test_labels: str
+
+    def model_folder(self, job: StudyJob) -> str:
+        return os.path.join(self.env["nnUNet_results"], self.dataset_name,
+                            f"{job.trainer}{STUDY_SUFFIX}__{self.plans}__{self.configuration}", f"fold_{job.fold}")
+
+    def prediction_folder(self, job: StudyJob) -> str:
+        return os.path.join(self.output, "predictions", job.trainer, job.split.name)
+
+    def result_file(self, job: StudyJob) -> str:
+        return os.path.join(self.output, "runs", job.trainer, job.split.name + ".json")
+
+    def log_file(self, job: StudyJob, what: str) -> str:
+        return os.path.join(self.output, "logs", f"{what}_{job.trainer}_{job.split.name}.log")
+
+
+def run_state(context: StudyContext, job: StudyJob) -> str:
+    """``"done"`` (final checkpoint and result), ``"trained"`` (final checkpoint only) or ``"todo"``."""
+    if not os.path.isfile(os.path.join(context.model_folder(job), "checkpoint_final.pth")):
+        return "todo"
+    return "done" if os.path.isfile(context.result_file(job)) else "trained"
+
+
+def per_case_metrics(evaluation: dict) -> dict[str, dict[str, float | None]]:
+    """Case -> {metric: mean over the evaluated labels (None where undefined)} from :func:`evaluate_folders`."""
+    import numpy as np
+
+    cases = {}
+    for entry in evaluation["metric_per_case"]:
+        values = {}
+        for metric in METRICS:
+            numbers = [v.get(metric) for v in entry["metrics"].values()]
+            numbers = [float(x) for x in numbers if x is not None and np.isfinite(x)]
+            values[metric] = float(np.mean(numbers)) if numbers else None
+        cases[entry["case"]] = values
+    return cases
+
+
+class StudyRunner:
+    """Trains, predicts and scores the jobs of a study, skipping what is done; the three steps are methods so that a
+    test (or another backend) can replace them."""
+
+    def __init__(self, context: StudyContext, progress: Callable[[str], None] = print):
+        self.context = context
+        self.progress = progress
+
+    # the three steps
+    def train(self, job: StudyJob) -> None:
+        c = self.context
+        cmd = [sys.executable, "-c", _TRAIN, c.dataset_name, c.configuration, str(job.fold), "-tr",
+               job.trainer + STUDY_SUFFIX, "-p", c.plans, "-device", c.device, "--c"]
+        _run(cmd, c.env, c.log_file(job, "train"))
+
+    def predict(self, job: StudyJob) -> str:
+        c = self.context
+        out = c.prediction_folder(job)
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-c", _PREDICT, "-i", c.test_images, "-o", out, "-d", c.dataset_name, "-c",
+               c.configuration, "-f", str(job.fold), "-tr", job.trainer + STUDY_SUFFIX, "-p", c.plans, "-device",
+               c.device, "-npp", "1", "-nps", "1", "--disable_tta"]
+        _run(cmd, c.env, c.log_file(job, "predict"))
+        return out
+
+    def evaluate(self, job: StudyJob, prediction_folder: str) -> dict:
+        from nnunet_mmssl.evaluation import evaluate_folders
+
+        return evaluate_folders(self.context.test_labels, prediction_folder,
+                                output_file=os.path.join(prediction_folder, "summary_mmssl.json"))
+
+    # the loop
+    def run_job(self, job: StudyJob) -> dict:
+        """Train (unless trained), predict, evaluate, write the result file; return the result."""
+        start = time.perf_counter()
+        if run_state(self.context, job) == "todo":
+            self.train(job)
+            if not os.path.isfile(os.path.join(self.context.model_folder(job), "checkpoint_final.pth")):
+                raise RuntimeError(f"training {job.name} ended without {self.context.model_folder(job)}/"
+                                   f"checkpoint_final.pth; see {self.context.log_file(job, 'train')}")
+        evaluation = self.evaluate(job, self.predict(job))
+        cases = per_case_metrics(evaluation)
+        import numpy as np
+
+        mean = {m: (float(np.mean(v)) if (v := [x[m] for x in cases.values() if x[m] is not None]) else None)
+                for m in METRICS}
+        result = {"trainer": job.trainer, "size": job.split.size, "seed": job.split.seed, "fold": job.fold,
+                  "labeled": list(job.split.labeled), "n_hidden_pool_cases": len(job.split.hidden),
+                  "n_unlabeled": len(job.split.unlabeled), "seconds": time.perf_counter() - start,
+                  "mean": mean, "per_case": cases}
+        atomic_write_json(self.context.result_file(job), result)
+        return result
+
+    def run_all(self, jobs: Sequence[StudyJob]) -> list[dict]:
+        """Every job in order; finished ones are read back, not repeated. Prints progress with the time left."""
+        results, durations = [], []
+        for job in jobs:
+            if run_state(self.context, job) == "done":
+                with open(self.context.result_file(job)) as handle:
+                    durations.append(json.load(handle)["seconds"])
+        todo = [j for j in jobs if run_state(self.context, j) != "done"]
+        self.progress(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to do")
+        k = 0
+        for job in jobs:
+            state = run_state(self.context, job)
+            if state == "done":
+                with open(self.context.result_file(job)) as handle:
+                    results.append(json.load(handle))
+                continue
+            k += 1
+            self.progress(f"[{k}/{len(todo)}] {job.name} (fold {job.fold}"
+                          f"{', trained: predicting again' if state == 'trained' else ''}) ...")
+            result = self.run_job(job)
+            durations.append(result["seconds"])
+            results.append(result)
+            left = (len(todo) - k) * sum(durations) / len(durations)
+            dice = result["mean"]["dice"]
+            self.progress(f"[{k}/{len(todo)}] {job.name}: Dice {'n/a' if dice is None else f'{dice:.3f}'}, "
+                          f"{result['seconds']:.0f} s; about {format_seconds(left)} left")
+        return results
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _run(cmd: list[str], env: dict, log_file: str) -> None:
+    from nnunet_mmssl.cli.demo import _run_logged
+
+    os.makedirs(os.path.dirname(log_file), exist_ok=True)
+    _run_logged(cmd, env, log_file)
