@@ -36,7 +36,14 @@ from typing import Any
 import numpy as np
 
 from nnunet_mmssl.evaluation.metrics import EMPTY_MASK_CONVENTIONS, METRIC_NAMES
-from nnunet_mmssl.evaluation.report import LabelSpec, RegionSpec, evaluate_folders, write_json_atomic
+from nnunet_mmssl.evaluation.report import (
+    LabelSpec,
+    RegionSpec,
+    evaluate_folders,
+    write_file_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 SUBSETS_FOLDER = "subsets"
 PREDICTIONS_FOLDER = "predictions"
@@ -186,7 +193,7 @@ def evaluate_missing_modalities(predict: PredictSubset, labels_folder: str, outp
     summary = summarise(records, channel_names)
     summary["settings"] = _json_normal(settings)
     write_json_atomic(summary, os.path.join(output_folder, SUMMARY_NAME))
-    _write_text_atomic(format_missing_table(summary, "dice") + "\n\n" + format_missing_table(summary, "hd95") + "\n",
+    write_text_atomic(format_missing_table(summary, "dice") + "\n\n" + format_missing_table(summary, "hd95") + "\n",
                        os.path.join(output_folder, TABLE_NAME))
     plot_heatmap(summary, os.path.join(output_folder, HEATMAP_NAME))
     summary["skipped"] = skipped
@@ -303,20 +310,6 @@ def format_missing_table(summary: Mapping, metric: str = "dice") -> str:
     return "\n".join(lines)
 
 
-def _write_text_atomic(text: str, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def plot_heatmap(summary: Mapping, path: str, metric: str = "dice") -> str:
     """Heat map (PNG) of ``metric`` per subset (columns) and label/region (rows, plus the mean row).
 
@@ -353,15 +346,4 @@ def plot_heatmap(summary: Mapping, path: str, metric: str = "dice") -> str:
     axes.set_title(f"{title} per modality subset ({summary['n_cases']} case(s))")
     figure.colorbar(image, ax=axes, label=title)
     figure.tight_layout()
-    path = os.path.abspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".png", dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        figure.savefig(tmp, dpi=100)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_file_atomic(path, lambda tmp: figure.savefig(tmp, dpi=100, format="png"), suffix=".png")

@@ -230,6 +230,39 @@ def _to_json_compatible(obj: Any) -> Any:
     return obj
 
 
+def write_file_atomic(path: str | os.PathLike, write, suffix: str = ".tmp") -> str:
+    """Call ``write(temporary_path)`` for a file next to ``path``, then rename it to ``path`` (mode 0644).
+
+    A failure removes the temporary file, so ``path`` is either the previous complete file or the new one.
+    Missing parent folders are created. Returns the absolute path written.
+    """
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> str:
+    """Write ``text`` (UTF-8, flushed to disk) atomically, see :func:`write_file_atomic`."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return write_file_atomic(path, write)
+
+
 def write_json_atomic(data: Mapping, output_file: str | os.PathLike) -> str:
     """Write ``data`` as JSON (NaN/inf -> ``null``) to a temporary file next to ``output_file``, then rename.
 
@@ -240,23 +273,7 @@ def write_json_atomic(data: Mapping, output_file: str | os.PathLike) -> str:
     Returns:
         The absolute path written.
     """
-    output_file = os.path.abspath(os.fspath(output_file))
-    folder = os.path.dirname(output_file)
-    os.makedirs(folder, exist_ok=True)
-    text = json.dumps(_to_json_compatible(data), indent=2, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output_file)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, output_file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return output_file
+    return write_text_atomic(json.dumps(_to_json_compatible(data), indent=2, allow_nan=False) + "\n", output_file)
 
 
 def evaluate_folders(
