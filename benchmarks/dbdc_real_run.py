@@ -297,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {trainer}: Dice over modalities {over['dice']:.3f}, "
               f"{results[trainer]['seconds_per_epoch']:.1f} s/epoch", flush=True)
 
+    for reference in ("nnUNetTrainer", "PooledUNetTrainer"):
+        for result in results.values():
+            base = results.get(reference, {}).get("seconds_per_epoch")
+            result[f"time_ratio_vs_{reference}"] = result["seconds_per_epoch"] / base if base else None
     table = result_table(results)
     print(f"\nunregistered FLAIR ({LABELLED_SET} cases {args.flair_cases}) / T1 (cases {args.t1_cases}) + "
           f"{UNLABELLED_SET} FLAIR and T1 unlabelled; {args.num_test} test cases per modality, whole tumour, "
