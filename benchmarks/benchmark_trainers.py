@@ -42,6 +42,13 @@ DEFAULT_CONFIGURATIONS = ("2d", "3d_fullres")
 PHANTOM_ID = 979
 PHANTOM_NAME = "MMSSLBenchPhantom"
 PHANTOM_MARKER = "benchmark_phantom.json"
+#: the unregistered phantom (CT-like cases of some patients, MR-like of others) for DBDC and the pooled U-Net
+UNREGISTERED_PHANTOM_ID = 978
+UNREGISTERED_PHANTOM_NAME = "MMSSLBenchPhantomUnreg"
+UNREGISTERED_PHANTOM_MARKER = "benchmark_phantom_unregistered.json"
+#: trainers that need an unregistered dataset (one modality per case)
+UNREGISTERED_TRAINER_PREFIXES = ("DBDC", "PooledUNet")
+PHANTOM_KINDS = ("auto", "registered", "unregistered")
 
 #: (key, header, width, format) of the table's numeric columns, in order
 COLUMNS = (
@@ -66,6 +73,7 @@ COLUMNS = (
     ("inference_flop_ratio", "inf FLOP x", 10, "{:.2f}"),
     ("inference_efficiency", "inf.ilv", 7, "{:.2f}"),
     ("unsup_grad_share", "u.share", 8, "{:.3g}"),
+    ("prototype_pct", "proto %", 7, "{:.1f}"),
 )
 
 
@@ -114,6 +122,29 @@ def ratio(value: float | None, reference: float | None) -> float | None:
 def efficiency(flop_ratio: float | None, time_ratio: float | None) -> float | None:
     """FLOP ratio / time ratio: FLOP throughput relative to the baseline (> 1: more FLOP/s than the baseline)."""
     return ratio(flop_ratio, time_ratio)
+
+
+def resolve_phantom_kind(kind: str, trainers: Sequence[str]) -> str:
+    """The phantom to build: ``kind`` itself, or for ``"auto"`` the unregistered phantom when any trainer needs one
+    (DBDC*, PooledUNet*: they train on one modality per case), else the registered one.
+
+    Raises:
+        ValueError: an unknown kind (naming the choices).
+    """
+    if kind not in PHANTOM_KINDS:
+        raise ValueError(f"--phantom-kind {kind!r}: choose one of {', '.join(PHANTOM_KINDS)}")
+    if kind != "auto":
+        return kind
+    return "unregistered" if any(t.startswith(UNREGISTERED_TRAINER_PREFIXES) for t in trainers) else "registered"
+
+
+def prototype_share(prototype_seconds: float | None, step_seconds: float | None) -> float | None:
+    """Share of the timed step time a DBDC trainer spent in prototype work (Sinkhorn assignment + EMA update of the
+    prototypes after the optimizer step, and the MPCL loss; the trainer's ``prototype_seconds``); None for trainers
+    without prototypes or without a time."""
+    if prototype_seconds is None or step_seconds is None or step_seconds <= 0:
+        return None
+    return prototype_seconds / step_seconds
 
 
 def choose_baseline(rows: Sequence[dict], preferred: str = BASELINE_TRAINER) -> dict | None:
@@ -186,6 +217,13 @@ def merge_rounds(rounds: Sequence[dict]) -> dict:
         total = sum(steps)
         waits = {key: sum(r.get(key) or 0.0 for r in timed)
                  for key in ("data_wait_s", "data_wait_labeled_s", "data_wait_unlabeled_s")}
+        proto = [r.get("prototype_s") for r in timed]
+        if all(p is not None for p in proto):
+            merged["prototype_s"] = sum(proto)
+            merged["prototype_share"] = prototype_share(sum(proto), total)
+        else:  # never a share of part of the steps
+            merged.pop("prototype_s", None)
+            merged.pop("prototype_share", None)
         merged.update(step_seconds=steps, s_per_iter=statistics.median(r["s_per_iter"] for r in timed),
                       s_per_iter_pooled_mean=total / len(steps), s_per_iter_min=min(steps),
                       s_per_iter_median=sorted(steps)[len(steps) // 2], **waits,
@@ -232,6 +270,8 @@ def add_ratios(rows: Sequence[dict], preferred: str = BASELINE_TRAINER) -> str |
         row["gflop_per_iter"] = None if flops is None else flops / 1e9
         wait = row.get("data_wait_fraction")
         row["data_wait_pct"] = None if wait is None else 100.0 * wait
+        share = row.get("prototype_share")
+        row["prototype_pct"] = None if share is None else 100.0 * share
         if row.get("batch_labeled") is not None:
             row["batch"] = f"{row['batch_labeled']}+{row.get('batch_unlabeled') or 0}"
     return base.get("trainer")
@@ -279,12 +319,38 @@ def parse_worker_output(text: str) -> dict | None:
 
 
 def effective_batch_size(trainer) -> tuple[int, int]:
-    """(labelled, unlabelled) patches per training step; unlabelled is 0 without an unlabelled stream."""
-    labelled = int(trainer.batch_size)
+    """(labelled, unlabelled) patches per training step; unlabelled is 0 without an unlabelled stream.
+
+    A trainer with one loader per modality (DBDC: ``dataloader_train.loaders``, ``dataloader_unlabeled`` a list with
+    None where a modality has no unlabelled case) draws a batch from each loader per step.
+    """
+    batch = int(trainer.batch_size)
+    loaders = getattr(getattr(trainer, "dataloader_train", None), "loaders", None)
+    labelled = batch * (len(loaders) if isinstance(loaders, (list, tuple)) else 1)
     unlabelled = 0
-    if getattr(trainer, "use_unlabeled", False) and getattr(trainer, "dataloader_unlabeled", None) is not None:
-        unlabelled = int(getattr(trainer, "unlabeled_batch_size", None) or labelled)
+    stream = getattr(trainer, "dataloader_unlabeled", None)
+    if getattr(trainer, "use_unlabeled", False) and stream is not None:
+        per_batch = int(getattr(trainer, "unlabeled_batch_size", None) or batch)
+        streams = sum(s is not None for s in stream) if isinstance(stream, (list, tuple)) else 1
+        unlabelled = per_batch * streams
     return labelled, unlabelled
+
+
+def wrap_unlabeled(stream):
+    """``stream`` behind :class:`WaitTimer` proxies: one for an iterator, one per loader for a list of loaders (None
+    kept). Returns (the wrapped stream, the timers)."""
+    if isinstance(stream, (list, tuple)):
+        wrapped = [None if s is None else WaitTimer(s) for s in stream]
+        return wrapped, [w for w in wrapped if w is not None]
+    timer = WaitTimer(stream)
+    return timer, [timer]
+
+
+def unwrap_unlabeled(stream):
+    """The original stream of :func:`wrap_unlabeled`'s result (anything else unchanged)."""
+    if isinstance(stream, list):
+        return [s.inner if isinstance(s, WaitTimer) else s for s in stream]
+    return stream.inner if isinstance(stream, WaitTimer) else stream
 
 
 def case_file_lists(file_names: Sequence[str], file_ending: str, max_cases: int) -> list[tuple[str, list[str]]]:
@@ -297,6 +363,25 @@ def case_file_lists(file_names: Sequence[str], file_ending: str, max_cases: int)
         if match:
             cases.setdefault(match.group(1), []).append((int(match.group(2)), name))
     return [(case, [f for _, f in sorted(cases[case])]) for case in sorted(cases)[:max_cases]]
+
+
+def cases_by_modality(cases: Sequence[tuple[str, list[str]]],
+                      case_modality: dict[str, str] | None) -> list[tuple[str | None, list[tuple[str, list[str]]]]]:
+    """Group :func:`case_file_lists` output by the modality recorded per case (an unregistered dataset's
+    ``mmssl.case_modality``), modalities in order of first appearance; ``[(None, cases)]`` without a record.
+
+    Raises:
+        ValueError: a case without a recorded modality (naming it).
+    """
+    if not case_modality:
+        return [(None, list(cases))]
+    groups: dict[str, list] = {}
+    for case, files in cases:
+        if case not in case_modality:
+            raise ValueError(f"case {case} has no modality in dataset.json's mmssl.case_modality: reconvert the "
+                             f"dataset with nnUNetv2_mmssl_convert --source-modality")
+        groups.setdefault(case_modality[case], []).append((case, files))
+    return list(groups.items())
 
 
 def format_errors(error: BaseException, limit: int = 300) -> str:
@@ -347,8 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cases to predict (imagesTs, then imagesTr); 0 skips prediction (default 2)")
     parser.add_argument("--mirror", action="store_true", help="test-time mirroring in prediction (default off)")
     parser.add_argument("--phantom", action="store_true", help="build and use the phantom dataset (default without -d)")
+    parser.add_argument("--phantom-kind", default="auto", choices=PHANTOM_KINDS,
+                        help="registered: two-modality phantom, every case both channels; unregistered: CT-like cases "
+                             "of some patients, MR-like of others (one channel, a modality per case: DBDC*, "
+                             "PooledUNet*); auto (default): unregistered when any trainer is DBDC* or PooledUNet*")
     parser.add_argument("--phantom-shape", nargs=3, type=int, default=[24, 96, 96], metavar=("Z", "Y", "X"),
-                        help="phantom voxels (default 24 96 96)")
+                        help="registered phantom voxels (default 24 96 96; the unregistered phantom has each "
+                             "modality's own grid, see unregistered_phantom.py)")
     parser.add_argument("--phantom-spacing", nargs=3, type=float, default=[3.0, 1.0, 1.0], metavar=("Z", "Y", "X"))
     parser.add_argument("--phantom-cases", nargs=2, type=int, default=[4, 4], metavar=("LABELLED", "UNLABELLED"),
                         help="phantom training cases (default 4 labelled, 4 unlabelled)")
@@ -384,6 +474,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.phantom = True
     if args.phantom and args.dataset is not None:
         parser.error("give either -d DATASET or --phantom, not both")
+    args.phantom_kind = resolve_phantom_kind(args.phantom_kind, args.trainers)
+    if args.phantom and args.phantom_kind == "registered":
+        needing = [t for t in args.trainers if t.startswith(UNREGISTERED_TRAINER_PREFIXES)]
+        if needing:
+            parser.error(f"{', '.join(needing)} train on one modality per case: use --phantom-kind unregistered "
+                         f"(or auto)")
     if args.iterations < 1 or args.warmup < 0 or args.predict_cases < 0:
         parser.error("--iterations must be >= 1, --warmup and --predict-cases >= 0")
     if args.rounds < 1 or args.interleaved_rounds < 0 or args.interleaved_steps < 1:
@@ -474,19 +570,23 @@ def _network_for_inference(trainer):
     trainer's own hooks (ours also switch their networks to the fused output alone)."""
     trainer.on_validation_epoch_start()
     trainer.set_deep_supervision_enabled(False)
-    return _bare_network(trainer)
+    network = _bare_network(trainer)
+    if hasattr(network, "set_inference_modality"):  # unregistered models predict one modality at a time
+        network.set_inference_modality(0)
+    return network
 
 
 def _finish_augmenters(trainer) -> None:
     for name in ("dataloader_train", "dataloader_val", "dataloader_unlabeled"):
         loader = getattr(trainer, name, None)
-        if isinstance(loader, WaitTimer):
-            loader = loader.inner
-        if hasattr(loader, "_finish"):
-            try:
-                loader._finish()
-            except Exception:  # noqa: BLE001 - best effort at shutdown
-                pass
+        for one in loader if isinstance(loader, (list, tuple)) else [loader]:
+            if isinstance(one, WaitTimer):
+                one = one.inner
+            if hasattr(one, "_finish"):
+                try:
+                    one._finish()
+                except Exception:  # noqa: BLE001 - best effort at shutdown
+                    pass
 
 
 def measure_training(trainer, args, result: dict) -> None:
@@ -506,10 +606,10 @@ def measure_training(trainer, args, result: dict) -> None:
 
     train_proxy = WaitTimer(trainer.dataloader_train)
     trainer.dataloader_train = train_proxy
-    proxies = [train_proxy]
+    unlabelled_proxies = []
     if getattr(trainer, "dataloader_unlabeled", None) is not None:
-        trainer.dataloader_unlabeled = WaitTimer(trainer.dataloader_unlabeled)
-        proxies.append(trainer.dataloader_unlabeled)
+        trainer.dataloader_unlabeled, unlabelled_proxies = wrap_unlabeled(trainer.dataloader_unlabeled)
+    proxies = [train_proxy, *unlabelled_proxies]
 
     for _ in range(args.warmup):
         trainer.train_step(next(trainer.dataloader_train))
@@ -517,6 +617,9 @@ def measure_training(trainer, args, result: dict) -> None:
     result["rss_before_steps_mib"] = _current_rss_mib()
     for proxy in proxies:
         proxy.reset()
+    has_prototypes = getattr(trainer, "prototype_bank", None) is not None and hasattr(trainer, "_prototype_seconds")
+    if has_prototypes:
+        trainer._prototype_seconds = 0.0
     step_seconds = []
     for _ in range(args.iterations):
         _sync(trainer.device)
@@ -526,11 +629,14 @@ def measure_training(trainer, args, result: dict) -> None:
         step_seconds.append(time.perf_counter() - start)
     total = sum(step_seconds)
     wait_labelled = train_proxy.seconds
-    wait_unlabelled = proxies[1].seconds if len(proxies) > 1 else 0.0
+    wait_unlabelled = sum(p.seconds for p in unlabelled_proxies)
     result.update(s_per_iter=total / len(step_seconds), s_per_iter_min=min(step_seconds),
                   s_per_iter_median=sorted(step_seconds)[len(step_seconds) // 2], step_seconds=step_seconds,
                   data_wait_s=wait_labelled + wait_unlabelled, data_wait_labeled_s=wait_labelled,
                   data_wait_unlabeled_s=wait_unlabelled, data_wait_fraction=(wait_labelled + wait_unlabelled) / total)
+    if has_prototypes:  # read before the FLOP-counted and gradient-share steps add to it
+        result["prototype_s"] = float(trainer._prototype_seconds)
+        result["prototype_share"] = prototype_share(result["prototype_s"], total)
 
     # one more real step (its batch from the loaders, its optimizer step) inside the FLOP counter
     with FlopCounterMode(display=False) as counter:
@@ -608,14 +714,21 @@ def measure_prediction(model_folder: str, fold, args, device, dataset_name: str,
         return logits
 
     predictor.predict_logits_from_preprocessed_data = timed_predict_logits
-    outputs = [os.path.join(output_folder, case) for case, _ in cases]
     os.makedirs(output_folder, exist_ok=True)
+    with open(os.path.join(raw, "dataset.json")) as handle:  # the raw one records every case's modality
+        groups = cases_by_modality(cases, (json.load(handle).get("mmssl") or {}).get("case_modality"))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    predictor.predict_from_files([files for _, files in cases], outputs, save_probabilities=False, overwrite=True,
-                                 num_processes_preprocessing=1, num_processes_segmentation_export=1)
+    for modality, group in groups:
+        if modality is not None:  # an unregistered model: each case normalised and predicted as its modality
+            from nnunet_mmssl.cli.predict import select_modality
+
+            select_modality(predictor, modality, model_folder)
+        predictor.predict_from_files([files for _, files in group], [os.path.join(output_folder, c) for c, _ in group],
+                                     save_probabilities=False, overwrite=True, num_processes_preprocessing=1,
+                                     num_processes_segmentation_export=1)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         result["predict_peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -735,11 +848,15 @@ def run_interleaved_worker(args: argparse.Namespace) -> dict:
             trainer.on_train_start()
             trainer.on_train_epoch_start()
             batch = next(trainer.dataloader_train)
-            unlabelled = None
-            if getattr(trainer, "dataloader_unlabeled", None) is not None:
-                unlabelled = next(trainer.dataloader_unlabeled)
+            stream = getattr(trainer, "dataloader_unlabeled", None)
+            if isinstance(stream, (list, tuple)):  # one loader per modality (DBDC)
+                unlabelled = [None if s is None else next(s) for s in stream]
+            else:
+                unlabelled = None if stream is None else next(stream)
             _finish_augmenters(trainer)
-            if unlabelled is not None:
+            if isinstance(unlabelled, list):
+                trainer.dataloader_unlabeled = [None if u is None else itertools.repeat(u) for u in unlabelled]
+            elif unlabelled is not None:
                 trainer.dataloader_unlabeled = itertools.repeat(unlabelled)
             for _ in range(args.warmup):
                 trainer.train_step(batch)
@@ -824,10 +941,9 @@ def run_worker(args: argparse.Namespace) -> dict:
             errors.append(f"training: {format_errors(error)}")
             traceback.print_exc()
         finally:
-            for name in ("dataloader_train", "dataloader_unlabeled"):
-                loader = getattr(trainer, name, None)
-                if isinstance(loader, WaitTimer):
-                    setattr(trainer, name, loader.inner)
+            trainer.dataloader_train = unwrap_unlabeled(trainer.dataloader_train)
+            if getattr(trainer, "dataloader_unlabeled", None) is not None:
+                trainer.dataloader_unlabeled = unwrap_unlabeled(trainer.dataloader_unlabeled)
             try:
                 trainer.on_train_end()  # writes checkpoint_final.pth and shuts the augmenters down
             except Exception as error:  # noqa: BLE001
@@ -922,8 +1038,81 @@ def benchmark_environment(args: argparse.Namespace, workdir: str) -> dict:
     return env
 
 
+def plan_in_child(dataset_id: int, configurations: Sequence[str], num_processes: int, log_file: str,
+                  gpu_memory_target: float | None = None, timeout: float = 3600.0) -> None:
+    """``nnUNetv2_mmssl_plan_and_preprocess`` in a child process (environment: this process's), output in
+    ``log_file``. Planning the unregistered phantom in the benchmark's own process was seen to hang on a futex (a
+    lock held by a thread of an earlier import); a fresh process does not inherit it.
+
+    Raises:
+        RuntimeError: the child failed or timed out (with the log's tail).
+    """
+    script = "import sys; from nnunet_mmssl.cli.plan_and_preprocess import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", script, "-d", str(dataset_id), "-c", *configurations, "-np", str(num_processes)]
+    if gpu_memory_target is not None:
+        argv += ["-gpu_memory_target", str(gpu_memory_target)]
+    with open(log_file, "w") as log:
+        try:
+            code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+    if code != 0:
+        with open(log_file) as log:
+            tail = "".join(log.readlines()[-20:])
+        reason = f"timed out after {timeout:.0f} s" if code is None else f"exit code {code}"
+        raise RuntimeError(f"planning the phantom failed ({reason}; log {log_file}):\n{tail}")
+
+
+def prepare_unregistered_phantom(args: argparse.Namespace, workdir: str) -> str:
+    """Build (or reuse) the unregistered phantom (CT-like and MR-like cases of different "patients", each
+    modality its own grid and label numbering; :mod:`~nnunet_mmssl.dataset_conversion.unregistered_phantom`),
+    converted with the unregistered converter and planned in a child process; return its name."""
+    from nnunet_mmssl.dataset_conversion.unregistered import convert_unregistered
+    from nnunet_mmssl.dataset_conversion.unregistered_phantom import make_unregistered_phantom_sources
+
+    labelled, unlabelled = args.phantom_cases
+    num_test = max(1, args.predict_cases)
+    recipe = {"kind": "unregistered", "labelled": labelled, "unlabelled": unlabelled, "test": num_test,
+              "configurations": sorted(args.configurations), "gpu_memory_target": args.gpu_memory_target}
+    name = f"Dataset{UNREGISTERED_PHANTOM_ID:03d}_{UNREGISTERED_PHANTOM_NAME}"
+    marker = os.path.join(workdir, UNREGISTERED_PHANTOM_MARKER)
+    if _reuse_phantom(marker, recipe):
+        print(f"reusing the unregistered phantom dataset in {workdir}", flush=True)
+        return name
+    print(f"building the unregistered phantom dataset in {workdir}: per modality (CT-like, MR-like; different "
+          f"cases) {labelled} labelled + {unlabelled} unlabelled + {num_test} test; planning "
+          f"{' '.join(args.configurations)} in a child process", flush=True)
+    sources = make_unregistered_phantom_sources(os.path.join(workdir, "phantom_unregistered"),
+                                                num_labeled=labelled + num_test, num_unlabeled=unlabelled, seed=0)
+    convert_unregistered([os.path.join(sources, "CT"), os.path.join(sources, "MR")], ["CT", "MR"], "image.nii.gz",
+                         "label.nii.gz", os.environ["nnUNet_raw"], UNREGISTERED_PHANTOM_ID, UNREGISTERED_PHANTOM_NAME,
+                         num_labeled=labelled, num_test=num_test, seed=0, labels={"background": 0, "lesion": 1},
+                         label_maps={"CT": {5: 1}}, overwrite=True)
+    plan_in_child(UNREGISTERED_PHANTOM_ID, list(args.configurations), max(1, args.num_processes),
+                  os.path.join(workdir, "logs", "plan_and_preprocess_unregistered.log"), args.gpu_memory_target)
+    with open(marker, "w") as handle:
+        json.dump(recipe, handle)
+    return name
+
+
+def _reuse_phantom(marker: str, recipe: dict) -> bool:
+    """True when ``marker`` records the same recipe with at least the requested configurations; else the marker is
+    removed (the phantom will be rebuilt)."""
+    if not os.path.isfile(marker):
+        return False
+    with open(marker) as handle:
+        old = json.load(handle)
+    if {**old, "configurations": []} == {**recipe, "configurations": []} and \
+            set(recipe["configurations"]) <= set(old["configurations"]):
+        return True
+    os.remove(marker)
+    return False
+
+
 def prepare_phantom(args: argparse.Namespace, workdir: str) -> str:
     """Build (or reuse) the phantom dataset with the requested configurations preprocessed; return its name."""
+    if args.phantom_kind == "unregistered":
+        return prepare_unregistered_phantom(args, workdir)
     from nnunet_mmssl.dataset_conversion import PHANTOM_LABEL_GLOB, PHANTOM_MODALITY_GLOBS, convert_dataset
     from nnunet_mmssl.dataset_conversion.phantom import make_phantom_cases
     from nnunet_mmssl.planners.plan_and_preprocess import plan_and_preprocess
@@ -935,14 +1124,9 @@ def prepare_phantom(args: argparse.Namespace, workdir: str) -> str:
               "gpu_memory_target": args.gpu_memory_target}
     name = f"Dataset{PHANTOM_ID:03d}_{PHANTOM_NAME}"
     marker = os.path.join(workdir, PHANTOM_MARKER)
-    if os.path.isfile(marker):
-        with open(marker) as handle:
-            old = json.load(handle)
-        if {**old, "configurations": []} == {**recipe, "configurations": []} and \
-                set(recipe["configurations"]) <= set(old["configurations"]):
-            print(f"reusing the phantom dataset in {workdir}", flush=True)
-            return name
-        os.remove(marker)
+    if _reuse_phantom(marker, recipe):
+        print(f"reusing the phantom dataset in {workdir}", flush=True)
+        return name
     print(f"building the phantom dataset in {workdir}: {labelled} labelled + {unlabelled} unlabelled + {num_test} "
           f"test cases of {tuple(args.phantom_shape)} voxels; planning {' '.join(args.configurations)}", flush=True)
     sources = make_phantom_cases(os.path.join(workdir, "phantom"), num_labeled=labelled + num_test,

@@ -49,6 +49,8 @@ def _budget(cls):
     class Budget(cls):
         def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
             super().__init__(plans, configuration, fold, dataset_json, device)
+            if {threads}:
+                torch.set_num_threads({threads})
             self.num_epochs = {epochs}
             self.num_iterations_per_epoch = {iterations}
             self.num_val_iterations_per_epoch = {val_iterations}
@@ -133,28 +135,54 @@ def workdir_environment(root: str) -> tuple[dict, str, str]:
     return env, logs, ext_folder
 
 
-def prepare_dataset(args, sources: list[str], env: dict, logs: str, commands: list) -> tuple[str, str, str, dict]:
+def write_budget_trainers(ext_folder: str, trainers: list[str], epochs: int, iterations: int, val_iterations: int,
+                          threads: int = 0) -> str:
+    """Write ``<trainer>__budget`` subclasses (short schedule, no final validation) into ``ext_folder``.
+
+    ``threads`` > 0 makes each budget trainer call ``torch.set_num_threads(threads)`` (``nnUNetv2_train -device cpu``
+    otherwise takes every core). Returns the module's path.
+    """
+    os.makedirs(ext_folder, exist_ok=True)
+    imports = "\n".join(["from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer",
+                         "from nnunet_mmssl.trainers import *  # noqa: F403"])
+    classes = "\n".join(f"{t}__budget = _budget({t})" for t in trainers)
+    path = os.path.join(ext_folder, "mmssl_budget_trainers.py")
+    with open(path, "w") as f:
+        f.write(_BUDGET_MODULE.format(imports=imports, epochs=epochs, iterations=iterations,
+                                      val_iterations=val_iterations, classes=classes, threads=int(threads)))
+    return path
+
+
+def seconds_per_epoch(epoch_seconds: list[float]) -> float:
+    """Median epoch time without the first epoch (warm-up), or the only epoch's time."""
+    return float(np.median(epoch_seconds[1:] if len(epoch_seconds) > 1 else epoch_seconds))
+
+
+def prepare_dataset(args, sources: list[str], env: dict, logs: str, commands: list, *,
+                    convert_cmd: list[str] | None = None, dataset_id: int = DATASET_ID,
+                    dataset_name: str = DATASET_NAME) -> tuple[str, str, str, dict]:
     """Convert (README command), plan and preprocess, and write the batch-size plans copy, unless done before.
 
     ``args`` needs ``num_labeled``, ``num_test``, ``seed``, ``configuration``, ``spacing`` and ``batch_size``; the
-    commands run are appended to ``commands``.
+    commands run are appended to ``commands``. ``convert_cmd`` replaces the registered conversion of ``sources``
+    (e.g. an unregistered one) for dataset ``dataset_id``/``dataset_name``.
 
     Returns:
         (raw dataset folder, preprocessed dataset folder, plans name, the plans' configuration entry)
     """
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
-    raw = os.path.join(env["nnUNet_raw"], f"Dataset{DATASET_ID}_{DATASET_NAME}")
+    raw = os.path.join(env["nnUNet_raw"], f"Dataset{dataset_id}_{dataset_name}")
     if not os.path.isdir(raw):
-        cmd = ["nnUNetv2_mmssl_convert", "-i", *sources, *CONVERT_ARGS, "--num-labeled",
-               str(args.num_labeled), "--num-test", str(args.num_test), "--seed", str(args.seed), "-d",
-               str(DATASET_ID), "-n", DATASET_NAME, "-o", env["nnUNet_raw"]]
+        cmd = convert_cmd or ["nnUNetv2_mmssl_convert", "-i", *sources, *CONVERT_ARGS, "--num-labeled",
+                              str(args.num_labeled), "--num-test", str(args.num_test), "--seed", str(args.seed), "-d",
+                              str(DATASET_ID), "-n", DATASET_NAME, "-o", env["nnUNet_raw"]]
         commands.append(cmd)
         print(f"convert: {_run(cmd, env, os.path.join(logs, 'convert.log')):.0f} s", flush=True)
-    preprocessed = os.path.join(env["nnUNet_preprocessed"], f"Dataset{DATASET_ID}_{DATASET_NAME}")
+    preprocessed = os.path.join(env["nnUNet_preprocessed"], f"Dataset{dataset_id}_{dataset_name}")
     plans_name = f"nnUNetPlans_bs{args.batch_size}"
     if not os.path.isfile(os.path.join(preprocessed, plans_name + ".json")):
-        cmd = ["nnUNetv2_mmssl_plan_and_preprocess", "-d", str(DATASET_ID), "-c", args.configuration,
+        cmd = ["nnUNetv2_mmssl_plan_and_preprocess", "-d", str(dataset_id), "-c", args.configuration,
                "-np", env["nnUNet_def_n_proc"]]
         if args.spacing:
             cmd += ["-overwrite_target_spacing", *map(str, args.spacing)]
@@ -187,13 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = []
     raw, preprocessed, plans_name, configuration = prepare_dataset(args, sources, env, logs, commands)
 
-    os.makedirs(ext_folder, exist_ok=True)
-    imports = "\n".join(["from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer",
-                         "from nnunet_mmssl.trainers import *  # noqa: F403"])
-    classes = "\n".join(f"{t}__budget = _budget({t})" for t in args.trainers)
-    with open(os.path.join(ext_folder, "mmssl_budget_trainers.py"), "w") as f:
-        f.write(_BUDGET_MODULE.format(imports=imports, epochs=args.epochs, iterations=args.iterations,
-                                      val_iterations=args.val_iterations, classes=classes))
+    write_budget_trainers(ext_folder, args.trainers, args.epochs, args.iterations, args.val_iterations)
 
     results = {}
     for trainer in args.trainers:
@@ -218,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         if multi:
             folders.update({d: os.path.join(out, d) for d in sorted(os.listdir(out)) if d.startswith("head_")})
         results[trainer] = {
-            "seconds_per_epoch": float(np.median(epochs[1:] if len(epochs) > 1 else epochs)),
+            "seconds_per_epoch": seconds_per_epoch(epochs),
             "epoch_seconds": epochs, "epochs": len(epochs), "predict_seconds": predict_seconds,
             "evaluation": {k: evaluate_folders(os.path.join(raw, "labelsTs"), v,
                                                output_file=os.path.join(v, "summary_mmssl.json"))
