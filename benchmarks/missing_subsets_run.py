@@ -23,12 +23,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from real_data_run import DATASET_ID, DATASET_NAME, workdir_environment  # noqa: E402
+from real_data_run import PRESETS, workdir_environment  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="the work folder of benchmarks/real_data_run.py")
+    parser.add_argument("--dataset", default="brats_flair_t1", choices=sorted(PRESETS),
+                        help="the real_data_run.py --dataset the models were trained on")
     parser.add_argument("-tr", "--trainers", nargs="+", required=True)
     parser.add_argument("-c", "--configuration", default="2d")
     parser.add_argument("-p", "--plans", default="nnUNetPlans_bs4", help="plans name real_data_run.py trained with")
@@ -37,9 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def model_folder(results_root: str, trainer: str, plans: str, configuration: str) -> str:
+def model_folder(results_root: str, trainer: str, plans: str, configuration: str,
+                 dataset: str = "brats_flair_t1") -> str:
     """The trainer's model folder as real_data_run.py trains it (short-schedule ``__budget`` subclass)."""
-    return os.path.join(results_root, f"Dataset{DATASET_ID}_{DATASET_NAME}",
+    preset = PRESETS[dataset]
+    return os.path.join(results_root, f"Dataset{preset['id']}_{preset['name']}",
                         f"{trainer}__budget__{plans}__{configuration}")
 
 
@@ -92,10 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     root = os.path.abspath(args.workdir)
     env, logs, _ = workdir_environment(root)
-    raw = os.path.join(env["nnUNet_raw"], f"Dataset{DATASET_ID}_{DATASET_NAME}")
+    preset = PRESETS[args.dataset]
+    raw = os.path.join(env["nnUNet_raw"], f"Dataset{preset['id']}_{preset['name']}")
     summaries, stds, commands = {}, {}, []
     for trainer in args.trainers:
-        model = model_folder(env["nnUNet_results"], trainer, args.plans, args.configuration)
+        model = model_folder(env["nnUNet_results"], trainer, args.plans, args.configuration, args.dataset)
         out = os.path.join(root, "missing_subsets", trainer)
         cmd = ["nnUNetv2_mmssl_evaluate_missing", "-i", os.path.join(raw, "imagesTs"), "-ref",
                os.path.join(raw, "labelsTs"), "-o", out, "-m", model, "-f", "all", "-device", args.device,

@@ -40,6 +40,20 @@ DEFAULT_TRAINERS = ("nnUNetTrainer", "PlainSupervisedTrainer", "MeanTeacherTrain
 MULTI_BRANCH_PREFIXES = ("MemCif", "MMFMCML")
 CONVERT_ARGS = ["--modality", "FLAIR=FLAIR.nii.gz,*t2f*,flair.nii.gz,*_fla_*",
                 "--modality", "T1=T1.nii.gz,*t1n*,t1.nii.gz,*_t1_*", "--label", "*GT_W*"]
+#: the real data sets this script can run: the folders it reads (labelled, unlabelled), the converter's channel and
+#: label globs, the dataset id and name. ms_lesion_4mod (3 MS patients, 4 sequences) takes the four sequences of the
+#: brats_4seq_unlabeled cases as its unlabelled pool.
+PRESETS = {
+    "brats_flair_t1": {"sources": ["brats2018_flair_t1", "brats_4seq_unlabeled"], "convert": CONVERT_ARGS,
+                       "id": DATASET_ID, "name": DATASET_NAME},
+    "ms_lesion_4mod": {"sources": ["ms_lesion_4mod", "brats_4seq_unlabeled"],
+                       "convert": ["--modality", "T1=T1_N4*,*t1n*,t1.nii.gz,*_t1_*",
+                                   "--modality", "T1ce=T1POST_*,*t1c*,t1c.nii.gz,*_t1c_*",
+                                   "--modality", "T2=T2_N4*,*t2w*,t2.nii.gz,*_t2_*",
+                                   "--modality", "FLAIR=FLAIR_N4*,*t2f*,flair.nii.gz,*_fla_*",
+                                   "--label", "GOLD_STANDARD*"],
+                       "id": 504, "name": "MSLesion4Mod"},
+}
 _BUDGET_MODULE = '''"""Short-schedule variants written by benchmarks/real_data_run.py (nnUNet_extTrainer finds them)."""
 import torch
 {imports}
@@ -71,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"),
                         help="folder holding brats2018_flair_t1/ and brats_4seq_unlabeled/")
     parser.add_argument("--workdir", default="mmssl_real_run", help="everything is written here")
+    parser.add_argument("--dataset", default="brats_flair_t1", choices=sorted(PRESETS),
+                        help="which real data set (see PRESETS)")
     parser.add_argument("-c", "--configuration", default="2d", choices=["2d", "3d_fullres"])
     parser.add_argument("--spacing", type=float, nargs=3, default=None, metavar="MM",
                         help="target spacing (nnU-Net's -overwrite_target_spacing); default: the images' 1 mm")
@@ -160,7 +176,8 @@ def seconds_per_epoch(epoch_seconds: list[float]) -> float:
 
 def prepare_dataset(args, sources: list[str], env: dict, logs: str, commands: list, *,
                     convert_cmd: list[str] | None = None, dataset_id: int = DATASET_ID,
-                    dataset_name: str = DATASET_NAME) -> tuple[str, str, str, dict]:
+                    dataset_name: str = DATASET_NAME, convert_args: list[str] | None = None
+                    ) -> tuple[str, str, str, dict]:
     """Convert (README command), plan and preprocess, and write the batch-size plans copy, unless done before.
 
     ``args`` needs ``num_labeled``, ``num_test``, ``seed``, ``configuration``, ``spacing`` and ``batch_size``; the
@@ -174,9 +191,9 @@ def prepare_dataset(args, sources: list[str], env: dict, logs: str, commands: li
 
     raw = os.path.join(env["nnUNet_raw"], f"Dataset{dataset_id}_{dataset_name}")
     if not os.path.isdir(raw):
-        cmd = convert_cmd or ["nnUNetv2_mmssl_convert", "-i", *sources, *CONVERT_ARGS, "--num-labeled",
-                              str(args.num_labeled), "--num-test", str(args.num_test), "--seed", str(args.seed), "-d",
-                              str(DATASET_ID), "-n", DATASET_NAME, "-o", env["nnUNet_raw"]]
+        cmd = convert_cmd or ["nnUNetv2_mmssl_convert", "-i", *sources, *(convert_args or CONVERT_ARGS),
+                              "--num-labeled", str(args.num_labeled), "--num-test", str(args.num_test), "--seed",
+                              str(args.seed), "-d", str(dataset_id), "-n", dataset_name, "-o", env["nnUNet_raw"]]
         commands.append(cmd)
         print(f"convert: {_run(cmd, env, os.path.join(logs, 'convert.log')):.0f} s", flush=True)
     preprocessed = os.path.join(env["nnUNet_preprocessed"], f"Dataset{dataset_id}_{dataset_name}")
@@ -202,10 +219,12 @@ def prepare_dataset(args, sources: list[str], env: dict, logs: str, commands: li
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     data = os.path.abspath(args.data)
-    sources = [os.path.join(data, "brats2018_flair_t1"), os.path.join(data, "brats_4seq_unlabeled")]
+    preset = PRESETS[args.dataset]
+    sources = [os.path.join(data, name) for name in preset["sources"]]
     if not all(os.path.isdir(s) for s in sources):
-        print(f"real data not found under {data} (needs brats2018_flair_t1/ and brats_4seq_unlabeled/): skipped")
+        print(f"real data not found under {data} (needs {' and '.join(preset['sources'])}): skipped")
         return 0
+    dataset_id, dataset_name = preset["id"], preset["name"]
     from batchgenerators.utilities.file_and_folder_operations import save_json
 
     from nnunet_mmssl.evaluation import evaluate_folders
@@ -213,17 +232,19 @@ def main(argv: list[str] | None = None) -> int:
     root = os.path.abspath(args.workdir)
     env, logs, ext_folder = workdir_environment(root)
     commands = []
-    raw, preprocessed, plans_name, configuration = prepare_dataset(args, sources, env, logs, commands)
+    raw, preprocessed, plans_name, configuration = prepare_dataset(args, sources, env, logs, commands,
+                                                                   dataset_id=dataset_id, dataset_name=dataset_name,
+                                                                   convert_args=preset["convert"])
 
     write_budget_trainers(ext_folder, args.trainers, args.epochs, args.iterations, args.val_iterations)
 
     results = {}
     for trainer in args.trainers:
         name = trainer + "__budget"
-        model = os.path.join(env["nnUNet_results"], f"Dataset{DATASET_ID}_{DATASET_NAME}",
+        model = os.path.join(env["nnUNet_results"], f"Dataset{dataset_id}_{dataset_name}",
                              f"{name}__{plans_name}__{args.configuration}", "fold_all")
         if not os.path.isfile(os.path.join(model, "checkpoint_final.pth")):
-            cmd = ["nnUNetv2_train", str(DATASET_ID), args.configuration, "all",
+            cmd = ["nnUNetv2_train", str(dataset_id), args.configuration, "all",
                    "-tr", name, "-p", plans_name, "-device", args.device]
             commands.append(cmd)
             print(f"train {trainer}: {_run(cmd, env, os.path.join(logs, f'train_{trainer}.log')):.0f} s", flush=True)
@@ -231,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         out = os.path.join(root, "predictions", trainer)
         multi = trainer.startswith(MULTI_BRANCH_PREFIXES)
         predict = ["nnUNetv2_mmssl_predict", "--each-head"] if multi else ["nnUNetv2_predict"]
-        cmd = predict + ["-i", os.path.join(raw, "imagesTs"), "-o", out, "-d", str(DATASET_ID), "-c",
+        cmd = predict + ["-i", os.path.join(raw, "imagesTs"), "-o", out, "-d", str(dataset_id), "-c",
                          args.configuration, "-f", "all", "-tr", name, "-p", plans_name, "-device", args.device,
                          "-npp", "1", "-nps", "1"] + ([] if args.tta else ["--disable_tta"])
         commands.append(cmd)

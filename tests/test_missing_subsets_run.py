@@ -29,4 +29,5 @@ def test_rows_per_trainer_columns_per_subset_and_mean():
 
 def test_model_folder_is_real_data_runs():
     folder = run.model_folder("/r", "SMMLTrainer", "nnUNetPlans_bs4", "2d")
-    assert folder == f"/r/Dataset{run.DATASET_ID}_{run.DATASET_NAME}/SMMLTrainer__budget__nnUNetPlans_bs4__2d"
+    assert folder == "/r/Dataset501_BraTSFlairT1/SMMLTrainer__budget__nnUNetPlans_bs4__2d"
+    assert run.model_folder("/r", "X", "P", "2d", "ms_lesion_4mod") == "/r/Dataset504_MSLesion4Mod/X__budget__P__2d"
