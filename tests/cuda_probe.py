@@ -22,7 +22,8 @@ import sys
 import warnings
 
 TRAINERS = ("nnUNetTrainer", "PlainSupervisedTrainer", "MeanTeacherTrainer", "MemCifSupervisedTrainer",
-            "MemCifSSLTrainer", "MMFMCMLTrainer")
+            "MemCifSSLTrainer", "MMFMCMLTrainer", "SMMLTrainer", "SMMLSSLTrainer", "ModalityDropoutTrainer")
+# DBDC needs the unregistered phantom (benchmarks/benchmark_trainers.py --phantom-kind unregistered): not probed here
 BENCHMARK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
                          "benchmark_trainers.py")
 

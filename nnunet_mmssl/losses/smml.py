@@ -135,13 +135,13 @@ def frc_loss(features1: torch.Tensor, features2: torch.Tensor, classes: torch.Te
     """
     p1, present = class_prototypes(features1.float(), classes, num_classes)
     p2, _ = class_prototypes(features2.float(), classes, num_classes)
-    keep = present.flatten()
-    if int(keep.sum()) < 2:
-        return (features1.sum() + features2.sum()) * 0.0
-    v1 = F.normalize(p1.flatten(0, 1)[keep], dim=1)
-    v2 = F.normalize(p2.flatten(0, 1)[keep], dim=1)
-    difference = ((v1 @ v1.T - v2 @ v2.T) ** 2).sum(1)
-    return (difference * weights.detach().flatten()[keep].to(difference.dtype)).sum()
+    # absent prototypes are masked out of rows and columns (no boolean indexing: no host-device sync on CUDA)
+    keep = present.flatten().to(p1.dtype)
+    v1 = F.normalize(p1.flatten(0, 1), dim=1)
+    v2 = F.normalize(p2.flatten(0, 1), dim=1)
+    pair = keep[:, None] * keep[None, :]
+    difference = (((v1 @ v1.T - v2 @ v2.T) * pair) ** 2).sum(1)
+    return (difference * weights.detach().flatten().to(difference.dtype) * keep).sum()
 
 
 def refinement_kl(initial_logits: torch.Tensor, refined_logits: torch.Tensor, sigmoid: bool = False,
