@@ -25,3 +25,12 @@ PLANS = {
 }
 DATASET_JSON = {"channel_names": {"0": "A", "1": "B"}, "labels": {"background": 0, "lesion": 1},
                 "numTraining": 2, "file_ending": ".nii.gz"}
+
+#: nnU-Net's default resampling entries of a configuration (what the preprocessor and predictor read)
+RESAMPLING = {"resampling_fn_data": "resample_data_or_seg_to_shape",
+              "resampling_fn_seg": "resample_data_or_seg_to_shape",
+              "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+              "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+              "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+              "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
+                                                     "force_separate_z": None}}

@@ -493,13 +493,8 @@ ARCH_2D_SMALL = {
                     "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
     "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
 }
-RESAMPLING = {"resampling_fn_data": "resample_data_or_seg_to_shape",
-              "resampling_fn_seg": "resample_data_or_seg_to_shape",
-              "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-              "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-              "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-              "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                                     "force_separate_z": None}}
+from plans_fixtures import RESAMPLING  # noqa: E402
+
 PP_PLANS = {
     "dataset_name": "Dataset558_Bad", "plans_name": "nnUNetPlans", "original_median_spacing_after_transp": [3, 1, 1],
     "original_median_shape_after_transp": [8, 20, 20], "image_reader_writer": "SimpleITKIO",

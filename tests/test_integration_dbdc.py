@@ -8,14 +8,14 @@ with its own grid and spacing: ``nnUNetv2_mmssl_convert --source-modality`` (lab
 """
 
 import json
-import os
 import shutil
-import subprocess
 import textwrap
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from console_harness import console_environment
+from console_harness import run_console as _run
 
 pytestmark = pytest.mark.slow
 
@@ -36,11 +36,6 @@ USER_TRAINERS = textwrap.dedent('''
 ''')
 
 
-def _run(args: list[str], env: dict, ok: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, env=env, capture_output=True, text=True)
-    if ok:
-        assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +43,7 @@ def workspace(tmp_path_factory):
     from nnunet_mmssl.dataset_conversion.unregistered_phantom import make_unregistered_phantom_sources
 
     root = tmp_path_factory.mktemp("dbdc_itest")
-    user_folder = root / "user_trainers"
-    user_folder.mkdir()
-    (user_folder / "my_dbdc_trainers.py").write_text(USER_TRAINERS)
-    env = dict(os.environ)
-    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
-               nnUNet_results=str(root / "results"), nnUNet_extTrainer=str(user_folder), nnUNet_def_n_proc="2",
-               nnUNet_n_proc_DA="0", nnUNet_compile="false")
-    env.pop("NNUNET_MMSSL_NO_EXT_TRAINER", None)
+    env = console_environment(root, "my_dbdc_trainers.py", USER_TRAINERS)
     # small volumes (3d_fullres patch ~ 10 x 32 x 32) with each modality's own grid, spacing and label numbering
     geometry = {"CT": ((10, 32, 32), (2.5, 1.2, 1.2), 5), "MR": ((8, 28, 28), (3.0, 1.4, 1.4), 1)}
     src = make_unregistered_phantom_sources(root / "sources", num_labeled=4, num_unlabeled=2, seed=5,

@@ -7,11 +7,12 @@ nnUNetv2_mmssl_evaluate.
 
 import json
 import os
-import subprocess
 import textwrap
 
 import pytest
 import torch
+from console_harness import console_environment
+from console_harness import run_console as _run
 
 pytestmark = pytest.mark.slow
 
@@ -55,10 +56,6 @@ USER_TRAINERS = textwrap.dedent('''
 ''')
 
 
-def _run(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +63,7 @@ def workspace(tmp_path_factory):
     from nnunet_mmssl.dataset_conversion.phantom import make_phantom_cases
 
     root = tmp_path_factory.mktemp("itest")
-    user_folder = root / "user_trainers"
-    user_folder.mkdir()
-    (user_folder / "my_trainers.py").write_text(USER_TRAINERS)
-    env = dict(os.environ)
-    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
-               nnUNet_results=str(root / "results"), nnUNet_extTrainer=str(user_folder), nnUNet_def_n_proc="2",
-               nnUNet_n_proc_DA="0", nnUNet_compile="false")
-    env.pop("NNUNET_MMSSL_NO_EXT_TRAINER", None)
+    env = console_environment(root, "my_trainers.py", USER_TRAINERS)
     src = make_phantom_cases(root / "phantom", num_labeled=5, num_unlabeled=3, shape=(12, 32, 32),
                              spacing=(2.0, 1.0, 1.0), seed=3)
     _run(["nnUNetv2_mmssl_convert", "-i", str(src / "labeled"), str(src / "unlabeled"), "--modality", "MRA=MRA.nii.gz",

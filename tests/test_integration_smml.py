@@ -8,14 +8,14 @@ with two channel files absent from the input folder -> ``nnUNetv2_mmssl_evaluate
 """
 
 import json
-import os
 import shutil
-import subprocess
 import textwrap
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from console_harness import console_environment
+from console_harness import run_console as _run
 
 pytestmark = pytest.mark.slow
 
@@ -38,11 +38,6 @@ USER_TRAINERS = textwrap.dedent('''
 ''')
 
 
-def _run(args: list[str], env: dict, ok: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, env=env, capture_output=True, text=True)
-    if ok:
-        assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
 
 
 def _write_case(folder, rng, labelled: bool) -> None:
@@ -73,14 +68,7 @@ def _write_case(folder, rng, labelled: bool) -> None:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("smml_itest")
-    user_folder = root / "user_trainers"
-    user_folder.mkdir()
-    (user_folder / "my_smml_trainers.py").write_text(USER_TRAINERS)
-    env = dict(os.environ)
-    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
-               nnUNet_results=str(root / "results"), nnUNet_extTrainer=str(user_folder), nnUNet_def_n_proc="2",
-               nnUNet_n_proc_DA="0", nnUNet_compile="false")
-    env.pop("NNUNET_MMSSL_NO_EXT_TRAINER", None)
+    env = console_environment(root, "my_smml_trainers.py", USER_TRAINERS)
     rng = np.random.default_rng(3)
     for i in range(8):
         _write_case(root / "sources" / f"patient_{i}", rng, labelled=i < 6)

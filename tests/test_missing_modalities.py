@@ -43,13 +43,7 @@ from nnunet_mmssl.inference.missing import (  # noqa: E402
 )
 
 CHANNELS3 = {"0": "T1", "1": "T2", "2": "FLAIR"}
-RESAMPLING = {"resampling_fn_data": "resample_data_or_seg_to_shape",
-              "resampling_fn_seg": "resample_data_or_seg_to_shape",
-              "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-              "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-              "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-              "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                                     "force_separate_z": None}}
+from plans_fixtures import RESAMPLING  # noqa: E402
 
 
 def write(path: Path, array: np.ndarray, dtype=np.float32) -> Path:

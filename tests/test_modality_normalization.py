@@ -21,6 +21,7 @@ import pytest
 import SimpleITK as sitk
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from plans_fixtures import RESAMPLING
 
 from nnunet_mmssl.dataset_conversion.modality_layout import ModalityLayoutError, make_layout
 from nnunet_mmssl.planners.modality_normalization import (
@@ -130,17 +131,10 @@ def test_ct_fingerprint_needs_a_labelled_ct_case(raw):
 
 
 def _plans(layout, properties) -> dict:
-    resampling = {"resampling_fn_data": "resample_data_or_seg_to_shape",
-                  "resampling_fn_seg": "resample_data_or_seg_to_shape",
-                  "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-                  "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-                  "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                  "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                                         "force_separate_z": None}}
     configuration = {"data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor",
                      "batch_size": 2, "patch_size": [4, 6, 6], "median_image_size_in_voxels": [4, 6, 6],
                      "spacing": [1.0, 1.0, 1.0], "normalization_schemes": ["ZScoreNormalization"],
-                     "use_mask_for_norm": [False], "architecture": ARCH_3D, **resampling}
+                     "use_mask_for_norm": [False], "architecture": ARCH_3D, **RESAMPLING}
     return {"dataset_name": "Dataset990_Unreg", "plans_name": "nnUNetPlans",
             "original_median_spacing_after_transp": [1, 1, 1], "original_median_shape_after_transp": list(SHAPE),
             "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],

@@ -1,0 +1,27 @@
+"""Shared by the integration tests that drive nnU-Net's and our console scripts in child processes."""
+
+import os
+import subprocess
+from pathlib import Path
+
+
+def run_console(args: list[str], env: dict, ok: bool = True) -> subprocess.CompletedProcess:
+    """Run a console script; with ``ok`` assert it succeeded (its output's tail in the message)."""
+    result = subprocess.run(args, env=env, capture_output=True, text=True)
+    if ok:
+        assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def console_environment(root: Path, trainer_module: str, trainer_source: str) -> dict:
+    """nnU-Net's three folders under ``root``, a user's trainer module (``trainer_source``) in a folder on
+    ``nnUNet_extTrainer`` (our install hook adds ours to it), 2 processes, no augmentation workers, no compile."""
+    user_folder = root / "user_trainers"
+    user_folder.mkdir()
+    (user_folder / trainer_module).write_text(trainer_source)
+    env = dict(os.environ)
+    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
+               nnUNet_results=str(root / "results"), nnUNet_extTrainer=str(user_folder), nnUNet_def_n_proc="2",
+               nnUNet_n_proc_DA="0", nnUNet_compile="false")
+    env.pop("NNUNET_MMSSL_NO_EXT_TRAINER", None)
+    return env
