@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--tta", action="store_true", help="predict with mirroring (default off, for speed)")
     parser.add_argument("--json", default=None, help="write the results here (default <workdir>/results.json)")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="stop after conversion, planning, preprocessing and the batch-size plans (e.g. to run "
+                             "nnUNetv2_mmssl_study on the dataset)")
     return parser
 
 
@@ -235,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     raw, preprocessed, plans_name, configuration = prepare_dataset(args, sources, env, logs, commands,
                                                                    dataset_id=dataset_id, dataset_name=dataset_name,
                                                                    convert_args=preset["convert"])
+    if args.prepare_only:
+        print(f"prepared {raw} and {preprocessed} (plans {plans_name}); set nnUNet_raw={env['nnUNet_raw']} "
+              f"nnUNet_preprocessed={env['nnUNet_preprocessed']} to use them", flush=True)
+        return 0
 
     write_budget_trainers(ext_folder, args.trainers, args.epochs, args.iterations, args.val_iterations)
 

@@ -15,8 +15,10 @@ from nnunet_mmssl.study.runner import (
     StudyContext,
     StudyJob,
     StudyRunner,
+    pinned_command,
     run_state,
     study_trainer_class,
+    worker_cores,
     write_study_trainers,
 )
 from nnunet_mmssl.study.splits import RunSplit, assign_folds, parse_labeled, plan_runs, seed_permutation
@@ -233,6 +235,73 @@ def test_finished_runs_are_skipped_half_finished_redone(tmp_path):
     again = _FakeRunner(context)
     assert [r["mean"] for r in again.run_all([done, trained, todo])] == [r["mean"] for r in results]
     assert again.calls == []
+
+
+def test_worker_cores_deal_the_available_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 5}, raising=False)
+    assert worker_cores(1, "cpu") == [None]  # alone: nnU-Net takes every core as usual
+    assert worker_cores(2, "cpu") == [(0, 2), (1, 5)]
+    assert worker_cores(4, "cpu") == [(0,), (1,), (2,), (5,)]
+    assert worker_cores(3, "cuda") == [None, None, None]
+    with pytest.raises(ValueError, match="only 4 CPU core"):
+        worker_cores(5, "cpu")
+    with pytest.raises(ValueError, match="at least 1"):
+        worker_cores(0, "cpu")
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux-only")
+def test_pinned_command_confines_the_process_and_its_cpu_count():
+    import subprocess
+
+    core = min(os.sched_getaffinity(0))
+    code = ("import os, multiprocessing, torch; torch.set_num_threads(multiprocessing.cpu_count()); "
+            "print(sorted(os.sched_getaffinity(0)), multiprocessing.cpu_count(), os.cpu_count(), "
+            "torch.get_num_threads())")
+    out = subprocess.run(pinned_command(code, [], (core,)), capture_output=True, text=True, check=True).stdout
+    assert out.split() == [f"[{core}]", "1", "1", "1"]
+    assert pinned_command(code, ["a"], None)[1:] == ["-c", code, "a"]  # unpinned: the code unchanged
+
+
+class _ParallelRunner(_FakeRunner):
+    """Each training waits (up to 10 s) until ``together`` trainings are running at the same time."""
+
+    def __init__(self, context, workers, together, fail=None):
+        import threading
+
+        self.barrier, self.fail, self.seen = threading.Barrier(together, timeout=10), fail, {}
+        _FakeRunner.__init__(self, context)
+        StudyRunner.__init__(self, context, progress=self.lines.append, workers=workers)
+
+    def train(self, job):
+        self.seen[job.name] = self.cores
+        if job.name == self.fail:
+            raise RuntimeError(f"training {job.name} failed")
+        self.barrier.wait()
+        super().train(job)
+
+
+def test_workers_run_jobs_at_the_same_time_each_on_its_cores(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    context = _context(tmp_path)
+    jobs = [_job(t, size) for t in ("A", "B") for size in (1, 2)]
+    runner = _ParallelRunner(context, workers=2, together=2)  # the barrier breaks unless two run at once
+    results = runner.run_all(jobs)
+    assert [(r["trainer"], r["size"]) for r in results] == [("A", 1), ("A", 2), ("B", 1), ("B", 2)]  # job order
+    assert sorted(runner.seen) == sorted(j.name for j in jobs)
+    assert set(runner.seen.values()) == {(0,), (1,)}
+    assert all(run_state(context, j) == "done" for j in jobs)
+    assert "4 runs, 0 already done, 4 to do, 2 at a time" in runner.lines[0]
+    assert sum("done]" in line for line in runner.lines) == 4
+
+
+def test_a_failed_run_stops_new_runs_and_is_raised(tmp_path):
+    context = _context(tmp_path)
+    jobs = [_job("A", 1), _job("A", 2), _job("B", 1)]
+    runner = _ParallelRunner(context, workers=1, together=1, fail="A/n2_seed0")
+    with pytest.raises(RuntimeError, match="training A/n2_seed0 failed"):
+        runner.run_all(jobs)
+    assert [run_state(context, j) for j in jobs] == ["done", "todo", "todo"]  # B/n1 never started
+    assert "B/n1_seed0" not in runner.seen
 
 
 # ---------------------------------------------------------------------------------------------- report

@@ -83,15 +83,15 @@ class _Stage:
             print(f"    done in {self.seconds:.0f} s", flush=True)
 
 
-def _run_logged(cmd: list[str], env: dict, log_file: str) -> None:
-    """Run an nnU-Net command, echo its progress lines, keep the full output in ``log_file``."""
+def _run_logged(cmd: list[str], env: dict, log_file: str, prefix: str = "    ") -> None:
+    """Run an nnU-Net command, echo its progress lines (after ``prefix``), keep the full output in ``log_file``."""
     with open(log_file, "w") as log:
         process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    bufsize=1)
         for line in process.stdout:
             log.write(line)
             if any(marker in line for marker in _PROGRESS_MARKERS):
-                print("    " + line.rstrip(), flush=True)
+                print(prefix + line.rstrip(), flush=True)
         code = process.wait()
     if code != 0:
         with open(log_file) as log:

@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-device", default="cpu", choices=["cpu", "cuda", "mps"])
     parser.add_argument("-np", "--num-processes", type=int, default=2,
                         help="processes for preprocessing the pool images as unlabelled cases (default 2)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="runs at once (default 1). With -device cpu the available cores are dealt to the workers "
+                             "and each run is pinned to its own (e.g. 2 on a 2-core machine: two runs of one core "
+                             "each); with cuda the runs share the device")
     parser.add_argument("-o", "--output", required=True, help="study folder (models, predictions, logs, report)")
     return add_verbose(parser)
 
@@ -137,6 +141,7 @@ def run_study(args: argparse.Namespace) -> dict:
         atomic_write_json,
         build_study_unlabeled_folder,
         resolve_trainer,
+        worker_cores,
         write_study_trainers,
     )
     from nnunet_mmssl.study.splits import assign_folds, parse_labeled, plan_runs
@@ -144,6 +149,7 @@ def run_study(args: argparse.Namespace) -> dict:
     for value, name in ((args.epochs, "--epochs"), (args.iterations, "--iterations")):
         if value < 1:
             raise ValueError(f"{name} {value}: must be at least 1")
+    worker_cores(args.workers, args.device)
     classes = {t: resolve_trainer(t) for t in args.trainers}
     pairs = parse_pairs(args.pair, args.trainers)
     raw = find_dataset("nnUNet_raw", str(args.dataset))
@@ -212,12 +218,12 @@ def run_study(args: argparse.Namespace) -> dict:
                            test_images=os.path.join(raw, "imagesTs"), test_labels=labels_ts)
     jobs = [StudyJob(trainer, run, folds[run.name]) for run in sorted(runs, key=lambda r: (r.size, r.seed))
             for trainer in args.trainers]
-    results = StudyRunner(context, progress=lambda m: print(m, flush=True)).run_all(jobs)
+    results = StudyRunner(context, progress=lambda m: print(m, flush=True), workers=args.workers).run_all(jobs)
     report = write_report(output, results, pairs, {
         **settings, "trainers": list(args.trainers), "labeled": list(args.labeled), "sizes": sizes,
         "seeds": list(args.seeds), "pool_size": len(pool_images), "test_cases": sorted(test_images),
         "n_dataset_unlabeled": len(real_unlabeled), "pairs": pairs, "shared_between_runs": SHARED,
-        "folds": folds, "device": args.device}, n_resamples=args.bootstrap)
+        "folds": folds, "device": args.device, "workers": args.workers}, n_resamples=args.bootstrap)
     print("\n" + report["table_text"] + f"\n\nWritten to {output}: study_table.txt, study_results.json, "
           f"dice_vs_labeled.png", flush=True)
     return report

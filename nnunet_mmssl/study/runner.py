@@ -11,6 +11,10 @@
   different budgets never share a model folder.
 * **Resumable.** A run is done when its ``checkpoint_final.pth`` and its result file exist; a run with a final
   checkpoint but no result is predicted and scored again; an unfinished training continues (``--c``).
+* **Parallel runs** (``workers`` > 1). Runs are independent (own fold, model folder, prediction folder, result file),
+  so several run at once. On the CPU the cores this process may use are dealt to the workers (:func:`worker_cores`):
+  each run's nnU-Net processes are pinned to their worker's cores and see only those (nnU-Net sets its torch threads
+  to the core count), so two runs do not fight over the same cores. On CUDA the workers share the device.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import queue
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -279,29 +285,78 @@ def per_case_metrics(evaluation: dict) -> dict[str, dict[str, float | None]]:
     return cases
 
 
+def worker_cores(workers: int, device: str) -> list[tuple[int, ...] | None]:
+    """The CPU cores of each of ``workers`` parallel runs (None: not pinned).
+
+    One worker, or a device other than the CPU: nothing is pinned (nnU-Net takes every core, as it does alone).
+    Several workers on the CPU: the cores this process may use (``os.sched_getaffinity``) are dealt round robin.
+
+    Raises:
+        ValueError: ``workers`` < 1, more CPU workers than cores, or CPU workers on a system without CPU affinity.
+    """
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: must be at least 1")
+    if workers == 1 or device != "cpu":
+        return [None] * workers
+    if not hasattr(os, "sched_getaffinity"):
+        raise ValueError(f"--workers {workers} with -device cpu needs CPU affinity (Linux) to give each run its own "
+                         f"cores; use --workers 1 here")
+    cores = sorted(os.sched_getaffinity(0))
+    if workers > len(cores):
+        raise ValueError(f"--workers {workers}: only {len(cores)} CPU core(s) are available to this process; use "
+                         f"--workers {len(cores)} or fewer")
+    return [tuple(cores[k::workers]) for k in range(workers)]
+
+
+def pinned_command(code: str, args: Sequence[str], cores: Sequence[int] | None) -> list[str]:
+    """``python -c code args``; with ``cores``, the process first pins itself (and so its children) to them and
+    reports their number as the CPU count (nnU-Net sets ``torch.set_num_threads(multiprocessing.cpu_count())``)."""
+    if cores is not None:
+        code = (f"import os, multiprocessing; os.sched_setaffinity(0, {sorted(cores)!r}); "
+                f"os.cpu_count = multiprocessing.cpu_count = lambda: {len(cores)}; " + code)
+    return [sys.executable, "-c", code, *args]
+
+
 class StudyRunner:
     """Trains, predicts and scores the jobs of a study, skipping what is done; the three steps are methods so that a
-    test (or another backend) can replace them."""
+    test (or another backend) can replace them. ``workers`` > 1 runs that many jobs at once (:func:`worker_cores`)."""
 
-    def __init__(self, context: StudyContext, progress: Callable[[str], None] = print):
+    def __init__(self, context: StudyContext, progress: Callable[[str], None] = print, workers: int = 1):
         self.context = context
         self.progress = progress
+        self.slots = worker_cores(workers, context.device)
+        self._local = threading.local()
+
+    @property
+    def cores(self) -> tuple[int, ...] | None:
+        """The cores of the worker running the calling thread's job (None: not pinned)."""
+        return getattr(self._local, "cores", None)
+
+    def _env(self) -> dict:
+        if self.cores is None:
+            return self.context.env
+        n = str(len(self.cores))
+        return dict(self.context.env, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n)
+
+    def _echo_prefix(self, job: StudyJob) -> str:
+        return "    " if len(self.slots) == 1 else f"    [{job.name}] "
 
     # the three steps
     def train(self, job: StudyJob) -> None:
         c = self.context
-        cmd = [sys.executable, "-c", _TRAIN, c.dataset_name, c.configuration, str(job.fold), "-tr",
-               job.trainer + STUDY_SUFFIX, "-p", c.plans, "-device", c.device, "--c"]
-        _run(cmd, c.env, c.log_file(job, "train"))
+        cmd = pinned_command(_TRAIN, [c.dataset_name, c.configuration, str(job.fold), "-tr",
+                                      job.trainer + STUDY_SUFFIX, "-p", c.plans, "-device", c.device, "--c"],
+                             self.cores)
+        _run(cmd, self._env(), c.log_file(job, "train"), self._echo_prefix(job))
 
     def predict(self, job: StudyJob) -> str:
         c = self.context
         out = c.prediction_folder(job)
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-c", _PREDICT, "-i", c.test_images, "-o", out, "-d", c.dataset_name, "-c",
-               c.configuration, "-f", str(job.fold), "-tr", job.trainer + STUDY_SUFFIX, "-p", c.plans, "-device",
-               c.device, "-npp", "1", "-nps", "1", "--disable_tta"]
-        _run(cmd, c.env, c.log_file(job, "predict"))
+        cmd = pinned_command(_PREDICT, ["-i", c.test_images, "-o", out, "-d", c.dataset_name, "-c", c.configuration,
+                                        "-f", str(job.fold), "-tr", job.trainer + STUDY_SUFFIX, "-p", c.plans,
+                                        "-device", c.device, "-npp", "1", "-nps", "1", "--disable_tta"], self.cores)
+        _run(cmd, self._env(), c.log_file(job, "predict"), self._echo_prefix(job))
         return out
 
     def evaluate(self, job: StudyJob, prediction_folder: str) -> dict:
@@ -333,32 +388,70 @@ class StudyRunner:
         return result
 
     def run_all(self, jobs: Sequence[StudyJob]) -> list[dict]:
-        """Every job in order; finished ones are read back, not repeated. Prints progress with the time left."""
-        results, durations = [], []
-        for job in jobs:
+        """Every job (``workers`` at a time, started in order); finished ones are read back, not repeated. Prints
+        progress with the time left. Returns the results in the order of ``jobs``.
+
+        Raises:
+            RuntimeError (or the step's own error): a run failed; the runs already going are finished first and no
+                new run starts.
+        """
+        results: dict[int, dict] = {}
+        durations = []
+        for index, job in enumerate(jobs):
             if run_state(self.context, job) == "done":
                 with open(self.context.result_file(job)) as handle:
-                    durations.append(json.load(handle)["seconds"])
-        todo = [j for j in jobs if run_state(self.context, j) != "done"]
-        self.progress(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to do")
-        k = 0
-        for job in jobs:
-            state = run_state(self.context, job)
-            if state == "done":
-                with open(self.context.result_file(job)) as handle:
-                    results.append(json.load(handle))
-                continue
-            k += 1
-            self.progress(f"[{k}/{len(todo)}] {job.name} (fold {job.fold}"
-                          f"{', trained: predicting again' if state == 'trained' else ''}) ...")
-            result = self.run_job(job)
-            durations.append(result["seconds"])
-            results.append(result)
-            left = (len(todo) - k) * sum(durations) / len(durations)
-            dice = result["mean"]["dice"]
-            self.progress(f"[{k}/{len(todo)}] {job.name}: Dice {'n/a' if dice is None else f'{dice:.3f}'}, "
-                          f"{result['seconds']:.0f} s; about {format_seconds(left)} left")
-        return results
+                    results[index] = json.load(handle)
+                durations.append(results[index]["seconds"])
+        todo = [(index, job) for index, job in enumerate(jobs) if index not in results]
+        workers = len(self.slots)
+        self.progress(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to do"
+                      + (f", {workers} at a time" if workers > 1 and todo else ""))
+        lock, pending = threading.Lock(), queue.Queue()
+        for item in todo:
+            pending.put(item)
+        counter = {"started": 0, "finished": 0}
+        errors: list[BaseException] = []
+
+        def worker(cores: tuple[int, ...] | None) -> None:
+            self._local.cores = cores
+            while True:
+                with lock:
+                    if errors or pending.empty():
+                        return
+                    index, job = pending.get()
+                    counter["started"] += 1
+                    state = run_state(self.context, job)
+                    where = "" if cores is None else f", cores {','.join(map(str, cores))}"
+                    self.progress(f"[{counter['started']}/{len(todo)}] {job.name} (fold {job.fold}{where}"
+                                  f"{', trained: predicting again' if state == 'trained' else ''}) ...")
+                try:
+                    result = self.run_job(job)
+                except BaseException as error:  # noqa: BLE001 (re-raised by run_all once the other runs end)
+                    with lock:
+                        errors.append(error)
+                    return
+                with lock:
+                    results[index] = result
+                    durations.append(result["seconds"])
+                    counter["finished"] += 1
+                    left = (len(todo) - counter["finished"]) * sum(durations) / len(durations) / workers
+                    dice = result["mean"]["dice"]
+                    self.progress(f"[{counter['finished']}/{len(todo)} done] {job.name}: Dice "
+                                  f"{'n/a' if dice is None else f'{dice:.3f}'}, {result['seconds']:.0f} s; about "
+                                  f"{format_seconds(left)} left")
+
+        if workers == 1:
+            worker(self.slots[0])
+        else:
+            threads = [threading.Thread(target=worker, args=(cores,), name=f"study-worker-{k}")
+                       for k, cores in enumerate(self.slots)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        if errors:
+            raise errors[0]
+        return [results[index] for index in range(len(jobs))]
 
 
 def format_seconds(seconds: float) -> str:
@@ -370,8 +463,8 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _run(cmd: list[str], env: dict, log_file: str) -> None:
+def _run(cmd: list[str], env: dict, log_file: str, prefix: str = "    ") -> None:
     from nnunet_mmssl.cli.demo import _run_logged
 
     os.makedirs(os.path.dirname(log_file), exist_ok=True)
-    _run_logged(cmd, env, log_file)
+    _run_logged(cmd, env, log_file, prefix)
