@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from nnunet_mmssl.study.bootstrap import paired_bootstrap
-from nnunet_mmssl.study.report import paired_differences, summary_table, write_report
+from nnunet_mmssl.study.report import format_table, paired_differences, signal_table, summary_table, write_report
 from nnunet_mmssl.study.runner import (
     STUDY_SUFFIX,
     StudyContext,
@@ -18,6 +18,7 @@ from nnunet_mmssl.study.runner import (
     pinned_command,
     run_state,
     study_trainer_class,
+    training_signals,
     worker_cores,
     write_study_trainers,
 )
@@ -203,6 +204,10 @@ class _FakeRunner(StudyRunner):
         return {"metric_per_case": [{"case": "t0", "metrics": {"lesion": {"dice": 0.5, "hd95": 2.0,
                                                                           "sensitivity": 0.6}}}]}
 
+    def signals(self, job):
+        self.calls.append(("signals", job.name))
+        return {"unsup_grad_share": 0.25, "unsup_weight": 1.0, "unsup_loss": 0.1, "sup_loss": 0.5}
+
 
 def _job(trainer, size):
     split = RunSplit(size, 0, tuple(POOL[:size]), tuple(POOL[size:]), tuple(POOL[size:]))
@@ -225,8 +230,13 @@ def test_finished_runs_are_skipped_half_finished_redone(tmp_path):
 
     runner = _FakeRunner(context)
     results = runner.run_all([done, trained, todo])
-    assert runner.calls == [("predict", "A/n2_seed0"), ("train", "B/n1_seed0"), ("predict", "B/n1_seed0")]
+    assert runner.calls == [("signals", "A/n1_seed0"),  # a result written before signals were recorded: filled in
+                            ("predict", "A/n2_seed0"), ("signals", "A/n2_seed0"),
+                            ("train", "B/n1_seed0"), ("predict", "B/n1_seed0"), ("signals", "B/n1_seed0")]
     assert results[0]["mean"]["dice"] == 0.123  # read back, not recomputed
+    assert all(r["training"]["unsup_grad_share"] == 0.25 for r in results)
+    with open(context.result_file(done)) as handle:
+        assert json.load(handle)["training"]["unsup_weight"] == 1.0
     assert [r["mean"]["dice"] for r in results[1:]] == [0.5, 0.5]
     assert all(run_state(context, j) == "done" for j in (done, trained, todo))
     assert "3 runs, 1 already done, 2 to do" in runner.lines[0]
@@ -302,6 +312,42 @@ def test_a_failed_run_stops_new_runs_and_is_raised(tmp_path):
         runner.run_all(jobs)
     assert [run_state(context, j) for j in jobs] == ["done", "todo", "todo"]  # B/n1 never started
     assert "B/n1_seed0" not in runner.seen
+
+
+def test_training_signals_average_the_last_epochs_of_the_log(tmp_path):
+    import torch
+
+    path = str(tmp_path / "checkpoint_final.pth")
+    nan = float("nan")
+    torch.save({"logging": {"unsup_grad_shares": [9.0, 9.0, nan, 0.2, nan, 0.4, nan],
+                            "unsup_weights": [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0],
+                            "train_unsup_losses": [1.0] * 7, "train_sup_losses": [3.0, 3.0, 1.0, 2.0, 3.0, 4.0, 5.0],
+                            "train_losses": [0.0] * 7}}, path)
+    signals = training_signals(path, last=5)
+    assert signals["unsup_grad_share"] == pytest.approx(0.3)  # NaN epochs (not measured) skipped; 9.0 too early
+    assert signals["unsup_weight"] == 1.0 and signals["unsup_loss"] == 1.0
+    assert signals["sup_loss"] == pytest.approx(3.0)
+    torch.save({"logging": {"unsup_grad_shares": [nan, nan], "unsup_weights": [0.0, 0.0]}}, path)
+    assert training_signals(path)["unsup_grad_share"] is None and training_signals(path)["unsup_loss"] is None
+    torch.save({"logging": {"train_losses": [1.0]}}, path)  # nnU-Net's own trainer
+    assert training_signals(path) is None
+    assert training_signals(str(tmp_path / "absent.pth")) is None
+
+
+def test_signal_table_and_text():
+    def run(trainer, size, seed, share, weight=1.0):
+        training = None if share is None else {"unsup_grad_share": share, "unsup_weight": weight,
+                                               "unsup_loss": 0.1 * (seed + 1), "sup_loss": 0.5}
+        return {"trainer": trainer, "size": size, "seed": seed, "training": training}
+
+    results = [run("M", 1, 0, 0.2), run("M", 1, 1, 0.4), run("M", 3, 0, None), run("P", 1, 0, None, 0.0),
+               run("S", 1, 0, 0.0, weight=0.0)]
+    rows = signal_table(results)
+    assert [(r["trainer"], r["size"], r["n"]) for r in rows] == [("M", 1, 2), ("S", 1, 1)]
+    assert rows[0]["unsup_grad_share"] == pytest.approx(0.3) and rows[0]["unsup_loss"] == pytest.approx(0.15)
+    text = format_table([], [], rows)
+    assert "M                               1 labelled: share 0.300, w 1, L_unsup 0.1500, L_sup 0.5000" in text
+    assert "S " not in text.split("L_sup:")[1]  # weight 0: no unsupervised term, not listed
 
 
 # ---------------------------------------------------------------------------------------------- report

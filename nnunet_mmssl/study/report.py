@@ -64,14 +64,34 @@ def paired_differences(results: Sequence[Mapping], pairs: Mapping[str, str], n_r
     return out
 
 
+def signal_table(results: Sequence[Mapping]) -> list[dict]:
+    """One row per (trainer, size) of the runs that logged an unsupervised term: the mean over seeds of each
+    :func:`~nnunet_mmssl.study.runner.training_signals` value (None where no seed measured it)."""
+    groups: dict[tuple[str, int], list[Mapping]] = {}
+    for result in results:
+        if result.get("training"):
+            groups.setdefault((result["trainer"], int(result["size"])), []).append(result["training"])
+    rows = []
+    for (trainer, size), signals in groups.items():
+        row = {"trainer": trainer, "size": size, "n": len(signals)}
+        for key in dict.fromkeys(k for s in signals for k in s):
+            values = [s[key] for s in signals if s.get(key) is not None]
+            row[key] = float(np.mean(values)) if values else None
+        rows.append(row)
+    order = {t: k for k, t in enumerate(dict.fromkeys(r["trainer"] for r in results))}
+    return sorted(rows, key=lambda r: (order[r["trainer"]], r["size"]))
+
+
 def _cell(entry: Mapping | None, digits: int = 3) -> str:
     if entry is None or entry.get("mean") is None:
         return "n/a"
     return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
 
 
-def format_table(rows: Sequence[Mapping], differences: Sequence[Mapping] = ()) -> str:
-    """The table as text: one line per (trainer, size), then the Dice differences with their intervals."""
+def format_table(rows: Sequence[Mapping], differences: Sequence[Mapping] = (),
+                 signals: Sequence[Mapping] = ()) -> str:
+    """The table as text: one line per (trainer, size), the Dice differences with their intervals, then what the
+    unsupervised terms did at the end of training (``signals``, :func:`signal_table`)."""
     header = f"{'trainer':<28} {'labelled':>8} {'seeds':>5} {'Dice':>15} {'HD95 mm':>17} {'sensitivity':>15}"
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -86,6 +106,17 @@ def format_table(rows: Sequence[Mapping], differences: Sequence[Mapping] = ()) -
                 f"{d['mean_difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
             lines.append(f"  {d['ssl'] + ' − ' + d['supervised']:<52} {d['size']:>4} labelled: {value} "
                          f"({d['n_pairs']} pairs)")
+    active = [r for r in signals if r.get("unsup_weight")]
+    if active:
+        def number(value, spec):
+            return "n/a" if value is None else format(value, spec)
+
+        lines += ["", ("Unsupervised term at the end of training (mean of the last epochs, then over seeds): "
+                       "gradient share |grad w·L_unsup| / |grad L_sup|, weight w, L_unsup, L_sup:")]
+        for r in active:
+            lines.append(f"  {r['trainer']:<28} {r['size']:>4} labelled: share "
+                         f"{number(r.get('unsup_grad_share'), '.3f')}, w {number(r.get('unsup_weight'), '.3g')}, "
+                         f"L_unsup {number(r.get('unsup_loss'), '.4f')}, L_sup {number(r.get('sup_loss'), '.4f')}")
     return "\n".join(lines)
 
 
@@ -130,11 +161,13 @@ def write_report(output: str, results: Sequence[Mapping], pairs: Mapping[str, st
 
     rows = summary_table(results)
     differences = paired_differences(results, pairs, n_resamples=n_resamples, seed=seed)
-    text = format_table(rows, differences)
+    signals = signal_table(results)
+    text = format_table(rows, differences, signals)
     os.makedirs(output, exist_ok=True)
     atomic_write_text(os.path.join(output, "study_table.txt"), text + "\n")
     series = plot_dice(rows, os.path.join(output, "dice_vs_labeled.png"))
-    report = {"settings": dict(settings), "table": rows, "differences": differences, "table_text": text,
+    report = {"settings": dict(settings), "table": rows, "differences": differences, "signals": signals,
+              "table_text": text,
               "plot": "dice_vs_labeled.png", "plot_series": series, "table_file": "study_table.txt",
               "runs": list(results)}
     atomic_write_json(os.path.join(output, "study_results.json"), _finite(report))

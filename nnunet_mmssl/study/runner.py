@@ -317,6 +317,32 @@ def pinned_command(code: str, args: Sequence[str], cores: Sequence[int] | None) 
     return [sys.executable, "-c", code, *args]
 
 
+#: per-epoch keys of our trainers' log (:class:`~nnunet_mmssl.trainers.base.SSLTrainerBase`) summarised per run
+SIGNAL_KEYS = {"unsup_grad_share": "unsup_grad_shares", "unsup_weight": "unsup_weights",
+               "unsup_loss": "train_unsup_losses", "sup_loss": "train_sup_losses"}
+#: the signals are averaged over this many last epochs
+SIGNAL_EPOCHS = 5
+
+
+def training_signals(checkpoint_file: str, last: int = SIGNAL_EPOCHS) -> dict[str, float | None] | None:
+    """What the unsupervised term did at the end of a run: the mean over its ``last`` epochs of our trainers' logged
+    gradient share ``|grad(w L_unsup)| / |grad(L_sup)|``, unsupervised weight and both losses (NaN epochs skipped;
+    None where never measured). None for a trainer that logs none of them (nnU-Net's own, or a missing file)."""
+    import numpy as np
+
+    if not os.path.isfile(checkpoint_file):
+        return None
+    logging = torch.load(checkpoint_file, map_location="cpu", weights_only=False).get("logging", {})
+    if not any(key in logging for key in SIGNAL_KEYS.values()):
+        return None
+    out = {}
+    for name, key in SIGNAL_KEYS.items():
+        values = np.asarray([v for v in logging.get(key, [])[-last:] if v is not None], dtype=float)
+        values = values[np.isfinite(values)]
+        out[name] = float(values.mean()) if values.size else None
+    return out
+
+
 class StudyRunner:
     """Trains, predicts and scores the jobs of a study, skipping what is done; the three steps are methods so that a
     test (or another backend) can replace them. ``workers`` > 1 runs that many jobs at once (:func:`worker_cores`)."""
@@ -365,6 +391,10 @@ class StudyRunner:
         return evaluate_folders(self.context.test_labels, prediction_folder,
                                 output_file=os.path.join(prediction_folder, "summary_mmssl.json"))
 
+    def signals(self, job: StudyJob) -> dict | None:
+        """:func:`training_signals` of the run's final checkpoint."""
+        return training_signals(os.path.join(self.context.model_folder(job), "checkpoint_final.pth"))
+
     # the loop
     def run_job(self, job: StudyJob) -> dict:
         """Train (unless trained), predict, evaluate, write the result file; return the result."""
@@ -383,7 +413,7 @@ class StudyRunner:
         result = {"trainer": job.trainer, "size": job.split.size, "seed": job.split.seed, "fold": job.fold,
                   "labeled": list(job.split.labeled), "n_hidden_pool_cases": len(job.split.hidden),
                   "n_unlabeled": len(job.split.unlabeled), "seconds": time.perf_counter() - start,
-                  "mean": mean, "per_case": cases}
+                  "mean": mean, "per_case": cases, "training": self.signals(job)}
         atomic_write_json(self.context.result_file(job), result)
         return result
 
@@ -402,6 +432,9 @@ class StudyRunner:
                 with open(self.context.result_file(job)) as handle:
                     results[index] = json.load(handle)
                 durations.append(results[index]["seconds"])
+                if "training" not in results[index]:  # written before the signals were recorded
+                    results[index]["training"] = self.signals(job)
+                    atomic_write_json(self.context.result_file(job), results[index])
         todo = [(index, job) for index, job in enumerate(jobs) if index not in results]
         workers = len(self.slots)
         self.progress(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to do"
