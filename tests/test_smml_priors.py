@@ -106,8 +106,17 @@ def test_dataset_appends_the_priors_after_the_image_channels(tmp_path):
     dataset = DatasetWithPriors(inner, str(tmp_path), 2)
     assert dataset.identifiers == ["c1"]
     out, _, _, properties = dataset.load_case("c1")
-    np.testing.assert_array_equal(out, np.concatenate([data, priors]))
+    joined = np.concatenate([data, priors])
+    assert out.shape == joined.shape and out.ndim == 4
+    np.testing.assert_array_equal(np.asarray(out), joined)
     assert properties == {"k": "c1"}
+    # what nnU-Net's data loader does with it: crop (and pad) a patch; a 2d patch is a 3d one of depth 1
+    from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+
+    for bbox in ([[1, 2], [0, 4], [1, 5]], [[-1, 2], [2, 6], [-2, 3]]):
+        np.testing.assert_array_equal(crop_and_pad_nd(out, bbox, 0), crop_and_pad_nd(joined, bbox, 0))
+    np.testing.assert_array_equal(out[2:, 1], joined[2:, 1])
+    np.testing.assert_array_equal(out[..., 0], joined[..., 0])
     with pytest.raises(PriorsError, match="c2.npy"):
         dataset.load_case("c2")
     np.save(tmp_path / "c1.npy", priors[:1])

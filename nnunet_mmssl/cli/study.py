@@ -209,7 +209,8 @@ def run_study(args: argparse.Namespace) -> dict:
     ext_folder = os.path.join(output, "ext_trainers")
     write_study_trainers(ext_folder, args.trainers, args.epochs, args.iterations, args.val_iterations,
                          study_folder_name, by_fold)
-    env = dict(os.environ, nnUNet_results=os.path.join(output, "nnUNet_results"), nnUNet_compile="false")
+    env = dict(os.environ, nnUNet_results=os.path.join(output, "nnUNet_results"), nnUNet_compile="false",
+               PYTHONUNBUFFERED="1")  # the runs' progress lines are echoed as they come, not in 8 KB blocks
     others = [p for p in env.get(EXT_TRAINER_VARIABLE, "").split(os.pathsep) if p and p != ext_folder]
     env[EXT_TRAINER_VARIABLE] = os.pathsep.join([ext_folder] + others +
                                                 ([EXT_TRAINER_FOLDER] if EXT_TRAINER_FOLDER not in others else []))

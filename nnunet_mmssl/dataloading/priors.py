@@ -157,8 +157,39 @@ def preprocess_priors(raw_dataset_folder: str, preprocessed_dataset_folder: str,
 
 
 # ---------------------------------------------------------------------------------------------- training side
+class CaseWithPriors:
+    """A case's image channels followed by its priors, read lazily: indexing reads only the indexed region of both
+    (nnU-Net's data loader crops each sampled patch with ``data[tuple(slices)]``; the image stays in its blosc2 /
+    memory-mapped file and the priors are memory-mapped), so a 2d patch does not decompress and copy the whole 3d case.
+    ``np.asarray`` gives the whole array."""
+
+    def __init__(self, data, priors):
+        self.data, self.priors = data, priors
+        self.shape = (data.shape[0] + priors.shape[0], *data.shape[1:])
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if any(k is Ellipsis or k is None for k in key):
+            return np.asarray(self)[key]
+        channel, spatial = (key[0], key[1:]) if key else (slice(None), ())
+        whole = (slice(None), *spatial)
+        joined = np.concatenate([np.asarray(self.data[whole], dtype=np.float32),
+                                 np.asarray(self.priors[whole], dtype=np.float32)])
+        return joined[channel]
+
+    def __array__(self, dtype=None, copy=None):
+        joined = self[(slice(None),)]
+        return joined if dtype is None else joined.astype(dtype, copy=False)
+
+
 class DatasetWithPriors:
-    """One of nnU-Net's datasets whose cases carry their priors after the image channels (picklable wrapper)."""
+    """One of nnU-Net's datasets whose cases carry their priors after the image channels (picklable wrapper;
+    :meth:`load_case` returns a :class:`CaseWithPriors`)."""
 
     def __init__(self, dataset, priors_folder: str, num_channels: int):
         self.dataset = dataset
@@ -182,11 +213,11 @@ class DatasetWithPriors:
         if not os.path.isfile(path):
             raise PriorsError(f"No preprocessed priors {path} for case {identifier}. Rerun "
                               f"nnUNetv2_mmssl_plan_and_preprocess (it preprocesses {PRIORS_FOLDER}/).")
-        priors = np.load(path)
+        priors = np.load(path, mmap_mode="r")
         if priors.shape != (self.num_channels, *data.shape[1:]):
             raise PriorsError(f"Preprocessed priors {path} have shape {priors.shape}, expected "
                               f"{(self.num_channels, *data.shape[1:])}. Rerun nnUNetv2_mmssl_plan_and_preprocess.")
-        return np.concatenate([np.asarray(data, dtype=np.float32), priors]), seg, seg_prev, properties
+        return CaseWithPriors(data, priors), seg, seg_prev, properties
 
 
 class _SplitPriors:
