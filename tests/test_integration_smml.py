@@ -115,6 +115,22 @@ def test_regions_and_priors_are_preprocessed_beside_the_data(workspace):
         assert priors[0][tumour].mean() > 0.6 and priors[0][~tumour].mean() < 0.2
 
 
+def test_a_prior_off_its_image_grid_stops_preprocessing_before_anything_is_written(workspace):
+    root, raw, env = workspace["root"], workspace["raw"], workspace["env"]
+    other = root / "raw" / f"Dataset{DATASET_ID + 1:03d}_{NAME}Bad"
+    shutil.copytree(raw, other)
+    bad = sorted((other / "priorsTr").iterdir())[1]
+    item = sitk.GetImageFromArray(np.zeros((8, 24, 20), np.float32))
+    item.SetSpacing((1.0, 1.0, 2.0))
+    sitk.WriteImage(item, str(bad))
+    result = _run(["nnUNetv2_mmssl_plan_and_preprocess", "-d", str(DATASET_ID + 1), "-c", "3d_fullres", "-np", "2"],
+                  env, ok=False)
+    assert result.returncode == 2
+    message = result.stderr.strip().splitlines()
+    assert len(message) == 1 and bad.name in message[0] and "image grid" in message[0]
+    assert not (root / "preprocessed" / other.name).exists()
+
+
 def test_smml_trains_with_priors(workspace):
     model = workspace["model"]
     log = "".join(p.read_text() for p in (model / "fold_0").glob("training_log_*.txt"))

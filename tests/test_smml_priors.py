@@ -17,6 +17,7 @@ from nnunetv2.preprocessing.resampling.default_resampling import resample_data_o
 from nnunet_mmssl.dataloading.priors import (
     DatasetWithPriors,
     PriorsError,
+    check_prior_grids,
     find_prior_files,
     preprocess_case_priors,
     priors_data_identifier,
@@ -81,6 +82,22 @@ def test_bad_priors_are_refused_with_the_file_named(tmp_path):
     other_grid = _priors(tmp_path, [np.zeros((4, 4, 5)), np.zeros((4, 4, 5))])
     with pytest.raises(PriorsError, match="image grid"):
         preprocess_case_priors(other_grid, properties, (4, 4, 4), *_managers([1.0, 1.0, 1.0]))
+
+
+def test_prior_grids_are_checked_from_the_headers(tmp_path):
+    for folder in ("imagesTr", "priorsTr"):
+        (tmp_path / folder).mkdir()
+    for c in (0, 1):
+        _write(str(tmp_path / "imagesTr" / f"c1_{c:04d}.nii.gz"), np.zeros((4, 5, 6)), spacing=(2.0, 1.0, 1.0))
+    good = [_write(str(tmp_path / "priorsTr" / f"c1_{c:04d}.nii.gz"), np.zeros((4, 5, 6)), spacing=(2.0, 1.0, 1.0))
+            for c in (0, 1)]
+    check_prior_grids(str(tmp_path), DATASET_JSON, {"c1": good})
+    _write(good[1], np.zeros((4, 5, 7)), spacing=(2.0, 1.0, 1.0))
+    with pytest.raises(PriorsError, match=r"c1_0001\.nii\.gz has size \(7, 5, 4\).*\(6, 5, 4\)"):
+        check_prior_grids(str(tmp_path), DATASET_JSON, {"c1": good})
+    _write(good[1], np.zeros((4, 5, 6)), spacing=(1.0, 1.0, 1.0))
+    with pytest.raises(PriorsError, match=r"c1_0001.*spacing \(1\.0, 1\.0, 1\.0\).*\(1\.0, 1\.0, 2\.0\)"):
+        check_prior_grids(str(tmp_path), DATASET_JSON, {"c1": good})
 
 
 def test_prior_files_convention(tmp_path):

@@ -20,7 +20,13 @@ from collections.abc import Sequence
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_mmssl.dataloading.image_checks import check_image_files
-from nnunet_mmssl.dataloading.priors import PRIORS_FOLDER, find_prior_files, has_priors, preprocess_priors
+from nnunet_mmssl.dataloading.priors import (
+    PRIORS_FOLDER,
+    check_prior_grids,
+    find_prior_files,
+    has_priors,
+    preprocess_priors,
+)
 from nnunet_mmssl.dataloading.unlabeled_preprocessing import (
     UNLABELED_IMAGES_FOLDER,
     UnlabeledDataError,
@@ -176,7 +182,8 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
     if priors and preprocess:
         ending = dataset_json["file_ending"]
         labelled = [f[:-len(ending)] for f in os.listdir(os.path.join(raw_folder, "labelsTr")) if f.endswith(ending)]
-        find_prior_files(raw_folder, dataset_json, labelled)  # every file there before any work
+        # every file there, on its image's grid, before any work
+        check_prior_grids(raw_folder, dataset_json, find_prior_files(raw_folder, dataset_json, labelled))
         progress(f"Priors found in {os.path.join(raw_folder, PRIORS_FOLDER)}: they are preprocessed with the images")
     if fingerprint or preprocess:
         _check_raw_images(raw_folder, dataset_json, unlabeled_cases, num_processes, progress)
