@@ -31,9 +31,9 @@ TEST = ["test_000", "test_001"]
 
 # ---------------------------------------------------------------------------------------------- splits
 def test_sizes_are_nested_within_each_seed_and_differ_between_seeds():
-    runs = plan_runs(POOL, UNLABELED, TEST, [1, 2, 4, 8], [0, 1, 2])
+    runs = plan_runs(POOL, UNLABELED, TEST, [1, 2, 4, 8], [0, 1, 3])
     assert len(runs) == 12
-    for seed in (0, 1, 2):
+    for seed in (0, 1, 3):
         mine = {r.size: set(r.labeled) for r in runs if r.seed == seed}
         assert [len(mine[s]) for s in (1, 2, 4, 8)] == [1, 2, 4, 8]
         assert mine[1] < mine[2] < mine[4] < mine[8]
@@ -59,6 +59,16 @@ def test_splits_are_reproducible_by_seed_and_independent_of_input_order():
     assert seed_permutation(POOL, 3) == seed_permutation(POOL[::-1], 3)
     assert seed_permutation(POOL, 3) != seed_permutation(POOL, 4)
     assert sorted(seed_permutation(POOL, 3)) == POOL
+
+
+def test_seeds_labelling_the_same_cases_are_refused_unless_unavoidable():
+    pool = [f"p{k}" for k in range(6)]
+    first = {s: seed_permutation(pool, s)[0] for s in range(20)}
+    a, b = next((a, b) for a in first for b in first if a < b and first[a] == first[b])
+    with pytest.raises(ValueError, match=f"seeds {a} and {b} label the same 1 case"):
+        plan_runs(pool, [], [], [1, 3], [a, b])
+    # 2 cases, 3 seeds: only 2 subsets of size 1 exist, so a repeat is unavoidable and allowed
+    assert len(plan_runs(["x", "y"], [], [], [1], [0, 1, 2, 3])) == 4
 
 
 def test_overlapping_test_set_or_unlabelled_cases_are_refused():

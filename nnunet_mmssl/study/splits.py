@@ -114,7 +114,28 @@ def plan_runs(pool: Iterable[str], unlabeled: Iterable[str], test: Iterable[str]
             labeled = sorted(order[:size])
             hidden = sorted(order[size:])
             runs.append(RunSplit(size, seed, tuple(labeled), tuple(hidden), tuple(sorted(unlabeled + hidden))))
+    _refuse_repeated_subsets(runs, len(pool))
     return runs
+
+
+def _refuse_repeated_subsets(runs: Sequence[RunSplit], pool_size: int) -> None:
+    """Two seeds that label the same cases at a size would be one run counted twice (same fold, same model).
+
+    Raises:
+        ValueError: naming the seeds and the size, unless the pool has fewer distinct subsets of that size than there
+            are seeds (then repeats cannot be avoided and are allowed).
+    """
+    from math import comb
+
+    for size in sorted({r.size for r in runs}):
+        mine = [r for r in runs if r.size == size]
+        seen: dict[tuple[str, ...], int] = {}
+        for run in mine:
+            if run.labeled in seen and comb(pool_size, size) >= len(mine):
+                raise ValueError(f"seeds {seen[run.labeled]} and {run.seed} label the same {size} case(s) "
+                                 f"{list(run.labeled)}: the same run twice, not two samples. Use other seeds "
+                                 f"(--seeds), e.g. drop seed {run.seed}.")
+            seen.setdefault(run.labeled, run.seed)
 
 
 def assign_folds(splits: list[dict], runs: Sequence[RunSplit]) -> tuple[list[dict], dict[str, int]]:
