@@ -1147,8 +1147,14 @@ def prepare_phantom(args: argparse.Namespace, workdir: str) -> str:
 
 def exit_on_sigterm() -> None:
     """Let SIGTERM (kill, timeout) end this process through SystemExit, so that :func:`_run_child` stops the
-    running worker's session too instead of leaving it running (it is in a session of its own)."""
+    running worker's session too instead of leaving it running (it is in a session of its own).
+
+    Processes forked from this one (nnU-Net's multiprocessing pools during the phantom's preprocessing) get the
+    default SIGTERM back: a pool worker that turned SIGTERM into SystemExit while blocked on the pool's queue lock
+    could stay alive when ``Pool.terminate`` signalled it, and the pool's join then waited forever (seen once in CI).
+    """
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
 
 
 def _run_child(argv: list[str], env: dict, log_file: str, timeout: float) -> tuple[dict | None, str | None]:

@@ -355,3 +355,18 @@ def test_interrupted_run_reports_and_saves_the_rows_measured_so_far(bench, tmp_p
     assert summary["results"]["2d"][0]["s_per_iter"] == 0.5 and summary["results"]["2d"][0]["time_ratio"] == 1.0
     printed = capsys.readouterr().out
     assert "interrupted" in printed and "nnUNetTrainer*" in printed
+
+
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="fork-only behaviour")
+def test_sigterm_ends_the_benchmark_by_systemexit_but_forked_pool_workers_by_default():
+    import subprocess
+
+    code = ("import importlib.util, os, signal, sys; "
+            f"spec = importlib.util.spec_from_file_location('b', {str(SCRIPT)!r}); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); m.exit_on_sigterm(); "
+            "assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None); pid = os.fork()\n"
+            "if pid == 0: os._exit(0 if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL else 3)\n"
+            "print(os.waitpid(pid, 0)[1] >> 8)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "0"  # the forked child has the default SIGTERM again
