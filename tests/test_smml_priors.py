@@ -91,13 +91,13 @@ def test_prior_grids_are_checked_from_the_headers(tmp_path):
         _write(str(tmp_path / "imagesTr" / f"c1_{c:04d}.nii.gz"), np.zeros((4, 5, 6)), spacing=(2.0, 1.0, 1.0))
     good = [_write(str(tmp_path / "priorsTr" / f"c1_{c:04d}.nii.gz"), np.zeros((4, 5, 6)), spacing=(2.0, 1.0, 1.0))
             for c in (0, 1)]
-    check_prior_grids(str(tmp_path), DATASET_JSON, {"c1": good})
+    check_prior_grids(str(tmp_path), {"c1": good})
     _write(good[1], np.zeros((4, 5, 7)), spacing=(2.0, 1.0, 1.0))
     with pytest.raises(PriorsError, match=r"c1_0001\.nii\.gz has size \(7, 5, 4\).*\(6, 5, 4\)"):
-        check_prior_grids(str(tmp_path), DATASET_JSON, {"c1": good})
+        check_prior_grids(str(tmp_path), {"c1": good})
     _write(good[1], np.zeros((4, 5, 6)), spacing=(1.0, 1.0, 1.0))
     with pytest.raises(PriorsError, match=r"c1_0001.*spacing \(1\.0, 1\.0, 1\.0\).*\(1\.0, 1\.0, 2\.0\)"):
-        check_prior_grids(str(tmp_path), DATASET_JSON, {"c1": good})
+        check_prior_grids(str(tmp_path), {"c1": good})
 
 
 def test_prior_files_convention(tmp_path):

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 
 PRIORS_FOLDER = "priorsTr"
+#: file endings whose headers SimpleITK reads (checked up front by :func:`check_prior_grids`)
+SITK_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 
 class PriorsError(ValueError):
@@ -64,37 +66,26 @@ def find_prior_files(raw_dataset_folder: str, dataset_json: dict, cases: Sequenc
     return result
 
 
-def check_prior_grids(raw_dataset_folder: str, dataset_json: dict, files: dict[str, list[str]]) -> None:
+def check_prior_grids(raw_dataset_folder: str, files: dict[str, list[str]]) -> None:
     """Every prior file on its image channel's grid (size and spacing from the file headers, no voxel read), so that
-    a wrong prior stops ``nnUNetv2_mmssl_plan_and_preprocess`` before anything is written. Formats SimpleITK cannot
-    read are left to the check during preprocessing.
+    a wrong prior stops ``nnUNetv2_mmssl_plan_and_preprocess`` before anything is written (the converter's header
+    reader). Other formats than SimpleITK's are left to the check during preprocessing.
 
     Raises:
         PriorsError: naming the prior, its image and both grids.
     """
-    import SimpleITK as sitk
+    from nnunet_mmssl.dataset_conversion.checking import read_header
 
-    def grid(path: str):
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(path)
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError:
-            return None
-        return tuple(reader.GetSize()), tuple(reader.GetSpacing())
-
-    ending = dataset_json["file_ending"]
-    for _, case_files in sorted(files.items()):
+    for case_files in files.values():
         for prior in case_files:
-            image = os.path.join(raw_dataset_folder, "imagesTr", os.path.basename(prior)[:-len(ending)] + ending)
-            if not os.path.isfile(image):
+            image = os.path.join(raw_dataset_folder, "imagesTr", os.path.basename(prior))
+            if not os.path.isfile(image) or not prior.endswith(SITK_ENDINGS):
                 continue
-            want, got = grid(image), grid(prior)
-            if want is None or got is None:
-                continue
-            if got[0] != want[0] or not np.allclose(got[1], want[1], rtol=1e-3, atol=1e-5):
-                raise PriorsError(f"Prior {prior} has size {got[0]} and spacing {got[1]}, its image {image} size "
-                                  f"{want[0]} and spacing {want[1]}: a prior must be on its case's image grid "
+            want, got = read_header(image), read_header(prior)
+            if got.size != want.size or not np.allclose(got.spacing, want.spacing, rtol=1e-3, atol=1e-5):
+                raise PriorsError(f"Prior {prior} has size {got.size} and spacing {got.spacing}, its image {image} "
+                                  f"size {want.size} and spacing {want.spacing}: a prior must be on its case's image "
+                                  f"grid "
                                   f"(resample it onto the image, e.g. with SimpleITK's Resample and the image as "
                                   f"reference).")
 

@@ -30,7 +30,12 @@ class _Header:
     pixel_type: str
 
 
-def _read_header(path: Path) -> _Header:
+def read_header(path: Path | str) -> _Header:
+    """Size, spacing, origin, direction, components and pixel type from the header (no voxels read).
+
+    Raises:
+        ConversionError: the file is truncated or not an image, with the fix.
+    """
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -75,7 +80,7 @@ def check_case_geometry(case: SourceCase, tolerances: Tolerances | None = None) 
     """
     tol = tolerances or Tolerances()
     files = list(case.channel_files) + ([case.label_file] if case.label_file is not None else [])
-    headers = [_read_header(f) for f in files]
+    headers = [read_header(f) for f in files]
     for f, h in zip(files, headers, strict=True):
         if h.components != 1:
             raise ConversionError(f"{case.describe()}: {_relative(f, case.folder)!r} has {h.components} components "

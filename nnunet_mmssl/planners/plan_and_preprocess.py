@@ -183,7 +183,7 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
         ending = dataset_json["file_ending"]
         labelled = [f[:-len(ending)] for f in os.listdir(os.path.join(raw_folder, "labelsTr")) if f.endswith(ending)]
         # every file there, on its image's grid, before any work
-        check_prior_grids(raw_folder, dataset_json, find_prior_files(raw_folder, dataset_json, labelled))
+        check_prior_grids(raw_folder, find_prior_files(raw_folder, dataset_json, labelled))
         progress(f"Priors found in {os.path.join(raw_folder, PRIORS_FOLDER)}: they are preprocessed with the images")
     if fingerprint or preprocess:
         _check_raw_images(raw_folder, dataset_json, unlabeled_cases, num_processes, progress)

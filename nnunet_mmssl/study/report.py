@@ -21,11 +21,8 @@ def summary_table(results: Sequence[Mapping]) -> list[dict]:
 
     A run whose mean of a metric is undefined (None) is left out of that metric's row and counted in ``n_missing``.
     """
-    groups: dict[tuple[str, int], list[Mapping]] = {}
-    for result in results:
-        groups.setdefault((result["trainer"], int(result["size"])), []).append(result)
     rows = []
-    for (trainer, size), runs in groups.items():
+    for (trainer, size), runs in _by_trainer_and_size(results).items():
         row = {"trainer": trainer, "size": size, "seeds": sorted(int(r["seed"]) for r in runs)}
         for metric in METRICS:
             values = [r["mean"][metric] for r in runs if r["mean"].get(metric) is not None]
@@ -33,8 +30,17 @@ def summary_table(results: Sequence[Mapping]) -> list[dict]:
                            "std": float(np.std(values)) if values else None, "n": len(values),
                            "n_missing": len(runs) - len(values)}
         rows.append(row)
+    return rows
+
+
+def _by_trainer_and_size(results: Sequence[Mapping], keep=lambda result: True) -> dict[tuple[str, int], list]:
+    """The kept results grouped by (trainer, size): trainers in their first-appearance order, sizes ascending."""
     order = {t: k for k, t in enumerate(dict.fromkeys(r["trainer"] for r in results))}
-    return sorted(rows, key=lambda r: (order[r["trainer"]], r["size"]))
+    groups: dict[tuple[str, int], list[Mapping]] = {}
+    for result in sorted(results, key=lambda r: (order[r["trainer"]], int(r["size"]))):
+        if keep(result):
+            groups.setdefault((result["trainer"], int(result["size"])), []).append(result)
+    return groups
 
 
 def paired_differences(results: Sequence[Mapping], pairs: Mapping[str, str], n_resamples: int = 10000,
@@ -67,19 +73,15 @@ def paired_differences(results: Sequence[Mapping], pairs: Mapping[str, str], n_r
 def signal_table(results: Sequence[Mapping]) -> list[dict]:
     """One row per (trainer, size) of the runs that logged an unsupervised term: the mean over seeds of each
     :func:`~nnunet_mmssl.study.runner.training_signals` value (None where no seed measured it)."""
-    groups: dict[tuple[str, int], list[Mapping]] = {}
-    for result in results:
-        if result.get("training"):
-            groups.setdefault((result["trainer"], int(result["size"])), []).append(result["training"])
     rows = []
-    for (trainer, size), signals in groups.items():
+    for (trainer, size), runs in _by_trainer_and_size(results, keep=lambda r: bool(r.get("training"))).items():
+        signals = [r["training"] for r in runs]
         row = {"trainer": trainer, "size": size, "n": len(signals)}
         for key in dict.fromkeys(k for s in signals for k in s):
             values = [s[key] for s in signals if s.get(key) is not None]
             row[key] = float(np.mean(values)) if values else None
         rows.append(row)
-    order = {t: k for k, t in enumerate(dict.fromkeys(r["trainer"] for r in results))}
-    return sorted(rows, key=lambda r: (order[r["trainer"]], r["size"]))
+    return rows
 
 
 def _cell(entry: Mapping | None, digits: int = 3) -> str:
