@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from nnunet_mmssl.study.bootstrap import paired_bootstrap
+from nnunet_mmssl.study.bootstrap import crossed_bootstrap, paired_bootstrap
 from nnunet_mmssl.study.report import format_table, paired_differences, signal_table, summary_table, write_report
 from nnunet_mmssl.study.runner import (
     STUDY_SUFFIX,
@@ -187,6 +187,51 @@ def test_bootstrap_drops_non_finite_pairs_and_checks_lengths():
     assert (r["n_pairs"], r["n_dropped"], r["mean_difference"]) == (1, 2, 1.0)
     with pytest.raises(ValueError, match="equal length"):
         paired_bootstrap([1.0, 2.0], [1.0])
+
+
+def test_crossed_bootstrap_matches_exact_resampling_distribution():
+    """2 seeds × 3 cases: the 2^2 · 3^3 equally likely (seed, case) resamples give the exact distribution."""
+    d = np.array([[0.0, 1.0, 5.0], [2.0, 0.5, 9.0]])
+    rows, cols = np.indices(d.shape).reshape(2, -1)
+    exact = np.sort([d[np.ix_(list(r), list(c))].mean() for r in itertools.product(range(2), repeat=2)
+                     for c in itertools.product(range(3), repeat=3)])
+    r = crossed_bootstrap(d.ravel(), np.zeros(6), rows, cols, n_resamples=40000, seed=3)
+    assert r["mean_difference"] == pytest.approx(d.mean())
+    assert (r["n_pairs"], r["n_rows"], r["n_cols"], r["n_empty_resamples"]) == (6, 2, 3, 0)
+    # 108 atoms: the 2.5 / 97.5 % points lie between neighbouring atoms, bracketed by the 1.5 / 3.5 % quantiles
+    assert np.quantile(exact, 0.015) <= r["low"] <= np.quantile(exact, 0.035)
+    assert np.quantile(exact, 0.965) <= r["high"] <= np.quantile(exact, 0.985)
+    # resampling the 6 cells as independent pairs gives a different (here narrower) interval: the test tells them apart
+    naive = paired_bootstrap(d.ravel(), np.zeros(6), n_resamples=40000, seed=3)
+    assert naive["high"] < np.quantile(exact, 0.965)
+
+
+def test_crossed_bootstrap_counts_a_shared_case_effect_once_per_case():
+    """Differences that depend only on the test case, repeated over 5 seeds: the crossed interval is the case
+    bootstrap of the 4 case values (the seeds add nothing), while resampling the 20 pairs as independent narrows it
+    by about sqrt(5)."""
+    case_effect = np.array([-0.1, 0.0, 0.05, 0.25])
+    d = np.tile(case_effect, (5, 1))
+    rows, cols = np.indices(d.shape).reshape(2, -1)
+    crossed = crossed_bootstrap(d.ravel(), np.zeros(20), rows, [f"case{c}" for c in cols], n_resamples=20000)
+    by_case = paired_bootstrap(case_effect, np.zeros(4), n_resamples=20000)
+    naive = paired_bootstrap(d.ravel(), np.zeros(20), n_resamples=20000)
+    assert crossed["low"] == pytest.approx(by_case["low"], abs=0.01)
+    assert crossed["high"] == pytest.approx(by_case["high"], abs=0.01)
+    width = crossed["high"] - crossed["low"]
+    assert width > 1.8 * (naive["high"] - naive["low"])
+
+
+def test_crossed_bootstrap_drops_non_finite_cells_and_checks_input():
+    r = crossed_bootstrap([1.0, np.nan, 3.0, 2.0], [0.0, 0.0, np.inf, 1.0], [0, 0, 1, 1], ["a", "b", "a", "b"],
+                          n_resamples=2000)
+    # finite cells (0, a) = 1 and (1, b) = 1: every resample that picks a cell has mean 1; the rest are discarded
+    assert (r["n_pairs"], r["n_dropped"], r["mean_difference"], r["low"], r["high"]) == (2, 2, 1.0, 1.0, 1.0)
+    assert 0 < r["n_empty_resamples"] < 2000
+    with pytest.raises(ValueError, match=r"\(0, 'a'\) is given more than once"):
+        crossed_bootstrap([1.0, 2.0], [0.0, 0.0], [0, 0], ["a", "a"])
+    with pytest.raises(ValueError, match="one length"):
+        crossed_bootstrap([1.0, 2.0], [0.0, 0.0], [0], ["a", "b"])
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -383,7 +428,7 @@ def test_table_values_by_hand():
     assert rows[("Sup", 1)]["hd95"]["mean"] == pytest.approx(5.0)
     assert rows[("Sup", 1)]["seeds"] == [0, 1]
     diffs = {(d["size"], d["metric"]): d for d in paired_differences(_fake_results(), {"SSL": "Sup"}, 2000)}
-    assert diffs[(1, "dice")]["n_pairs"] == 4
+    assert (diffs[(1, "dice")]["n_pairs"], diffs[(1, "dice")]["n_rows"], diffs[(1, "dice")]["n_cols"]) == (4, 2, 2)
     assert diffs[(1, "dice")]["low"] == pytest.approx(0.1) and diffs[(1, "dice")]["high"] == pytest.approx(0.1)
     # size 4 differences per (seed, case): 0, 0.2, 0, 0 -> mean 0.05
     assert diffs[(4, "dice")]["mean_difference"] == pytest.approx(0.05)

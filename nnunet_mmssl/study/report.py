@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from nnunet_mmssl.study.bootstrap import paired_bootstrap
+from nnunet_mmssl.study.bootstrap import crossed_bootstrap
 
 METRICS = ("dice", "hd95", "sensitivity")
 #: each SSL trainer's supervised-only twin (same network, no unlabelled stream)
@@ -47,8 +47,11 @@ def paired_differences(results: Sequence[Mapping], pairs: Mapping[str, str], n_r
                        seed: int = 0) -> list[dict]:
     """For each (SSL, supervised) pair with results and each size: SSL − supervised over common (seed, case) pairs.
 
+    The interval resamples seeds and test cases independently (:func:`~.bootstrap.crossed_bootstrap`): every seed is
+    scored on the same test cases, so the (seed, case) pairs are not independent of each other.
+
     Returns:
-        one dict per (pair, size, metric) with :func:`~.bootstrap.paired_bootstrap`'s fields, ``ssl``,
+        one dict per (pair, size, metric) with :func:`~.bootstrap.crossed_bootstrap`'s fields, ``ssl``,
         ``supervised``, ``size``, ``metric`` and ``seeds``.
     """
     index = {(r["trainer"], int(r["size"]), int(r["seed"])): r for r in results}
@@ -59,14 +62,16 @@ def paired_differences(results: Sequence[Mapping], pairs: Mapping[str, str], n_r
             seeds = sorted({d for (t, s, d) in index if t == ssl and s == size}
                            & {d for (t, s, d) in index if t == sup and s == size})
             for metric in METRICS:
-                a, b = [], []
+                a, b, rows, cols = [], [], [], []
                 for seed_ in seeds:
                     x, y = index[(ssl, size, seed_)]["per_case"], index[(sup, size, seed_)]["per_case"]
                     for case in sorted(set(x) & set(y)):
                         a.append(np.nan if x[case][metric] is None else x[case][metric])
                         b.append(np.nan if y[case][metric] is None else y[case][metric])
+                        rows.append(seed_)
+                        cols.append(case)
                 out.append({"ssl": ssl, "supervised": sup, "size": size, "metric": metric, "seeds": seeds,
-                            **paired_bootstrap(a, b, n_resamples=n_resamples, seed=seed)})
+                            **crossed_bootstrap(a, b, rows, cols, n_resamples=n_resamples, seed=seed)})
     return out
 
 
@@ -102,12 +107,12 @@ def format_table(rows: Sequence[Mapping], differences: Sequence[Mapping] = (),
     dice = [d for d in differences if d["metric"] == "dice"]
     if dice:
         lines += ["", ("Paired difference SSL − supervised (Dice, mean over (seed, test case) pairs, "
-                       f"{100 * dice[0]['confidence']:.0f} % bootstrap interval):")]
+                       f"{100 * dice[0]['confidence']:.0f} % bootstrap interval resampling seeds and test cases):")]
         for d in dice:
             value = "n/a" if d["mean_difference"] is None else \
                 f"{d['mean_difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
             lines.append(f"  {d['ssl'] + ' − ' + d['supervised']:<52} {d['size']:>4} labelled: {value} "
-                         f"({d['n_pairs']} pairs)")
+                         f"({d['n_pairs']} pairs: {d['n_rows']} seeds × {d['n_cols']} cases)")
     active = [r for r in signals if r.get("unsup_weight")]
     if active:
         def number(value, spec):
