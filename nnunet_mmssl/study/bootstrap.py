@@ -1,6 +1,6 @@
 """Bootstrap intervals of a mean paired difference (percentile intervals, Efron & Tibshirani 1993): pairs resampled
-as independent (:func:`paired_bootstrap`), or the rows and columns of a crossed design resampled (:func:`crossed_bootstrap`,
-what the study reports)."""
+as independent (:func:`paired_bootstrap`), or the rows and columns of a crossed design resampled
+(:func:`crossed_bootstrap`, what the study reports)."""
 
 from __future__ import annotations
 
