@@ -161,7 +161,7 @@ class DBDCUNet(ModalitySelection, PlainConvUNet):
         self.decoder.deep_supervision = enabled
 
     def _perturb(self, bottleneck: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if mask is None or not bool(mask.any()):
+        if mask is None:  # no host sync on mask.any(): an all-False mask selects the unperturbed features below
             return bottleneck
         dropout = F.dropout2d if self.conv_dim == 2 else F.dropout3d
         dropped = dropout(bottleneck, self.feature_dropout, training=True)
@@ -201,7 +201,9 @@ class DBDCUNet(ModalitySelection, PlainConvUNet):
         Args:
             x: (B, 1, *S) images.
             modality: (B,) modality indices, an int, or None (see the module docstring).
-            perturb_features: (B,) bool, samples whose bottleneck gets channel dropout (dual consistency).
+            perturb_features: (B,) bool, samples whose bottleneck gets channel dropout (dual consistency). Applied
+                whenever given, in train and eval mode alike: the caller asks for it (the trainer passes it only on
+                its training step; prediction never does).
         """
         self.modality_context.set(self.resolve_modality(x, modality))
         try:
