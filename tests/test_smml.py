@@ -117,8 +117,8 @@ def test_pbc_direction_mask_and_kl_with_temperature_by_hand():
     a = l1.clone().requires_grad_(True)
     b = l2.clone().requires_grad_(True)
     loss1, loss2 = pbc_loss(a, b, target, temperature=tau)
-    assert float(loss1) == pytest.approx(kl([0.0, 3.0], [0.0, 0.0]), rel=1e-5)  # voxel 1: branch 2 -> branch 1
-    assert float(loss2) == pytest.approx(kl([2.0, 0.0], [0.0, 0.0]), rel=1e-5)  # voxel 0: branch 1 -> branch 2
+    assert loss1.item() == pytest.approx(kl([0.0, 3.0], [0.0, 0.0]), rel=1e-5)  # voxel 1: branch 2 -> branch 1
+    assert loss2.item() == pytest.approx(kl([2.0, 0.0], [0.0, 0.0]), rel=1e-5)  # voxel 0: branch 1 -> branch 2
     (loss1 + loss2).backward()
     # gradient only into the less reliable branch of each voxel
     assert float(a.grad[0, :, 0].abs().sum()) == 0 and float(a.grad[0, :, 1].abs().sum()) > 0
