@@ -63,6 +63,23 @@ from nnunet_mmssl.trainers.logging import register_log_keys
 from nnunet_mmssl.trainers.user_errors import install_user_error_hook
 
 
+def network_from_plans(configuration_manager, num_input_channels: int, num_output_channels: int,
+                       enable_deep_supervision: bool, expected: type, expected_name: str, fix: str) -> torch.nn.Module:
+    """nnU-Net's ``get_network_from_plans`` for a configuration, refusing a network that is not ``expected``.
+
+    Our trainers' ``build_network_architecture`` (also what ``nnUNetv2_predict`` calls) read the network from the
+    plans; plans without our network (e.g. stock nnU-Net plans) would otherwise build a network our trainer cannot
+    drive. The error names what the plans build, what was expected (``expected_name``) and ``fix``.
+    """
+    network = get_network_from_plans(
+        configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
+        configuration_manager.network_arch_init_kwargs_req_import, num_input_channels, num_output_channels,
+        allow_init=True, deep_supervision=enable_deep_supervision)
+    if not isinstance(network, expected):
+        raise TypeError(f"The plans build {type(network).__name__}, not {expected_name}. Use {fix}.")
+    return network
+
+
 class SSLTrainerBase(nnUNetTrainer):
     """nnUNetTrainer with an unlabelled stream, an unsupervised loss term, extra logs and checkpoint state.
 
@@ -471,15 +488,10 @@ class MMSSLTrainerBase(SSLTrainerBase):
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
-        network = get_network_from_plans(
-            configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
-            configuration_manager.network_arch_init_kwargs_req_import, num_input_channels, num_output_channels,
-            allow_init=True, deep_supervision=enable_deep_supervision)
-        if not isinstance(network, MultiBranchUNet):
-            raise TypeError(f"The plans build {type(network).__name__}, not one of our multi-branch networks. Use "
-                            f"the model folder's plans.json (written by our trainer) or train with an nnunet_mmssl "
-                            f"trainer, which writes its network into the plans.")
-        return network
+        return network_from_plans(configuration_manager, num_input_channels, num_output_channels,
+                                  enable_deep_supervision, MultiBranchUNet, "one of our multi-branch networks",
+                                  "the model folder's plans.json (written by our trainer) or train with an "
+                                  "nnunet_mmssl trainer, which writes its network into the plans")
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         self.network_module.deep_supervision = enabled

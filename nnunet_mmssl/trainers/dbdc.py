@@ -44,7 +44,6 @@ import torch.nn.functional as F
 from batchgenerators.utilities.file_and_folder_operations import join, load_pickle
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_mmssl.architectures.dbdc import DBDCUNet
@@ -56,7 +55,7 @@ from nnunet_mmssl.planners import get_mmssl_block
 from nnunet_mmssl.planners.mmssl_plans import PLAIN_UNET_CLASS
 from nnunet_mmssl.planners.modality_normalization import MODALITY_PROPERTY
 from nnunet_mmssl.semisup.modality_weighting import ModalityWeighting
-from nnunet_mmssl.trainers.base import SSLTrainerBase
+from nnunet_mmssl.trainers.base import SSLTrainerBase, network_from_plans
 
 
 class DBDCDataError(ValueError):
@@ -246,14 +245,9 @@ class DBDCTrainer(SSLTrainerBase):
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
-        network = get_network_from_plans(
-            configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
-            configuration_manager.network_arch_init_kwargs_req_import, num_input_channels, num_output_channels,
-            allow_init=True, deep_supervision=enable_deep_supervision)
-        if not isinstance(network, DBDCUNet):
-            raise TypeError(f"The plans build {type(network).__name__}, not DBDCUNet. Use the model folder's "
-                            f"plans.json (written by DBDCTrainer).")
-        return network
+        return network_from_plans(configuration_manager, num_input_channels, num_output_channels,
+                                  enable_deep_supervision, DBDCUNet, "DBDCUNet",
+                                  "the model folder's plans.json (written by DBDCTrainer)")
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         self.network_module.deep_supervision = enabled

@@ -42,7 +42,7 @@ from nnunet_mmssl.dataloading.priors import (
 from nnunet_mmssl.losses.smml import class_entropy_weights, frc_loss, pbc_loss, refinement_kl
 from nnunet_mmssl.losses.targets import class_map_from_target, regions_to_classes
 from nnunet_mmssl.planners.mmssl_plans import PLAIN_UNET_CLASS
-from nnunet_mmssl.trainers.base import SSLTrainerBase
+from nnunet_mmssl.trainers.base import SSLTrainerBase, network_from_plans
 
 
 class SMMLTrainer(SSLTrainerBase):
@@ -102,14 +102,9 @@ class SMMLTrainer(SSLTrainerBase):
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
-        network = get_network_from_plans(
-            configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
-            configuration_manager.network_arch_init_kwargs_req_import, num_input_channels, num_output_channels,
-            allow_init=True, deep_supervision=enable_deep_supervision)
-        if not isinstance(network, SMMLNet):
-            raise TypeError(f"The plans build {type(network).__name__}, not SMMLNet. Use the model folder's "
-                            f"plans.json (written by SMMLTrainer).")
-        return network
+        return network_from_plans(configuration_manager, num_input_channels, num_output_channels,
+                                  enable_deep_supervision, SMMLNet, "SMMLNet",
+                                  "the model folder's plans.json (written by SMMLTrainer)")
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         self.network_module.deep_supervision = enabled
