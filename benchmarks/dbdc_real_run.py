@@ -28,13 +28,16 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import importlib.util
 import os
 import sys
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import real_data_run as rdr  # noqa: E402  (the shared real-data steps, as benchmarks/missing_subsets_run.py uses them)
+
 DATASET_ID = 503
 DATASET_NAME = "BraTSFlairT1Unregistered"
 MODALITIES = ("FLAIR", "T1")
@@ -44,13 +47,6 @@ LABELLED_FILES = {"FLAIR": "FLAIR.nii.gz", "T1": "T1.nii.gz"}
 LABEL_FILE = "GT_W.nii.gz"
 UNLABELLED_GLOBS = {"FLAIR": ("*t2f*", "flair.nii.gz", "*_fla_*"), "T1": ("*t1n*", "t1.nii.gz", "*_t1_*")}
 STAGED_IMAGE, STAGED_LABEL = "image.nii.gz", "label.nii.gz"
-
-
-def _real_data_run():
-    spec = importlib.util.spec_from_file_location("real_data_run", os.path.join(HERE, "real_data_run.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,7 +253,6 @@ def main(argv: list[str] | None = None) -> int:
     from nnunet_mmssl.evaluation import evaluate_folders
     from nnunet_mmssl.evaluation.report import read_case_modality
 
-    rdr = _real_data_run()
     root = os.path.abspath(args.workdir)
     env, logs, ext_folder = rdr.workdir_environment(root)
     if args.threads:

@@ -21,13 +21,16 @@ labelled cases so that fold 0 has a validation set). Skips with a message (exit 
 """
 
 import argparse
-import importlib.util
 import os
 import sys
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import real_data_run as rdr  # noqa: E402  (the shared real-data steps, as benchmarks/missing_subsets_run.py uses them)
+
 DEFAULT_TRAINERS = ("MemCifSSLTrainer", "MemCifSSLTrainer_printedConsistency", "MeanTeacherTrainer",
                     "MeanTeacherTrainer_ramp40ep", "MMFMCMLTrainer")
 _MODULE = '''"""Short-schedule variants written by benchmarks/unsup_signal_run.py (nnUNet_extTrainer finds them)."""
@@ -55,13 +58,6 @@ def _budget(cls):
 
 {classes}
 '''
-
-
-def _real_data_run():
-    spec = importlib.util.spec_from_file_location("real_data_run", os.path.join(HERE, "real_data_run.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
-    rdr = _real_data_run()
     root = os.path.abspath(args.workdir)
     env, logs, ext_folder = rdr.workdir_environment(root)
     _, preprocessed, plans_name, configuration = rdr.prepare_dataset(args, sources, env, logs, [])
