@@ -40,6 +40,20 @@ def test_nnunet_finds_our_trainer_by_name():
     assert recursive_find_trainer_class_by_name("MemCifSupervisedTrainer") is MemCifSupervisedTrainer
 
 
+def test_nnunet_finds_every_exported_trainer():
+    """``nnUNetv2_train -tr NAME`` works for every trainer the package exports (the ext module re-exports them)."""
+    from nnunetv2.utilities.find_objects import recursive_find_python_class
+
+    import nnunet_mmssl.trainers as trainers
+
+    names = [n for n in trainers.__all__ if n not in ("MMSSLTrainerBase", "SSLTrainerBase")]
+    assert {"MemCifSSLTrainer", "MMFMCMLTrainer", "DBDCTrainer", "SMMLTrainer", "MeanTeacherTrainer"} <= set(names)
+    for name in names:  # nnU-Net's search of the nnUNet_extTrainer folder, as its trainer lookup does it
+        found = recursive_find_python_class(EXT_TRAINER_FOLDER, name, None, base_folder=EXT_TRAINER_FOLDER,
+                                            cleanup_imports_from_base_folder=True)
+        assert found is getattr(trainers, name), name
+
+
 def test_installed_pth_line_is_silent_when_the_package_is_gone(tmp_path):
     """An editable install whose source folder was deleted must not print a traceback at every Python start."""
     import sysconfig
