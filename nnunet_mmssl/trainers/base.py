@@ -213,9 +213,9 @@ class SSLTrainerBase(nnUNetTrainer):
         """All ranks' per-step values of a log (nnU-Net's ``all_gather_object``), flat; this rank's without DDP."""
         return gather_across_ranks(values) if self.is_ddp else np.ravel(np.asarray(values, dtype=np.float64))
 
-    def get_unlabeled_dataloader(self):
-        dataset = self.unlabeled_dataset()
-        batch_size = self.unlabeled_batch_size_per_rank()
+    def unlabeled_transforms(self):
+        """``(transforms, initial_patch_size)`` for the unlabelled stream: nnU-Net's training augmentation of this
+        configuration, exactly as its labelled loader gets it."""
         rotation_for_da, do_dummy_2d, initial_patch_size, mirror_axes = \
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         transforms = self.get_training_transforms(
@@ -224,6 +224,12 @@ class SSLTrainerBase(nnUNetTrainer):
             foreground_labels=self.label_manager.foreground_labels,
             regions=self.label_manager.foreground_regions if self.label_manager.has_regions else None,
             ignore_label=self.label_manager.ignore_label)
+        return transforms, initial_patch_size
+
+    def get_unlabeled_dataloader(self):
+        dataset = self.unlabeled_dataset()
+        batch_size = self.unlabeled_batch_size_per_rank()
+        transforms, initial_patch_size = self.unlabeled_transforms()
         num_processes = get_allowed_n_proc_DA()
         augmenter = build_unlabeled_augmenter(
             dataset, batch_size, initial_patch_size,

@@ -328,14 +328,7 @@ class DBDCTrainer(SSLTrainerBase):
         by_modality = [[] for _ in range(self.num_modalities)]
         for identifier in dataset.identifiers:
             by_modality[self._properties_modality(folder, identifier)].append(identifier)
-        rotation_for_da, do_dummy_2d, initial_patch_size, mirror_axes = \
-            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        transforms = self.get_training_transforms(
-            self.configuration_manager.patch_size, rotation_for_da, None, mirror_axes, do_dummy_2d,
-            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
-            foreground_labels=self.label_manager.foreground_labels,
-            regions=self.label_manager.foreground_regions if self.label_manager.has_regions else None,
-            ignore_label=self.label_manager.ignore_label)
+        transforms, initial_patch_size = self.unlabeled_transforms()
         from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
         allowed = get_allowed_n_proc_DA()
