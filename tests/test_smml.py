@@ -131,9 +131,9 @@ def test_pbc_regions_and_valid_mask():
     regions = (torch.rand(2, 3, 4, 4) > 0.5).float()
     valid = torch.zeros(2, 4, 4, dtype=torch.bool)
     loss1, loss2 = pbc_loss(l1, l2, regions, sigmoid=True, valid=valid)
-    assert float(loss1) == 0 and float(loss2) == 0
+    assert loss1.item() == 0 and loss2.item() == 0
     loss1, loss2 = pbc_loss(l1, l2, regions, sigmoid=True)
-    assert float(loss1) > 0 and float(loss2) > 0
+    assert loss1.item() > 0 and loss2.item() > 0
     # Bernoulli KL summed over regions equals the two-class softmax KL of (0, z) per region
     kl = distribution_kl(l1, l2, sigmoid=True)
     two_class = sum(distribution_kl(torch.stack([torch.zeros_like(l1[:, r]), l1[:, r]], 1),
@@ -155,7 +155,7 @@ def test_prototypes_and_relation_loss_by_hand():
     weights = torch.tensor([[0.5, 2.0, 7.0]])  # class 2 absent: its weight must not count
     loss = frc_loss(features1, features2, classes, weights, 3)
     d = (0 - 1 / math.sqrt(2)) ** 2  # each row has one off-diagonal difference; diagonals are 1 - 1 = 0
-    assert float(loss) == pytest.approx(0.5 * d + 2.0 * d, rel=1e-5)
+    assert loss.item() == pytest.approx(0.5 * d + 2.0 * d, rel=1e-5)
     f1 = features1.clone().requires_grad_(True)
     f2 = features2.clone().requires_grad_(True)
     w = weights.clone().requires_grad_(True)
@@ -179,7 +179,7 @@ def test_refinement_kl_gradient_reaches_both():
     a = torch.randn(1, 3, 4, 4, requires_grad=True)
     b = torch.randn(1, 3, 4, 4, requires_grad=True)
     loss = refinement_kl(a, b)
-    assert float(loss) > 0 and float(refinement_kl(a, a)) == pytest.approx(0, abs=1e-6)
+    assert loss.item() > 0 and refinement_kl(a, a).item() == pytest.approx(0, abs=1e-6)
     loss.backward()
     assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
 
@@ -278,7 +278,7 @@ def test_ssl_consistency_by_hand_and_gradient_only_into_the_less_reliable_branch
 
     # v0: branch 2 learns from branch 1; v2: branch 1 learns from branch 2; each direction averaged over one voxel
     expected = kl([3.0, 0.0], [2.0, 0.0]) + kl([0.0, 5.0], [0.0, 4.0])
-    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()
     g1, g2 = logits1.grad[0, :, 0], logits2.grad[0, :, 0]  # (C, voxel)
     assert torch.all(g1[:, 0] == 0) and torch.any(g1[:, 2] != 0)  # branch 1 is the teacher at v0, student at v2
@@ -295,7 +295,7 @@ def test_ssl_consistency_nothing_confident_gives_zero_and_no_gradient():
     _fixed_branches(trainer, logits1, logits2, feat1, feat2)
     loss = trainer.unlabeled_consistency(torch.zeros(1, 2, 1, 3))
     loss.backward()
-    assert float(loss) == 0.0
+    assert loss.item() == 0.0
     for t in (logits1, logits2, feat1, feat2):
         assert t.grad is None or torch.all(t.grad == 0)
 
@@ -313,7 +313,7 @@ def test_ssl_frc_uses_the_pseudo_label_classes():
     # row; weights = the mean entropy of each class's probability over the voxels
     p = torch.softmax(logits, 1)
     weights = (-(p * p.log())).flatten(2).mean(-1)[0]
-    assert float(loss) == pytest.approx(2 * 0.8 * float(weights.sum()), rel=1e-5)
+    assert loss.item() == pytest.approx(2 * 0.8 * float(weights.sum()), rel=1e-5)
     loss.backward()
     assert feat1.grad.abs().sum() > 0 and feat2.grad.abs().sum() > 0
 
@@ -329,7 +329,7 @@ def test_ssl_consistency_on_regions():
     # v0: region present, branch 1 surer -> branch 2 learns; v1: absent, branch 2 surer -> branch 1 learns
     assert logits1.grad[0, 0, 0, 0] == 0 and logits1.grad[0, 0, 0, 1] != 0
     assert logits2.grad[0, 0, 0, 1] == 0 and logits2.grad[0, 0, 0, 0] != 0
-    assert float(loss) > 0
+    assert loss.item() > 0
 
 
 def test_ssl_trainer_uses_the_unlabelled_batch_with_its_ramped_weight(harness):
