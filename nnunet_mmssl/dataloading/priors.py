@@ -28,8 +28,6 @@ import numpy as np
 import torch
 
 PRIORS_FOLDER = "priorsTr"
-#: file endings whose headers SimpleITK reads (checked up front by :func:`check_prior_grids`)
-SITK_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 
 class PriorsError(ValueError):
@@ -75,19 +73,19 @@ def check_prior_grids(raw_dataset_folder: str, files: dict[str, list[str]]) -> N
         PriorsError: naming the prior, its image and both grids.
     """
     from nnunet_mmssl.dataset_conversion.checking import read_header
+    from nnunet_mmssl.dataset_conversion.request import IMAGE_EXTENSIONS  # the formats SimpleITK reads
 
     for case_files in files.values():
         for prior in case_files:
             image = os.path.join(raw_dataset_folder, "imagesTr", os.path.basename(prior))
-            if not os.path.isfile(image) or not prior.endswith(SITK_ENDINGS):
+            if not os.path.isfile(image) or not prior.endswith(IMAGE_EXTENSIONS):
                 continue
             want, got = read_header(image), read_header(prior)
             if got.size != want.size or not np.allclose(got.spacing, want.spacing, rtol=1e-3, atol=1e-5):
                 raise PriorsError(f"Prior {prior} has size {got.size} and spacing {got.spacing}, its image {image} "
                                   f"size {want.size} and spacing {want.spacing}: a prior must be on its case's image "
-                                  f"grid "
-                                  f"(resample it onto the image, e.g. with SimpleITK's Resample and the image as "
-                                  f"reference).")
+                                  f"grid (resample it onto the image, e.g. with SimpleITK's Resample and the image "
+                                  f"as reference).")
 
 
 def has_priors(raw_dataset_folder: str) -> bool:

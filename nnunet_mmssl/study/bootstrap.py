@@ -33,20 +33,10 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_resamples: int = 
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"paired bootstrap needs two 1-d sequences of equal length, got shapes {a.shape} and "
                          f"{b.shape}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence {confidence} must be in (0, 1)")
-    keep = np.isfinite(a) & np.isfinite(b)
-    d = a[keep] - b[keep]
-    result = {"mean_difference": None, "low": None, "high": None, "n_pairs": int(d.size),
-              "n_dropped": int((~keep).sum()), "confidence": confidence, "n_resamples": n_resamples, "seed": seed}
-    if d.size == 0:
-        return result
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, d.size, size=(n_resamples, d.size))].mean(axis=1)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    result.update(mean_difference=float(d.mean()), low=float(low), high=float(high))
-    return result
+    # each pair its own row of a one-column design: resampling rows is resampling pairs
+    result = crossed_bootstrap(a, b, range(a.size), [0] * a.size, n_resamples, confidence, seed)
+    return {key: result[key] for key in ("mean_difference", "low", "high", "n_pairs", "n_dropped", "confidence",
+                                         "n_resamples", "seed")}
 
 
 def crossed_bootstrap(a: Sequence[float], b: Sequence[float], rows: Sequence, cols: Sequence,
@@ -80,8 +70,10 @@ def crossed_bootstrap(a: Sequence[float], b: Sequence[float], rows: Sequence, co
         repeated = next(c for c in cells if cells.count(c) > 1)
         raise ValueError(f"crossed bootstrap: cell (row, col) = {repeated} is given more than once")
     keep = np.isfinite(a) & np.isfinite(b)
-    row_ids = {r: k for k, r in enumerate(dict.fromkeys(r for r, k in zip(rows, keep) if k))}
-    col_ids = {c: k for k, c in enumerate(dict.fromkeys(c for c, k in zip(cols, keep) if k))}
+    kept_rows = [r for r, k in zip(rows, keep) if k]
+    kept_cols = [c for c, k in zip(cols, keep) if k]
+    row_ids = {r: k for k, r in enumerate(dict.fromkeys(kept_rows))}
+    col_ids = {c: k for k, c in enumerate(dict.fromkeys(kept_cols))}
     result = {"mean_difference": None, "low": None, "high": None, "n_pairs": int(keep.sum()),
               "n_dropped": int((~keep).sum()), "n_rows": len(row_ids), "n_cols": len(col_ids),
               "n_empty_resamples": 0, "resampled": "rows and columns", "confidence": confidence,
@@ -89,8 +81,7 @@ def crossed_bootstrap(a: Sequence[float], b: Sequence[float], rows: Sequence, co
     if not keep.any():
         return result
     d = np.full((len(row_ids), len(col_ids)), np.nan)
-    for r, c, value in zip(np.asarray(rows, dtype=object)[keep], np.asarray(cols, dtype=object)[keep],
-                           a[keep] - b[keep]):
+    for r, c, value in zip(kept_rows, kept_cols, a[keep] - b[keep]):
         d[row_ids[r], col_ids[c]] = value
     finite = np.isfinite(d)
     values = np.where(finite, d, 0.0)

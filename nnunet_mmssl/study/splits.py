@@ -125,13 +125,11 @@ def _refuse_repeated_subsets(runs: Sequence[RunSplit], pool_size: int) -> None:
         ValueError: naming the seeds and the size, unless the pool has fewer distinct subsets of that size than there
             are seeds (then repeats cannot be avoided and are allowed).
     """
-    from math import comb
-
     for size in sorted({r.size for r in runs}):
         mine = [r for r in runs if r.size == size]
         seen: dict[tuple[str, ...], int] = {}
         for run in mine:
-            if run.labeled in seen and comb(pool_size, size) >= len(mine):
+            if run.labeled in seen and math.comb(pool_size, size) >= len(mine):
                 raise ValueError(f"seeds {seen[run.labeled]} and {run.seed} label the same {size} case(s) "
                                  f"{list(run.labeled)}: the same run twice, not two samples. Use other seeds "
                                  f"(--seeds), e.g. drop seed {run.seed}.")
