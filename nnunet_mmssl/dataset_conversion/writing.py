@@ -9,7 +9,6 @@ it stays empty.
 from __future__ import annotations
 
 import contextlib
-import json
 import multiprocessing
 import os
 import shutil
@@ -23,6 +22,7 @@ import SimpleITK as sitk
 from nnunet_mmssl.dataset_conversion.checking import read_checked, read_label_array, remap_label
 from nnunet_mmssl.dataset_conversion.finding import SourceCase, _relative
 from nnunet_mmssl.dataset_conversion.request import FILE_ENDING, GROUP_FOLDERS, ConversionError, Tolerances
+from nnunet_mmssl.io_checks import write_image, write_json
 
 DESCRIPTION = ("Converted by nnUNetv2_mmssl_convert (nnunet_mmssl); imagesUnlabeled/ holds the unlabelled cases for "
                "semi-supervised training.")
@@ -42,15 +42,14 @@ def _write_case(task: dict) -> str:
         if first is None:
             first = image
         out = os.path.join(task["image_folder"], f"{task['case_id']}_{channel:04d}{FILE_ENDING}")
-        sitk.WriteImage(image, out, useCompression=True)
+        write_image(image, out)
     if task["label"] is not None:
         array = read_label_array(Path(task["label"]))
         if task.get("label_map") is not None:
             array = remap_label(array, task["label_map"], task.get("modality", "?"), task["label"])
         label = sitk.GetImageFromArray(array)
         label.CopyInformation(first)
-        sitk.WriteImage(label, os.path.join(task["label_folder"], f"{task['case_id']}{FILE_ENDING}"),
-                        useCompression=True)
+        write_image(label, os.path.join(task["label_folder"], f"{task['case_id']}{FILE_ENDING}"))
     return task["case_id"]
 
 
@@ -114,7 +113,14 @@ class OutputTarget:
         return self.root / self.folder_name
 
     def check(self) -> None:
-        """Raise ConversionError if another folder uses the id, or the output exists without ``overwrite``."""
+        """Raise ConversionError if the output root is a file or not writable, another folder uses the id, or the
+        output exists without ``overwrite``."""
+        existing = next((p for p in (self.root, *self.root.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise ConversionError(f"{existing}, is a file, not a folder. Give an output folder with -o.")
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            raise ConversionError(f"{existing}, is not writable by this user, so {self.path} cannot be created there. "
+                                  f"Choose a writable output folder with -o (or change the folder's permissions).")
         if self.root.is_dir():
             others = sorted(p.name for p in self.root.glob(f"Dataset{self.dataset_id:03d}_*")
                             if p.is_dir() and p.name != self.folder_name)
@@ -160,8 +166,12 @@ def write_dataset(target: OutputTarget, cases: Sequence[SourceCase], case_ids: S
     """
     root = target.root
     created_root = not root.exists()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.folder_name}.tmp-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.folder_name}.tmp-", dir=root))
+    except OSError as error:
+        raise ConversionError(f"{target.path}, cannot be created: {error.strerror or error}. Choose a writable output "
+                              f"folder with -o (or free disk space).") from None
     try:
         tasks = []
         for group, (image_sub, label_sub) in GROUP_FOLDERS.items():
@@ -192,9 +202,7 @@ def write_dataset(target: OutputTarget, cases: Sequence[SourceCase], case_ids: S
                 for k, case_id in enumerate(pool.imap_unordered(write_case, tasks)):
                     report(f"[{k + 1}/{len(tasks)}] wrote {case_id}")
         for name, content in json_files.items():
-            with open(tmp / name, "w", encoding="utf-8") as f:
-                json.dump(content, f, indent=2)
-                f.write("\n")
+            write_json(content, tmp / name)
         target.check()
         final = target.path
         if final.exists():
