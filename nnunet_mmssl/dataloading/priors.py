@@ -144,7 +144,9 @@ def _preprocess_one(job: tuple) -> None:
     plans_manager = PlansManager(plans)
     priors = preprocess_case_priors(files, load_pickle(properties_file), data_shape, plans_manager,
                                     plans_manager.get_configuration(configuration))
-    np.save(output, priors)
+    from nnunet_mmssl.io_checks import save_npy
+
+    save_npy(priors, output)
 
 
 def preprocess_priors(raw_dataset_folder: str, preprocessed_dataset_folder: str, plans: dict,

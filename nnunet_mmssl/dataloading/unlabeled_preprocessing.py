@@ -105,7 +105,7 @@ def _preprocess_one(output_filename_truncated: str, image_files: list[str], plan
 
         for image_file in image_files:
             check_image_file(image_file)
-    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
+    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     if modality is not None:  # unregistered dataset: normalise as the case's modality
@@ -126,8 +126,42 @@ def _preprocess_one(output_filename_truncated: str, image_files: list[str], plan
     patch_size = tuple(configuration_manager.patch_size)
     blocks, chunks = comp_blosc2_params(data.shape, patch_size, data.itemsize)
     blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, patch_size, seg.itemsize)
-    nnUNetDatasetBlosc2.save_case(data, seg, properties, output_filename_truncated, chunks=chunks, blocks=blocks,
-                                  chunks_seg=chunks_seg, blocks_seg=blocks_seg)
+    save_case_verified(data, seg, properties, output_filename_truncated, chunks=chunks, blocks=blocks,
+                       chunks_seg=chunks_seg, blocks_seg=blocks_seg)
+
+
+def save_case_verified(data: np.ndarray, seg: np.ndarray, properties: dict, output_filename_truncated: str,
+                       **blosc2_params) -> None:
+    """nnU-Net's ``nnUNetDatasetBlosc2.save_case``, then every file read back whole and compared.
+
+    The files are written inside a temporary folder (published by :func:`build_folder_atomically`); a message names
+    them by their final folder.
+
+    Raises:
+        WriteError: a file could not be written completely (disk full, file-size limit), naming it.
+    """
+    import blosc2
+    from batchgenerators.utilities.file_and_folder_operations import load_pickle
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    from nnunet_mmssl.io_checks import reported_as, write_error
+
+    first = output_filename_truncated + ".b2nd"
+    with reported_as(first, first):
+        nnUNetDatasetBlosc2.save_case(data, seg, properties, output_filename_truncated, **blosc2_params)
+    for suffix, expected in ((".b2nd", data), ("_seg.b2nd", seg)):
+        path = output_filename_truncated + suffix
+        try:
+            ok = np.array_equal(np.asarray(blosc2.open(path, mode="r")[:]), expected)
+        except Exception as error:  # noqa: BLE001 -- an unreadable file we wrote is a failed write
+            raise write_error(path, path, error) from error
+        if not ok:
+            raise write_error(path, path)
+    path = output_filename_truncated + ".pkl"
+    try:
+        load_pickle(path)
+    except Exception as error:  # noqa: BLE001
+        raise write_error(path, path, error) from error
 
 
 @contextlib.contextmanager

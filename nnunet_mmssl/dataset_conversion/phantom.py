@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from nnunet_mmssl.io_checks import write_image
+
 MODALITIES: tuple[str, str] = ("MRA", "MRB")
 """Modality names, in channel order."""
 
@@ -210,7 +212,7 @@ def make_phantom_cases(output_folder: str | os.PathLike, num_labeled: int = 8, n
         folder = out / ("labeled" if labeled else "unlabeled") / f"phantom_{i:03d}"
         folder.mkdir(parents=True, exist_ok=True)
         for name in MODALITIES:
-            sitk.WriteImage(_to_sitk(case.images[name], spacing), str(folder / f"{name}.nii.gz"), useCompression=True)
+            write_image(_to_sitk(case.images[name], spacing), folder / f"{name}.nii.gz")
         if labeled:
-            sitk.WriteImage(_to_sitk(case.label, spacing), str(folder / PHANTOM_LABEL_GLOB), useCompression=True)
+            write_image(_to_sitk(case.label, spacing), folder / PHANTOM_LABEL_GLOB)
     return out

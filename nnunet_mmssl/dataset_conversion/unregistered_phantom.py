@@ -23,9 +23,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from nnunet_mmssl.dataset_conversion.phantom import _to_sitk, generate_phantom_case
+from nnunet_mmssl.io_checks import write_image
 
 #: per modality: (shape z, y, x), (spacing z, y, x) mm, label value of the lesion
 UNREGISTERED_PHANTOM_GEOMETRY: dict[str, tuple[tuple[int, int, int], tuple[float, float, float], int]] = {
@@ -66,8 +66,8 @@ def make_unregistered_phantom_sources(output_folder: str | os.PathLike, num_labe
             image = _ct_image(case, rng) if modality.upper() == "CT" else case.images["MRB"]
             folder = out / modality / f"{modality.lower()}_{i:03d}"
             folder.mkdir(parents=True, exist_ok=True)
-            sitk.WriteImage(_to_sitk(image, spacing), str(folder / "image.nii.gz"), useCompression=True)
+            write_image(_to_sitk(image, spacing), folder / "image.nii.gz")
             if i < n_lab:
                 label = (case.label * label_value).astype(np.uint8)
-                sitk.WriteImage(_to_sitk(label, spacing), str(folder / "label.nii.gz"), useCompression=True)
+                write_image(_to_sitk(label, spacing), folder / "label.nii.gz")
     return out
