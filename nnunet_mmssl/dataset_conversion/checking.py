@@ -8,6 +8,7 @@ written (:func:`read_checked`; see :mod:`nnunet_mmssl.dataloading.image_checks`)
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -70,10 +71,14 @@ def _compare(a: _Header, b: _Header, tol: Tolerances) -> str | None:
     return None
 
 
-def check_case_geometry(case: SourceCase, tolerances: Tolerances | None = None) -> None:
+def check_case_geometry(case: SourceCase, tolerances: Tolerances | None = None) -> _Header:
     """Check that all channels and the label of a case share one grid (headers only).
 
-    Size must match exactly; spacing, origin (mm) and direction within ``tolerances``. Images must be scalar.
+    Size must match exactly; spacing, origin (mm) and direction within ``tolerances``. Images must be scalar and 2D
+    or 3D.
+
+    Returns:
+        The header of the case's first channel (its grid; see :func:`check_same_dimension`).
 
     Raises:
         ConversionError: naming the case, both files and the mismatch.
@@ -85,12 +90,101 @@ def check_case_geometry(case: SourceCase, tolerances: Tolerances | None = None) 
         if h.components != 1:
             raise ConversionError(f"{case.describe()}: {_relative(f, case.folder)!r} has {h.components} components "
                                   f"per voxel; only scalar images are supported")
+        if len(h.size) not in (2, 3):
+            raise ConversionError(f"{case.describe()}: {_relative(f, case.folder)!r} is a {len(h.size)}D image (size "
+                                  f"{h.size}); nnU-Net takes one 3D (or 2D) image per channel. Split it into one file "
+                                  f"per channel (e.g. SimpleITK's Extract) and match each with its own --modality "
+                                  f"glob.")
+        if len(h.size) > 3:
+            raise ConversionError(f"{f}, is a {len(h.size)}D image (size {h.size}); each channel must be one 3D (or "
+                                  f"2D) image. Split it into one file per channel and give each its own --modality "
+                                  f"glob.")
     ref_file, ref = files[0], headers[0]
     for f, h in zip(files[1:], headers[1:], strict=True):
         mismatch = _compare(ref, h, tol)
         if mismatch:
             raise ConversionError(f"{case.describe()}: {_relative(ref_file, case.folder)!r} and "
                                   f"{_relative(f, case.folder)!r} are not on the same grid: {mismatch}")
+    return ref
+
+
+def check_same_dimension(cases: Sequence[SourceCase], headers: Sequence[_Header]) -> int:
+    """Every case 3D, or every case 2D (a 2D dataset, which nnU-Net supports: it gives the images a made-up slice
+    spacing of 999). A 2D slice among 3D cases would be converted and get that spacing of 999 in the fingerprint.
+
+    Args:
+        cases: the cases.
+        headers: per case, its first channel's header (:func:`check_case_geometry`).
+
+    Returns:
+        The dimension of the dataset (2 or 3).
+
+    Raises:
+        ConversionError: naming the first case of the minority dimension, an example of the other, and the fix.
+    """
+    dims = [len(h.size) for h in headers]
+    if not dims:
+        return 3
+    counts = {d: dims.count(d) for d in sorted(set(dims))}
+    if len(counts) == 1:
+        return dims[0]
+    major = max(counts, key=lambda d: (counts[d], d))  # a tie: 3D
+    odd = next(k for k, d in enumerate(dims) if d != major)
+    good = next(k for k, d in enumerate(dims) if d == major)
+    others = [cases[k].name for k, d in enumerate(dims) if d != major]
+    case = cases[odd]
+    raise ConversionError(
+        f"{case.describe()}: {_relative(case.channel_files[0], case.folder)!r} is a {dims[odd]}D image (size "
+        f"{headers[odd].size}) but {counts[major]} case(s) are {major}D (e.g. {cases[good].describe()}, size "
+        f"{headers[good].size}); nnU-Net would treat a 2D slice among 3D volumes as one slice with a made-up spacing "
+        f"of 999 mm. Remove the {dims[odd]}D case(s) ({', '.join(others[:5])}{' ...' if len(others) > 5 else ''}) "
+        f"or convert them to {major}D: one dataset is all 3D or all 2D.")
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_duplicate_cases(cases: Sequence[SourceCase]) -> None:
+    """No file of one case is a file of another case: the same file reached through a symlink or hard link (same
+    device and inode), or an image with byte-identical content (compared by SHA-256 among the images of equal size).
+    Otherwise the same patient would be counted twice and could land in both training and test.
+
+    Labels are compared by file identity only (two empty masks of one grid are byte-identical and legitimate).
+
+    Raises:
+        ConversionError: naming both cases, both files and the fix.
+    """
+
+    def fail(case: SourceCase, path: Path, other: SourceCase, other_path: Path, how: str) -> ConversionError:
+        return ConversionError(f"{case.describe()}: {_relative(path, case.folder)!r} is {how} {str(other_path)!r} of "
+                               f"{other.describe()}: the same patient would be converted twice (and could land in "
+                               f"both training and test). Remove one of the two case folders.")
+
+    owner: dict[tuple[int, int], tuple[SourceCase, Path]] = {}
+    by_size: dict[int, list[tuple[SourceCase, Path]]] = {}
+    for case in cases:
+        files = list(case.channel_files) + ([case.label_file] if case.label_file is not None else [])
+        for path in files:
+            stat = os.stat(path)
+            key = (stat.st_dev, stat.st_ino)
+            other = owner.setdefault(key, (case, path))
+            if other[0] is not case:
+                raise fail(case, path, other[0], other[1], "the same file (a symlink or hard link) as")
+            if path != case.label_file:
+                by_size.setdefault(stat.st_size, []).append((case, path))
+    for group in by_size.values():
+        if len({id(case) for case, _ in group}) < 2:
+            continue
+        seen: dict[str, tuple[SourceCase, Path]] = {}
+        for case, path in group:
+            other = seen.setdefault(_file_digest(path), (case, path))
+            if other[0] is not case:
+                raise fail(case, path, other[0], other[1], "byte for byte identical to")
 
 
 def read_checked(path: str | os.PathLike) -> sitk.Image:
@@ -156,8 +250,10 @@ def label_values(array: np.ndarray) -> list[int]:
     return [int(v) for v in np.unique(array)]
 
 
-def check_label(case: SourceCase, labels: Mapping[str, int]) -> list[int]:
+def check_label(case: SourceCase, labels: Mapping[str, int], modality: str | None = None) -> list[int]:
     """Check a case's label file: integral, non-negative, only declared values.
+
+    ``modality`` (unregistered mode) makes the suggested ``--label-map`` per modality (``M:V=T``).
 
     Returns:
         The distinct values found.
@@ -170,10 +266,25 @@ def check_label(case: SourceCase, labels: Mapping[str, int]) -> list[int]:
     declared = set(labels.values())
     undeclared = [v for v in values if v not in declared]
     if undeclared:
+        prefix = "" if modality is None else f"{modality}:"
         raise ConversionError(f"{case.describe()}: label {_relative(case.label_file, case.folder)!r} contains value "
                               f"{undeclared[0]} (all undeclared: {undeclared}) that is not declared in labels "
-                              f"{dict(labels)}; declare it (--labels NAME=VALUE ...)")
+                              f"{dict(labels)}. Map it onto a declared label, e.g. "
+                              f"{suggest_label_map(values, undeclared, labels, prefix)} (--label-map {prefix}V=T for "
+                              f"every value V present; 0 maps to 0), or declare it (--labels NAME=VALUE ...).")
     return values
+
+
+def suggest_label_map(values: Sequence[int], undeclared: Sequence[int], labels: Mapping[str, int],
+                      prefix: str = "") -> str:
+    """A ``--label-map`` for a label file holding ``values``: declared values onto themselves, the ``undeclared``
+    ones onto the one declared foreground label (or ``T`` when there are several to choose from)."""
+    foreground = sorted(int(v) for v in labels.values() if int(v) != 0)
+    target = str(foreground[0]) if len(foreground) == 1 else "T"
+    pairs = [f"{prefix}{v}={v}" for v in values if v not in undeclared and v != 0]
+    pairs += [f"{prefix}{v}={target}" for v in undeclared]
+    text = "--label-map " + " ".join(pairs)
+    return text if target != "T" else f"{text} with T one of {foreground}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
