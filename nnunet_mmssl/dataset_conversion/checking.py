@@ -91,11 +91,6 @@ def check_case_geometry(case: SourceCase, tolerances: Tolerances | None = None) 
             raise ConversionError(f"{case.describe()}: {_relative(f, case.folder)!r} has {h.components} components "
                                   f"per voxel; only scalar images are supported")
         if len(h.size) not in (2, 3):
-            raise ConversionError(f"{case.describe()}: {_relative(f, case.folder)!r} is a {len(h.size)}D image (size "
-                                  f"{h.size}); nnU-Net takes one 3D (or 2D) image per channel. Split it into one file "
-                                  f"per channel (e.g. SimpleITK's Extract) and match each with its own --modality "
-                                  f"glob.")
-        if len(h.size) > 3:
             raise ConversionError(f"{f}, is a {len(h.size)}D image (size {h.size}); each channel must be one 3D (or "
                                   f"2D) image. Split it into one file per channel and give each its own --modality "
                                   f"glob.")

@@ -44,8 +44,10 @@ import numpy as np
 
 from nnunet_mmssl.dataset_conversion.checking import (
     check_case_geometry,
+    check_duplicate_cases,
     check_label,
     check_mapped_label,
+    check_same_dimension,
     label_values,
     read_checked,
     read_label_array,
@@ -54,6 +56,7 @@ from nnunet_mmssl.dataset_conversion.checking import (
 )
 from nnunet_mmssl.dataset_conversion.finding import (
     SourceCase,
+    check_output_outside_sources,
     discover_cases,
     discover_source_cases,
     find_image_files,
@@ -106,8 +109,11 @@ __all__ = [
     "SourceCase",
     "Tolerances",
     "check_case_geometry",
+    "check_duplicate_cases",
     "check_label",
     "check_mapped_label",
+    "check_output_outside_sources",
+    "check_same_dimension",
     "convert_dataset",
     "discover_cases",
     "discover_source_cases",
@@ -203,6 +209,7 @@ def convert_dataset(
     lab_globs = _normalise_label_globs(label_globs)
     channel_names = [name for name, _ in mods]
     target = output_target(output_root, dataset_id, dataset_name, overwrite)
+    check_output_outside_sources(target.root, target.path, resolve_sources(sources))
 
     # --- discovery, split and checks (nothing written yet) --------------------------------------------------
     cases = discover_cases(sources, mods, lab_globs)
@@ -213,14 +220,16 @@ def convert_dataset(
            f"unlabelled, {len(split['test'])} test")
     mapping = validate_label_map("all", label_map, label_dict) if label_map else None
     region_json = region_labels(label_dict, regions, regions_class_order) if regions else None
+    headers = [check_case_geometry(case, tol) for case in cases]  # headers only: cheap checks first
+    check_same_dimension(cases, headers)
+    check_duplicate_cases(cases)
     for case in cases:
-        check_case_geometry(case, tol)
         if case.label_file is not None:
             if mapping is not None:
                 check_mapped_label(case, "all", mapping, label_dict)
             else:
                 check_label(case, label_dict)
-    report("all cases checked: grids consistent, labels valid")
+    report("all cases checked: grids consistent, no case twice, labels valid")
 
     # --- records ----------------------------------------------------------------------------------------------
     group_of = {i: g for g, idx in split.items() for i in idx}

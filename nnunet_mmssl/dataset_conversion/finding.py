@@ -149,6 +149,29 @@ def resolve_sources(sources: Sequence[str | os.PathLike]) -> list[Path]:
     return resolved
 
 
+def check_output_outside_sources(output_root: Path, dataset_folder: Path, sources: Sequence[Path]) -> None:
+    """The converter writes nothing inside its sources, and no source lies inside the dataset folder it writes (which
+    ``--overwrite`` would replace).
+
+    Args:
+        output_root: the (resolved) raw root the dataset folder and its temporary sibling are written into.
+        dataset_folder: the (resolved) final dataset folder.
+        sources: the resolved source folders.
+
+    Raises:
+        ConversionError: naming the output and the source, with the fix.
+    """
+    for source in sources:
+        if output_root == source or source in output_root.parents:
+            raise ConversionError(f"-o/--output-root {str(output_root)!r} is inside the source folder {str(source)!r}: "
+                                  f"the converter would write into its own input (and the new dataset would be a case "
+                                  f"folder of the next run). Choose an output root outside every source folder.")
+        if dataset_folder == source or dataset_folder in source.parents:
+            raise ConversionError(f"source folder {str(source)!r} is inside the dataset folder "
+                                  f"{str(dataset_folder)!r} that this run writes (--overwrite would replace it). Move "
+                                  f"the sources elsewhere, or choose another dataset id/name or output root.")
+
+
 def discover_source_cases(index: int, source: Path, modalities: ModalitySpec,
                           label_globs: Sequence[str] | str | None) -> list[SourceCase]:
     """The cases of one (resolved) source, sorted by case folder name.

@@ -1,9 +1,9 @@
 """nnU-Net region datasets at conversion: ``labels`` with lists of label values and ``regions_class_order``.
 
-nnU-Net trains region datasets (e.g. BraTS whole tumour / tumour core / enhancing tumour) with one sigmoid output per
-region, a region being the union of some label values of the label files. ``dataset.json`` then declares::
+nnU-Net trains region datasets (e.g. BraTS whole tumour WT / tumour core TC / enhancing tumour ET) with one sigmoid
+output per region, a region being the union of some label values of the label files. ``dataset.json`` then declares::
 
-    "labels": {"background": 0, "whole tumour": [1, 2, 3], "tumour core": [2, 3], "enhancing tumour": [3]},
+    "labels": {"background": 0, "WT": [1, 2, 3], "TC": [2, 3], "ET": [3]},
     "regions_class_order": [1, 2, 3]
 
 ``regions_class_order[k]`` is the label value written where region k is predicted when nnU-Net exports a
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from nnunet_mmssl.dataset_conversion.request import ConversionError
+from nnunet_mmssl.dataset_conversion.request import ConversionError, safe_name
 
 
 def parse_region_specs(specs: Sequence[str]) -> dict[str, list[int]]:
@@ -34,6 +34,7 @@ def parse_region_specs(specs: Sequence[str]) -> dict[str, list[int]]:
             parsed = []
         if not name or not parsed:
             raise ConversionError(f"--regions {spec!r} is not NAME=VALUE,VALUE,... (e.g. WT=1,2,3)")
+        safe_name(name, "region name", "--regions")
         if name in regions:
             raise ConversionError(f"--regions: region {name!r} is given twice")
         regions[name] = parsed
@@ -60,6 +61,7 @@ def region_labels(labels: Mapping[str, int], regions: Mapping[str, Sequence[int]
     for name, values in regions.items():
         if name == "background":
             raise ConversionError("a region cannot be called 'background'")
+        safe_name(name, "region name", "--regions")
         values = sorted({int(v) for v in values})
         bad = [v for v in values if v not in declared or v == 0]
         if not values or bad:

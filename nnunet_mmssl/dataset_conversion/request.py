@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nnunet_mmssl.names import MAX_NAME_LENGTH, check_safe_name
+
 IMAGE_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 """File endings considered as images inside a case folder (compared case-insensitively)."""
 
@@ -38,6 +40,15 @@ ModalitySpec = Sequence[tuple[str, Sequence[str] | str]] | Mapping[str, Sequence
 
 class ConversionError(ValueError):
     """A user-fixable problem with the conversion request or the input data; the message says what and where."""
+
+
+def safe_name(name: str, what: str, source: str) -> str:
+    """:func:`nnunet_mmssl.names.check_safe_name` raising :class:`ConversionError`: a modality, channel, region or
+    dataset name becomes part of file names (``../../x`` or ``T1/pre`` would write elsewhere)."""
+    try:
+        return check_safe_name(name, what, source)
+    except ValueError as error:
+        raise ConversionError(str(error)) from None
 
 
 @dataclass(frozen=True)
@@ -160,6 +171,7 @@ def _normalise_modalities(modalities: ModalitySpec) -> list[tuple[str, list[str]
             raise ConversionError(f"modality {item!r} is not a (name, globs) pair") from None
         if not isinstance(name, str) or not name.strip():
             raise ConversionError(f"modality name {name!r} must be a non-empty string")
+        safe_name(name, "modality (channel) name", "--modality")
         if name in seen:
             raise ConversionError(f"modality {name!r} given twice; give all its globs in one entry")
         seen.add(name)
@@ -195,13 +207,16 @@ def check_request(dataset_id: int, dataset_name: str, case_prefix: str | None, l
     """
     if isinstance(dataset_id, bool) or not isinstance(dataset_id, (int, np.integer)) or not 1 <= dataset_id <= 999:
         raise ConversionError(f"dataset id must be an int in 1..999, got {dataset_id!r}")
-    if not isinstance(dataset_name, str) or not _NAME_PATTERN.fullmatch(dataset_name):
-        raise ConversionError(f"dataset name {dataset_name!r} must start with a letter or digit and contain only "
-                              f"letters, digits, '_' and '-'")
+    if not isinstance(dataset_name, str) or not _NAME_PATTERN.fullmatch(dataset_name) \
+            or len(dataset_name) > MAX_NAME_LENGTH:
+        raise ConversionError(f"-n/--dataset-name: dataset name {dataset_name!r} must start with a letter or digit "
+                              f"and contain only letters, digits, '_' and '-' (at most {MAX_NAME_LENGTH} characters): "
+                              f"it becomes the folder name Dataset{int(dataset_id):03d}_NAME. Choose such a name.")
     prefix = dataset_name if case_prefix is None else case_prefix
-    if not isinstance(prefix, str) or not _NAME_PATTERN.fullmatch(prefix):
-        raise ConversionError(f"case prefix {prefix!r} must start with a letter or digit and contain only letters, "
-                              f"digits, '_' and '-'")
+    if not isinstance(prefix, str) or not _NAME_PATTERN.fullmatch(prefix) or len(prefix) > MAX_NAME_LENGTH:
+        raise ConversionError(f"--case-prefix: case prefix {prefix!r} must start with a letter or digit and contain "
+                              f"only letters, digits, '_' and '-' (at most {MAX_NAME_LENGTH} characters): it becomes "
+                              f"part of every file name. Choose such a prefix.")
     label_dict = validate_labels(DEFAULT_LABELS if labels is None else labels)
     if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
         raise ConversionError(f"num_processes must be an int >= 1, got {num_processes!r}")

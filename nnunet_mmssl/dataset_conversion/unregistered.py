@@ -35,17 +35,25 @@ import numpy as np
 
 from nnunet_mmssl.dataset_conversion.checking import (
     check_case_geometry,
+    check_duplicate_cases,
     check_label,
     check_mapped_label,
+    check_same_dimension,
     validate_label_map,
 )
-from nnunet_mmssl.dataset_conversion.finding import SourceCase, discover_source_cases, resolve_sources
+from nnunet_mmssl.dataset_conversion.finding import (
+    SourceCase,
+    check_output_outside_sources,
+    discover_source_cases,
+    resolve_sources,
+)
 from nnunet_mmssl.dataset_conversion.modality_layout import ModalityLayoutError, channel_name_for, make_layout
 from nnunet_mmssl.dataset_conversion.request import (
     GROUP_FOLDERS,
     SPLIT_FILE_NAME,
     ConversionError,
     check_request,
+    safe_name,
 )
 from nnunet_mmssl.dataset_conversion.splitting import Count, split_by_modality
 from nnunet_mmssl.dataset_conversion.writing import (
@@ -274,6 +282,13 @@ def convert_unregistered(
     if any(not isinstance(m, str) for m in source_modalities):
         raise ConversionError(f"source modalities must be strings, got {list(source_modalities)}")
     modalities = list(dict.fromkeys(source_modalities))
+    for modality in modalities:
+        safe_name(modality, "modality name", "--source-modality")
+        if "+" in modality:
+            raise ConversionError(f"--source-modality: modality name {modality!r} contains '+', which joins the "
+                                  f"modalities in the channel name ({channel_name_for(modalities)!r}). Use a name "
+                                  f"without '+'.")
+    safe_name(channel_name_for(modalities), "channel name (the modalities joined by '+')", "--source-modality")
     _unknown_names(intensity_schemes, modalities, "--intensity-scheme")
     try:
         make_layout(modalities, None, intensity_schemes)
@@ -286,10 +301,12 @@ def convert_unregistered(
     img_globs = _globs(image_globs, "image globs", required=True)
     lab_globs = _globs(label_globs, "label globs", required=False)
     target = output_target(output_root, dataset_id, dataset_name, overwrite)
+    resolved = resolve_sources(sources)
+    check_output_outside_sources(target.root, target.path, resolved)
 
     # --- discovery, split and checks (nothing written yet) --------------------------------------------------
     cases: list[SourceCase] = []
-    for index, source in enumerate(resolve_sources(sources)):
+    for index, source in enumerate(resolved):
         cases.extend(discover_source_cases(index, source, [(source_modalities[index], img_globs)], lab_globs))
     case_modalities = [source_modalities[c.source_index] for c in cases]
     split, per_modality = split_by_modality(cases, case_modalities, modalities, labeled_per, test_per, seed)
@@ -299,18 +316,17 @@ def convert_unregistered(
            f"{len(sources)} source(s); split per modality: "
            + "; ".join(f"{m} {c['labeled']} labelled, {c['unlabeled']} unlabelled, {c['test']} test"
                        for m, c in counts_per_modality.items()))
+    headers = [check_case_geometry(case, tol) for case in cases]  # headers only: cheap checks first
+    check_same_dimension(cases, headers)
+    check_duplicate_cases(cases)
     for case, modality in zip(cases, case_modalities, strict=True):
-        check_case_geometry(case, tol)
         if case.label_file is not None:
             if modality in maps:
                 check_mapped_label(case, modality, maps[modality], label_dict)
             else:
-                try:
-                    check_label(case, label_dict)
-                except ConversionError as error:
-                    raise ConversionError(f"{error}, or map it onto a declared label (--label-map {modality}:V=T)") \
-                        from None
-    report("all cases checked: image and label on one grid, labels valid" + (" and mapped" if maps else ""))
+                check_label(case, label_dict, modality)
+    report("all cases checked: image and label on one grid, no case twice, labels valid"
+           + (" and mapped" if maps else ""))
 
     # --- records ----------------------------------------------------------------------------------------------
     layout = make_layout(modalities, dict(zip(case_ids, case_modalities, strict=True)), intensity_schemes)

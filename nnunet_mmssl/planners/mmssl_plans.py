@@ -39,22 +39,38 @@ def parse_modality_groups(specs: Sequence[str], channel_names: Mapping[str, str]
 
     Example: ``["FLAIR,T1ce", "T2,T1"]`` or ``["0,1", "2,3"]`` with ``channel_names = {"0": "FLAIR", ...}``.
 
+    The groups must partition the channels: every channel in exactly one group (a network branch per group; a
+    channel in two groups or in none would make the network and the data disagree at training time).
+
     Raises:
-        ValueError: naming an unknown channel and the known ones.
+        ValueError: naming an unknown channel and the known ones, a channel given twice, or channels left out.
     """
     by_name = {str(v): int(k) for k, v in channel_names.items()}
+    known = f"Known channels: {dict(channel_names)}"
     groups = []
+    where: dict[int, str] = {}
     for spec in specs:
         group = []
         for token in (t.strip() for t in spec.split(",")):
             if token.isdigit() and str(int(token)) in channel_names:
-                group.append(int(token))
+                channel = int(token)
             elif token in by_name:
-                group.append(by_name[token])
+                channel = by_name[token]
             else:
-                raise ValueError(f"Unknown channel {token!r} in modality group {spec!r}. Known channels: "
-                                 f"{dict(channel_names)} (give indices or names).")
+                raise ValueError(f"Unknown channel {token!r} in modality group {spec!r}. {known} (give indices or "
+                                 f"names).")
+            if channel in where:
+                raise ValueError(f"--modality-groups {' '.join(specs)}: channel {channel} "
+                                 f"({channel_names[str(channel)]!r}) is in group {where[channel]!r} and again in "
+                                 f"{spec!r}. Give every channel in exactly one group. {known}.")
+            where[channel] = spec
+            group.append(channel)
         groups.append(group)
+    unused = [int(k) for k in channel_names if int(k) not in where]
+    if unused:
+        raise ValueError(f"--modality-groups {' '.join(specs)} leave(s) channel(s) "
+                         f"{', '.join(f'{c} ({channel_names[str(c)]!r})' for c in sorted(unused))} in no group. Give "
+                         f"every channel in exactly one group. {known}.")
     return groups
 
 
