@@ -64,28 +64,57 @@ def find_prior_files(raw_dataset_folder: str, dataset_json: dict, cases: Sequenc
     return result
 
 
-def check_prior_grids(raw_dataset_folder: str, files: dict[str, list[str]]) -> None:
-    """Every prior file on its image channel's grid (size and spacing from the file headers, no voxel read), so that
-    a wrong prior stops ``nnUNetv2_mmssl_plan_and_preprocess`` before anything is written (the converter's header
-    reader). Other formats than SimpleITK's are left to the check during preprocessing.
+def check_prior_file(path: str) -> None:
+    """One prior read whole and checked like every raw image (complete file, an image, finite voxels as stored:
+    :func:`~nnunet_mmssl.dataloading.image_checks.read_image_checked`), and its values in [0, 1].
 
     Raises:
-        PriorsError: naming the prior, its image and both grids.
+        PriorsError: naming the file, what is wrong and the fix.
+    """
+    import SimpleITK as sitk
+
+    from nnunet_mmssl.dataloading.image_checks import ImageFileError, read_image_checked
+
+    try:
+        image = read_image_checked(path)
+    except ImageFileError as error:
+        raise PriorsError(str(error)) from None
+    array = sitk.GetArrayViewFromImage(image)
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > 1:
+        raise PriorsError(f"{path}, has values in [{low:g}, {high:g}]; a prior must be a mask or probability map in "
+                          f"[0, 1]. Rescale it (e.g. divide a 0-255 mask by 255) and save it again.")
+
+
+def check_prior_grids(raw_dataset_folder: str, files: dict[str, list[str]]) -> None:
+    """Every prior file on its image channel's grid (size and spacing from the file headers), then read whole and
+    checked (:func:`check_prior_file`: complete, finite, values in [0, 1]), so that a wrong prior stops
+    ``nnUNetv2_mmssl_plan_and_preprocess`` before anything is written (the converter's header reader; SimpleITK
+    alone would read NaN/Inf as 0 and a truncated prior's missing part as zeros). Other formats than SimpleITK's are
+    left to the check during preprocessing.
+
+    Raises:
+        PriorsError: naming the prior (and for a grid mismatch its image and both grids), with the fix.
     """
     from nnunet_mmssl.dataset_conversion.checking import read_header
     from nnunet_mmssl.dataset_conversion.request import IMAGE_EXTENSIONS  # the formats SimpleITK reads
 
-    for case_files in files.values():
-        for prior in case_files:
-            image = os.path.join(raw_dataset_folder, "imagesTr", os.path.basename(prior))
-            if not os.path.isfile(image) or not prior.endswith(IMAGE_EXTENSIONS):
-                continue
+    checked = [prior for case_files in files.values() for prior in case_files if prior.endswith(IMAGE_EXTENSIONS)]
+    for prior in checked:  # headers first: cheap
+        image = os.path.join(raw_dataset_folder, "imagesTr", os.path.basename(prior))
+        if not os.path.isfile(image):
+            continue
+        try:
             want, got = read_header(image), read_header(prior)
-            if got.size != want.size or not np.allclose(got.spacing, want.spacing, rtol=1e-3, atol=1e-5):
-                raise PriorsError(f"Prior {prior} has size {got.size} and spacing {got.spacing}, its image {image} "
-                                  f"size {want.size} and spacing {want.spacing}: a prior must be on its case's image "
-                                  f"grid (resample it onto the image, e.g. with SimpleITK's Resample and the image "
-                                  f"as reference).")
+        except ValueError as error:  # a truncated or non-image file (the converter's ConversionError)
+            raise PriorsError(str(error)) from None
+        if got.size != want.size or not np.allclose(got.spacing, want.spacing, rtol=1e-3, atol=1e-5):
+            raise PriorsError(f"Prior {prior} has size {got.size} and spacing {got.spacing}, its image {image} "
+                              f"size {want.size} and spacing {want.spacing}: a prior must be on its case's image "
+                              f"grid (resample it onto the image, e.g. with SimpleITK's Resample and the image "
+                              f"as reference).")
+    for prior in checked:
+        check_prior_file(prior)
 
 
 def has_priors(raw_dataset_folder: str) -> bool:
