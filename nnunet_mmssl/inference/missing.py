@@ -26,6 +26,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+from nnunet_mmssl.safe_load import check_model_folder, weights_only_loads
+
 
 class MissingModalityError(ValueError):
     """An unknown channel in ``--missing``, or every channel declared missing; the message lists the channels."""
@@ -137,8 +139,20 @@ class MissingModalityPredictor(nnUNetPredictor):
         if network is not None and hasattr(network, "set_missing_modalities"):
             network.set_missing_modalities(list(self.missing_channels) or None)
 
-    def initialize_from_trained_model_folder(self, *args, **kwargs):
-        super().initialize_from_trained_model_folder(*args, **kwargs)
+    def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds=None,
+                                             checkpoint_name: str = "checkpoint_final.pth"):
+        """nnU-Net's initialisation, after the folder passed :func:`~nnunet_mmssl.safe_load.check_model_folder`
+        (plans networks allowed by name, the folds' checkpoints weights-only); nnU-Net's own reads of the
+        checkpoints then run weights-only too. Names are checked where a command turns them into paths.
+
+        Raises:
+            UnsafeModelError: naming the refused file and type or class.
+        """
+        if isinstance(use_folds, str | int):
+            use_folds = [use_folds]
+        check_model_folder(model_training_output_dir, use_folds, checkpoint_name, names=False)
+        with weights_only_loads():
+            super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
         self._apply_network_mask()
 
     def manual_initialization(self, *args, **kwargs):

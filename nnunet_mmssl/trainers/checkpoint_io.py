@@ -8,6 +8,14 @@
 * **Atomic writes.** :func:`atomic_torch_save` writes a temporary file in the target folder and renames it
   (``os.replace``), so a run killed while saving leaves the previous ``checkpoint_latest.pth`` intact, never a
   half-written one that ``--c`` would pick up.
+* **No code from a checkpoint.** :class:`SafeLoadingMixin` (a base of every trainer of ours) opens a checkpoint with
+  :func:`nnunet_mmssl.safe_load.check_checkpoint` (``torch.load(weights_only=True)`` and nnU-Net's allowlist) before
+  nnU-Net's ``load_checkpoint`` reads it (``--c``, ``--val``, ``--val_best``), and nnU-Net's read then runs
+  weights-only too; a network class named in the plans is checked before it is imported.
+  :func:`install_pretrained_weights_check` does the same for ``nnUNetv2_train -pretrained_weights FILE``: nnU-Net
+  calls ``nnunetv2.run.run_training.load_pretrained_weights(network, FILE)`` and no trainer method sees ``FILE``, so
+  our trainers (when constructed inside nnU-Net's ``run_training``) replace that module's reference with a wrapper that
+  checks ``FILE`` first and then calls nnU-Net's function, weights-only.
 * **Safe reading.** nnU-Net loads the checkpoint its own way; :func:`read_extra_state` reads our entry with
   ``torch.load(weights_only=True)``, memory-mapped so that the tensors of nnU-Net's entries are not read again. Our
   files hold only tensors and plain containers (nnU-Net's numpy log values are written as Python numbers); numpy
@@ -15,15 +23,23 @@
   else is refused with its name instead of being unpickled.
 """
 
-import contextlib
 import os
 import pickle
+import sys
 import tempfile
 from collections import OrderedDict
 
 import numpy as np
 import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch._dynamo import OptimizedModule
+
+from nnunet_mmssl.safe_load import (
+    check_checkpoint,
+    check_configuration_manager,
+    safe_globals_context,
+    weights_only_loads,
+)
 
 CHECKPOINT_KEY = "mmssl_state"
 
@@ -103,15 +119,62 @@ def atomic_torch_save(obj, filename: str) -> None:
         raise
 
 
-def _numpy_scalar_globals() -> list:
-    """What pickled numpy scalars need (nnU-Net logs ``np.float64`` losses and Dice values)."""
-    core = getattr(np, "_core", None) or np.core
-    types = [core.multiarray.scalar, np.dtype]
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        types += [getattr(dtypes, name) for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType",
-                                                     "BoolDType") if hasattr(dtypes, name)]
-    return types
+def install_pretrained_weights_check() -> bool:
+    """Make ``nnUNetv2_train -pretrained_weights FILE`` check ``FILE`` before nnU-Net unpickles it.
+
+    Replaces ``nnunetv2.run.run_training.load_pretrained_weights`` (the name ``maybe_load_checkpoint`` calls) by a
+    wrapper: :func:`~nnunet_mmssl.safe_load.check_checkpoint` (one-line refusal naming the file and the type), then
+    nnU-Net's function under :func:`~nnunet_mmssl.safe_load.weights_only_loads`. Only if nnU-Net's training module is
+    already imported (our trainers are then being built by it); once per process.
+
+    Returns:
+        True if the wrapper is installed afterwards.
+    """
+    module = sys.modules.get("nnunetv2.run.run_training")
+    if module is None or not hasattr(module, "load_pretrained_weights"):
+        return False
+    nnunet_function = module.load_pretrained_weights
+    if getattr(nnunet_function, "mmssl_checked", False):
+        return True
+
+    def load_pretrained_weights(network, fname, verbose=False):
+        check_checkpoint(fname)
+        with weights_only_loads():
+            return nnunet_function(network, fname, verbose=verbose)
+
+    load_pretrained_weights.mmssl_checked = True
+    module.load_pretrained_weights = load_pretrained_weights
+    return True
+
+
+class SafeLoadingMixin:
+    """Base of our trainers (before ``nnUNetTrainer``): checkpoints and plans networks checked before nnU-Net uses them.
+
+    * ``load_checkpoint(file)``: :func:`~nnunet_mmssl.safe_load.check_checkpoint`, then nnU-Net's loading under
+      :func:`~nnunet_mmssl.safe_load.weights_only_loads`.
+    * ``build_network_architecture``: the plans' network class and layer names checked by name before import
+      (:func:`~nnunet_mmssl.safe_load.check_configuration_manager`), then nnU-Net's.
+    * construction installs :func:`install_pretrained_weights_check`.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's exact signature)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        install_pretrained_weights_check()
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if not isinstance(filename_or_checkpoint, str | os.PathLike):
+            raise TypeError("nnU-Net 2.8's load_checkpoint takes a checkpoint file name.")
+        check_checkpoint(filename_or_checkpoint)
+        with weights_only_loads():
+            super().load_checkpoint(os.fspath(filename_or_checkpoint))
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
+        check_configuration_manager(configuration_manager)
+        return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                        num_output_channels, enable_deep_supervision)
 
 
 def read_extra_state(filename: str) -> dict | None:
@@ -121,10 +184,8 @@ def read_extra_state(filename: str) -> dict | None:
         RuntimeError: if the file holds objects other than tensors, plain containers and numpy scalars (naming the
             file and the refused object).
     """
-    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-    allowed = safe_globals(_numpy_scalar_globals()) if safe_globals is not None else contextlib.nullcontext()
     try:
-        with allowed:
+        with safe_globals_context():
             checkpoint = torch.load(filename, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:
         raise RuntimeError(f"{filename} holds objects that torch.load(weights_only=True) refuses, so its "
