@@ -155,11 +155,15 @@ def test_all_nan_metric_gives_nan_mean_and_null(tmp_path):
     ref_dir, pred_dir = _folders(tmp_path)
     _write(ref_dir / "a.nii.gz", _voxel(1, 1, 1))
     _write(pred_dir / "a.nii.gz", _voxel(1, 1, 1))
-    result = evaluate_folders(ref_dir, pred_dir, labels=[3], output_file=tmp_path / "s.json")
+    with pytest.warns(UserWarning, match="label 3 occurs in no reference and no prediction"):
+        result = evaluate_folders(ref_dir, pred_dir, labels=[1, 3], output_file=tmp_path / "s.json")
     assert math.isnan(result["mean"]["3"]["sensitivity"]) and result["excluded"]["3"]["sensitivity"] == 1
-    assert result["mean"]["3"]["dice"] == 1.0
+    # label 3 exists nowhere: no score (issue #23), never the per-case both_empty Dice 1 as its mean
+    assert math.isnan(result["mean"]["3"]["dice"]) and result["absent"] == ["3"]
+    assert result["foreground_mean"]["dice"] == result["mean"]["1"]["dice"] == 1.0
     with open(tmp_path / "s.json") as f:
-        assert json.load(f)["mean"]["3"]["sensitivity"] is None
+        saved = json.load(f)
+    assert saved["mean"]["3"]["sensitivity"] is None and saved["mean"]["3"]["dice"] is None
 
 
 def test_missing_prediction_names_the_case(tmp_path):

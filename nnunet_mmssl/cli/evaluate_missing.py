@@ -127,6 +127,10 @@ def _run(args: argparse.Namespace) -> int:
     elif args.regions:
         labels = None
         regions = {name if name is not None else ",".join(map(str, v)): v for name, v in args.regions}
+    from nnunet_mmssl.evaluation.missing_modalities import check_scored_labels
+
+    for message in check_scored_labels(args.ref, sorted(cases), file_ending, dataset_json, labels, regions):
+        print(f"{PROG}: warning: {message}", file=sys.stderr)  # before any prediction
 
     predictor = MissingModalityPredictor(tile_step_size=args.step_size, use_gaussian=True,
                                          use_mirroring=not args.disable_tta,
@@ -149,6 +153,8 @@ def _run(args: argparse.Namespace) -> int:
     summary = evaluate_missing_modalities(predict, args.ref, args.o, channel_names, sorted(cases), labels=labels,
                                           regions=regions, file_ending=file_ending, settings=settings,
                                           overwrite=args.overwrite, num_processes=args.num_processes)
+    for message in summary["warnings"]:
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
     if summary["skipped"]:
         print(f"{len(summary['skipped'])} subset(s) already complete, kept: {', '.join(summary['skipped'])}")
     print(format_missing_table(summary, "dice"))

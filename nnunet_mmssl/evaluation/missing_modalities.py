@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -37,9 +38,13 @@ import numpy as np
 
 from nnunet_mmssl.evaluation.metrics import EMPTY_MASK_CONVENTIONS, METRIC_NAMES
 from nnunet_mmssl.evaluation.report import (
+    ABSENT_CONVENTION,
     LabelSpec,
     RegionSpec,
+    _integer_labels,
+    _read,
     evaluate_folders,
+    resolve_label_definitions,
     write_file_atomic,
     write_json_atomic,
     write_text_atomic,
@@ -56,6 +61,56 @@ PRESENT, ABSENT = "\u25cf", "\u25cb"  # ● ○ as in the paper
 
 PredictSubset = Callable[[tuple[int, ...], str], None]
 """``predict(missing_channels, output_folder)``: write the predictions of every case with those channels missing."""
+
+
+def predicted_label_values(dataset_json: Mapping) -> set[int]:
+    """The label values a model's segmentations can hold (``dataset.json``): its labels, or for a region dataset
+    its ``regions_class_order``; background and ``ignore`` left out."""
+    if dataset_json.get("regions_class_order"):
+        values = {int(v) for v in dataset_json["regions_class_order"]}
+    else:
+        values = {int(v) for name, v in dataset_json["labels"].items()
+                  if name != "ignore" and not isinstance(v, list | tuple)}
+    return values - {0}
+
+
+def check_scored_labels(labels_folder: str, cases: Sequence[str], file_ending: str, dataset_json: Mapping,
+                        labels: LabelSpec | None = None, regions: RegionSpec | None = None) -> list[str]:
+    """Before any prediction: what is scored must exist in the references or be predictable by the model.
+
+    Reads every reference once.
+
+    Returns:
+        Warnings: reference labels the model never predicts (they score Dice 0: another class numbering?), and
+        requested labels/regions that are in no reference and that the model never predicts (reported n/a).
+
+    Raises:
+        ValueError: label 0 requested, or every requested label/region in no reference and never predicted by the
+            model (nothing to score; each subset would read as a perfect Dice).
+    """
+    definitions = resolve_label_definitions(labels, regions)
+    model = predicted_label_values(dataset_json)
+    in_refs: set[int] = set()
+    for case in cases:
+        path = os.path.join(labels_folder, case + file_ending)
+        in_refs |= _integer_labels(_read(path)[1], path)
+    messages = []
+    never = sorted(in_refs - model)
+    if never:
+        messages.append(f"reference label(s) {never} in {labels_folder} are never predicted by the model (its labels "
+                        f"{sorted(model)}): they score Dice 0. Do references and model number the classes alike? "
+                        f"(nnUNetv2_mmssl_convert --label-map V=T renumbers a dataset's labels)")
+    if definitions is None:
+        return messages
+    absent = [name for name, values in definitions.items() if not set(values) & (in_refs | model)]
+    if absent and len(absent) == len(definitions):
+        raise ValueError(f"-l/-r {' '.join(absent)}, in no reference of {labels_folder} (labels {sorted(in_refs)}) "
+                         f"and never predicted by the model (labels {sorted(model)}): there is nothing to score (each "
+                         f"subset would read as a perfect Dice). Score labels that exist, e.g. "
+                         f"-l {' '.join(map(str, sorted(in_refs | model) or [1]))}.")
+    messages += [f"label/region {name!r} is in no reference and never predicted by the model: reported as n/a"
+                 for name in absent]
+    return messages
 
 
 def modality_subsets(num_channels: int) -> list[tuple[int, ...]]:
@@ -193,8 +248,9 @@ def evaluate_missing_modalities(predict: PredictSubset, labels_folder: str, outp
     summary = summarise(records, channel_names)
     summary["settings"] = _json_normal(settings)
     write_json_atomic(summary, os.path.join(output_folder, SUMMARY_NAME))
-    write_text_atomic(format_missing_table(summary, "dice") + "\n\n" + format_missing_table(summary, "hd95") + "\n",
-                       os.path.join(output_folder, TABLE_NAME))
+    notes = "".join(f"\nwarning: {note}" for note in summary["warnings"])
+    write_text_atomic(format_missing_table(summary, "dice") + "\n\n" + format_missing_table(summary, "hd95") + "\n"
+                      + (notes[1:] + "\n" if notes else ""), os.path.join(output_folder, TABLE_NAME))
     plot_heatmap(summary, os.path.join(output_folder, HEATMAP_NAME))
     summary["skipped"] = skipped
     return summary
@@ -212,8 +268,10 @@ def _run_subset(predict: PredictSubset, present: tuple[int, ...], key: str, subs
         predictions = os.path.join(tmp, PREDICTIONS_FOLDER)
         os.makedirs(predictions)
         predict(missing, predictions)
-        scores = evaluate_folders(labels_folder, predictions, labels=labels, regions=regions,
-                                  file_ending=file_ending, num_processes=num_processes)
+        with warnings.catch_warnings(record=True) as caught:  # collected in the record, reported once per run
+            warnings.simplefilter("always")
+            scores = evaluate_folders(labels_folder, predictions, labels=labels, regions=regions,
+                                      file_ending=file_ending, num_processes=num_processes)
         scores["prediction_folder"] = os.path.join(final, PREDICTIONS_FOLDER)
         for case in scores.get("metric_per_case", []):  # where the files will be once the folder is renamed
             if case.get("prediction_file"):
@@ -221,7 +279,8 @@ def _run_subset(predict: PredictSubset, present: tuple[int, ...], key: str, subs
                                                        os.path.basename(case["prediction_file"]))
         names = _names(channel_names)
         record = {"key": key, "present": list(present), "present_names": [names[c] for c in present],
-                  "missing": list(missing), "missing_names": [names[c] for c in missing], "scores": scores}
+                  "missing": list(missing), "missing_names": [names[c] for c in missing], "scores": scores,
+                  "warnings": list(dict.fromkeys(str(w.message) for w in caught))}
         write_json_atomic(record, os.path.join(tmp, SCORES_NAME))
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 otherwise
         os.replace(tmp, final)
@@ -259,10 +318,15 @@ def summarise(records: Sequence[Mapping], channel_names: Mapping[str, str]) -> d
                         "foreground_mean": {m: scores["foreground_mean"][m] for m in METRIC_NAMES}})
     average = {r: {m: _nanmean([s["mean"][r][m] for s in subsets]) for m in METRIC_NAMES} for r in regions}
     average_fg = {m: _nanmean([s["foreground_mean"][m] for s in subsets]) for m in METRIC_NAMES}
+    where: dict[str, list[str]] = {}
+    for record in records:
+        for message in record.get("warnings", []):
+            where.setdefault(message, []).append(record["key"])
+    notes = [f"{message} (subset{'s' if len(keys) > 1 else ''} {', '.join(keys)})" for message, keys in where.items()]
     return {"channels": _names(channel_names), "regions": regions,
             "n_cases": records[0]["scores"]["n_cases"] if records else 0, "subsets": subsets,
             "average_over_subsets": average, "average_foreground_mean": average_fg,
-            "conventions": EMPTY_MASK_CONVENTIONS}
+            "conventions": EMPTY_MASK_CONVENTIONS + " " + ABSENT_CONVENTION, "warnings": notes}
 
 
 _TABLE_FORMATS = {"dice": ("Dice (%)", 100.0, 1), "sensitivity": ("Sensitivity (%)", 100.0, 1),

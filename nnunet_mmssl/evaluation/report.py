@@ -109,6 +109,11 @@ def resolve_label_definitions(
             add(",".join(str(v) for v in values) if name is None else str(name), values)
     if not definitions:
         raise ValueError("labels/regions were given but are empty; pass at least one label or region.")
+    background = [name for name, values in definitions.items() if 0 in values]
+    if background:
+        raise ValueError(f"label/region {background[0]!r}, contains label 0, the background: its Dice would be "
+                         f"reported (and averaged into the foreground mean) like a foreground score. Evaluate "
+                         f"foreground labels only, e.g. -l 1 2 or -r WT=1,2,3.")
     return definitions
 
 
@@ -175,11 +180,9 @@ def _evaluate_case(
         )
     spacing = tuple(float(s) for s in reversed(ref_img.GetSpacing()))  # (x, y, z) -> array order (z, y, x)
 
-    ref_labels: set[int] = set()
-    pred_labels: set[int] = set()
+    ref_labels = _integer_labels(ref, reference_file)
+    pred_labels = _integer_labels(pred, prediction_file)
     if definitions is None:
-        ref_labels = _integer_labels(ref, reference_file)
-        pred_labels = _integer_labels(pred, prediction_file)
         # Labels absent from both masks are filled in later as "both_empty" (their metrics do not depend on the image).
         todo = {str(lab): (lab,) for lab in sorted(ref_labels | pred_labels)}
     else:
@@ -212,6 +215,74 @@ def _nan_stats(values: np.ndarray) -> tuple[float, float, int]:
     if finite.size == 0:
         return float("nan"), float("nan"), excluded
     return float(finite.mean()), float(finite.std()), excluded
+
+
+ABSENT_CONVENTION = (
+    "A label/region absent from every reference and every prediction of a group of cases (all cases both_empty) has "
+    "no score: its mean and std are n/a (null), not dice 1, and it is listed under 'absent'."
+)
+
+
+def _group_stats(records: Sequence[Mapping], name: str, metric: str) -> tuple[float, float, int]:
+    """``(nanmean, nanstd, excluded)`` of one metric of one label/region over ``records``; all NaN when the
+    label/region is in no reference and no prediction of these cases (every case ``both_empty``): no structure,
+    no score -- never a perfect Dice for a label that exists nowhere."""
+    if records and all(rec["metrics"][name]["convention"] == BOTH_EMPTY for rec in records):
+        return float("nan"), float("nan"), len(records)
+    return _nan_stats(np.array([rec["metrics"][name][metric] for rec in records], dtype=np.float64))
+
+
+def check_presence(definitions: Mapping[str, Sequence[int]], per_case: Sequence[Mapping], labels_in_references:
+                   Sequence[int], labels_in_predictions: Sequence[int], explicit: bool = True) -> list[str]:
+    """Warn about what would make scores lie; return the labels/regions absent from every case.
+
+    * a label/region in no reference and no prediction: its scores are n/a (a warning); if that holds for every
+      requested label/region there is nothing to score (an error);
+    * one in the predictions but in no reference (every case Dice 0: another class numbering?), or in the
+      references but in no prediction (the model never predicts it?);
+    * with explicit labels/regions: reference labels outside them that no prediction holds either.
+
+    Raises:
+        ValueError: every requested label/region is absent from every reference and prediction.
+    """
+    n = len(per_case)
+    found = f"the references hold labels {list(labels_in_references)}, the predictions {list(labels_in_predictions)}"
+    absent, messages = [], []
+    for name, values in definitions.items():
+        in_ref = sum(rec["metrics"][name]["n_ref"] > 0 for rec in per_case)
+        in_pred = sum(rec["metrics"][name]["n_pred"] > 0 for rec in per_case)
+        what = f"label {name}" if tuple(values) == (_int_or_none(name),) else f"label/region {name!r} ({list(values)})"
+        if not in_ref and not in_pred:
+            absent.append(name)
+            messages.append(f"{what} occurs in no reference and no prediction of the {n} case(s) ({found}): it is "
+                            f"reported as n/a, not scored. Check -l/-r.")
+        elif not in_ref:
+            messages.append(f"{what} occurs in {in_pred} prediction(s) but in no reference: every case scores Dice "
+                            f"0 for it ({found}). Do references and model number the classes alike? "
+                            f"(nnUNetv2_mmssl_convert --label-map V=T renumbers a dataset's labels)")
+        elif not in_pred:
+            messages.append(f"{what} occurs in {in_ref} reference(s) but in no prediction: Dice 0 in those cases "
+                            f"({found}). Does the model predict it at all?")
+    if explicit:
+        covered = {v for values in definitions.values() for v in values}
+        unscored = sorted(set(labels_in_references) - covered - set(labels_in_predictions))
+        if unscored:
+            messages.append(f"reference label(s) {unscored} are not evaluated (not in -l/-r) and occur in no "
+                            f"prediction ({found}): does the model predict them at all, with the same numbering?")
+    if explicit and definitions and len(absent) == len(definitions):
+        raise ValueError(f"{'-l/-r ' + ' '.join(absent)}, occur(s) in no reference and no prediction of the {n} "
+                         f"case(s) ({found}): there is nothing to score (it would read as a perfect Dice). Evaluate "
+                         f"labels that exist, e.g. -l {' '.join(map(str, labels_in_references or [1]))}.")
+    for message in messages:
+        warnings.warn(message, UserWarning, stacklevel=3)
+    return absent
+
+
+def _int_or_none(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
 
 
 def _to_json_compatible(obj: Any) -> Any:
@@ -347,6 +418,7 @@ def evaluate_folders(
             "cases."
         )
 
+    explicit = definitions is not None
     jobs = [(case, ref_file, predictions[case], definitions) for case, ref_file in references.items()]
     n_workers = min(int(num_processes), len(jobs))
     if n_workers <= 1:
@@ -383,6 +455,10 @@ def evaluate_folders(
                     filled[name] = compute_binary_metrics(empty, empty, record["spacing"])
             record["metrics"] = filled
 
+    all_ref = sorted(set().union(*(out[1] for out in outputs)))
+    all_pred = sorted(set().union(*(out[2] for out in outputs)))
+    absent = check_presence(definitions, per_case, all_ref, all_pred, explicit)
+
     mean: dict[str, dict[str, float]] = {}
     std: dict[str, dict[str, float]] = {}
     excluded: dict[str, dict[str, int]] = {}
@@ -390,8 +466,7 @@ def evaluate_folders(
     for name in definitions:
         mean[name], std[name], excluded[name] = {}, {}, {}
         for metric in METRIC_NAMES:
-            values = np.array([rec["metrics"][name][metric] for rec in per_case], dtype=np.float64)
-            mean[name][metric], std[name][metric], excluded[name][metric] = _nan_stats(values)
+            mean[name][metric], std[name][metric], excluded[name][metric] = _group_stats(per_case, name, metric)
         conventions = [rec["metrics"][name]["convention"] for rec in per_case]
         convention_counts[name] = {c: conventions.count(c) for c in (BOTH_EMPTY, REF_EMPTY, PRED_EMPTY)}
     foreground_mean = {}
@@ -408,7 +483,10 @@ def evaluate_folders(
         "convention_counts": convention_counts,
         "foreground_mean": foreground_mean,
         "label_definitions": {name: list(values) for name, values in definitions.items()},
-        "conventions": EMPTY_MASK_CONVENTIONS,
+        "absent": absent,
+        "labels_in_references": all_ref,
+        "labels_in_predictions": all_pred,
+        "conventions": EMPTY_MASK_CONVENTIONS + " " + ABSENT_CONVENTION,
         "reference_folder": os.path.abspath(reference_folder),
         "prediction_folder": os.path.abspath(prediction_folder),
         "file_ending": file_ending,
@@ -466,12 +544,15 @@ def format_table(result: Mapping, per_case: bool = False) -> str:
     rows.append(["foreground mean", "", *(_fmt(result["foreground_mean"][m], d) for m, _, d in _COLUMNS)])
     lines = [f"Evaluation of {result['n_cases']} case(s); distances in mm", *_render(header, rows)]
 
+    absent = set(result.get("absent") or [])
     notes = [
         f"  {name}: {metric} n/a in {count} of {result['n_cases']} case(s)"
         for name in names
+        if name not in absent
         for metric, count in result["excluded"][name].items()
         if count
     ]
+    notes += [f"  {name}: in no reference and no prediction: n/a (not scored)" for name in names if name in absent]
     if notes:
         lines += ["* undefined values (empty reference) excluded from mean ± std:", *notes]
     counts = result.get("convention_counts", {})
@@ -549,8 +630,7 @@ def aggregate_by_modality(result: Mapping, case_modality: Mapping[str, str],
     per = {}
     for modality in order:
         records = [rec for rec in result["metric_per_case"] if case_modality[rec["case"]] == modality]
-        mean = {name: {metric: _nan_stats(np.array([r["metrics"][name][metric] for r in records],
-                                                   dtype=np.float64))[0] for metric in METRIC_NAMES}
+        mean = {name: {metric: _group_stats(records, name, metric)[0] for metric in METRIC_NAMES}
                 for name in names}
         foreground = {metric: _nan_stats(np.array([mean[n][metric] for n in names], dtype=np.float64))[0]
                       for metric in METRIC_NAMES}
