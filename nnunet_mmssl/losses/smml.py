@@ -1,5 +1,9 @@
 """SMML's hierarchical consistency losses (Liang et al. 2025, eqs. 1-9, 11): PBC, FRC and the refinement KL.
 
+Every function here runs in float32 with autocast switched off (:func:`~nnunet_mmssl.losses.precision.float32_region`):
+FRC's per-class sums over a 64^3 feature map exceed float16's range, and the KL at temperature 6 and the entropies
+need float32 logarithms.
+
 Outputs are either softmax logits (B, C, *S) over classes or, for nnU-Net region datasets, sigmoid logits (B, R, *S)
 of overlapping regions (``sigmoid=True``): each region is then an independent Bernoulli distribution, and cross
 entropy, KL and entropy are summed over the regions.
@@ -10,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nnunet_mmssl.losses.precision import float32_region
+
 
 def _log_probs(logits: torch.Tensor, sigmoid: bool, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p, log (1 - p)) for sigmoid outputs, (log_softmax, None) for softmax ones; float32."""
@@ -19,6 +25,7 @@ def _log_probs(logits: torch.Tensor, sigmoid: bool, temperature: float = 1.0) ->
     return F.log_softmax(z, 1), None
 
 
+@float32_region
 def pixel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, sigmoid: bool = False) -> torch.Tensor:
     """Eq. 1: per-voxel cross entropy (B, *S) against the labels.
 
@@ -33,6 +40,7 @@ def pixel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, sigmoid: boo
     return F.cross_entropy(logits.float(), target.long(), reduction="none")
 
 
+@float32_region
 def distribution_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, sigmoid: bool = False,
                     temperature: float = 1.0) -> torch.Tensor:
     """Per-voxel ``KL(p_teacher || p_student)`` (B, *S) of the temperature-scaled distributions."""
@@ -44,6 +52,7 @@ def distribution_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, 
     return (log_t.exp() * (log_t - log_s)).sum(1)
 
 
+@float32_region
 def pbc_loss(logits1: torch.Tensor, logits2: torch.Tensor, target: torch.Tensor, temperature: float = 6.0,
              sigmoid: bool = False, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel-level bidirectional constraint (eqs. 1-3): ``(L1_pc, L2_pc)``.
@@ -79,6 +88,7 @@ def pbc_loss(logits1: torch.Tensor, logits2: torch.Tensor, target: torch.Tensor,
     return loss_1, loss_2
 
 
+@float32_region
 def class_prototypes(features: torch.Tensor, classes: torch.Tensor, num_classes: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 4: per-sample class prototypes (masked means of the features).
@@ -99,6 +109,7 @@ def class_prototypes(features: torch.Tensor, classes: torch.Tensor, num_classes:
     return sums / counts.clamp_min(1).unsqueeze(-1), counts > 0
 
 
+@float32_region
 def class_entropy_weights(logits1: torch.Tensor, logits2: torch.Tensor, sigmoid: bool = False) -> torch.Tensor:
     """Eqs. 7-8: per sample and class, the mean over voxels of ``-p_c log p_c`` averaged over the two branches (B, C).
 
@@ -118,6 +129,7 @@ def class_entropy_weights(logits1: torch.Tensor, logits2: torch.Tensor, sigmoid:
         return (one(logits1) + one(logits2)) / 2
 
 
+@float32_region
 def frc_loss(features1: torch.Tensor, features2: torch.Tensor, classes: torch.Tensor, weights: torch.Tensor,
              num_classes: int) -> torch.Tensor:
     """Feature-level relational constraint (eqs. 4-9).
@@ -144,6 +156,7 @@ def frc_loss(features1: torch.Tensor, features2: torch.Tensor, classes: torch.Te
     return (difference * weights.detach().flatten().to(difference.dtype) * keep).sum()
 
 
+@float32_region
 def refinement_kl(initial_logits: torch.Tensor, refined_logits: torch.Tensor, sigmoid: bool = False,
                   valid: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 11: ``KL(p_initial || p_refined)``, mean over voxels, gradient to both (none is stopped in the paper)."""
