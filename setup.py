@@ -85,6 +85,7 @@ setup(
             "nnUNetv2_mmssl_demo=nnunet_mmssl.cli.demo:main",
             "nnUNetv2_mmssl_pseudolabel=nnunet_mmssl.cli.pseudolabel:main",
             "nnUNetv2_mmssl_study=nnunet_mmssl.cli.study:main",
+            "nnUNetv2_mmssl_check_model=nnunet_mmssl.cli.check_model:main",
         ]
     },
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},

@@ -85,19 +85,66 @@ def select_modality(predictor, modality: str | None, model_folder: str) -> str |
     return modality
 
 
-def _inputs_by_modality(cases: dict[str, list[str]], modalities_from: str) -> list[tuple[str, str]]:
-    """One temporary input folder (links to the case files) per modality recorded in ``modalities_from``.
+def check_modalities_file(modalities_from: str, case_modality: dict[str, str], dataset_json: dict,
+                          model_folder: str) -> None:
+    """Refuse a ``--modalities-from`` file that does not belong to the model's dataset.
+
+    The model folder's ``dataset.json`` is the dataset's own (nnU-Net copies it there) and records the dataset's
+    ``name`` and, for an unregistered dataset, every case's modality (``mmssl.case_modality``); the file must record
+    the same name (if it records one) and exactly the same case modalities. Another dataset's JSON with the same case
+    ids would otherwise predict its cases as the wrong modality.
 
     Raises:
-        ValueError: an input case without a recorded modality (names it and the file).
+        ValueError: naming the file, the first difference and the fix.
+    """
+    import json
+
+    fix = (f"Pass the dataset.json or mmssl_split.json of the dataset {model_folder} was trained on (its own "
+           f"{os.path.join(model_folder, 'dataset.json')} records the same).")
+    with open(modalities_from, encoding="utf-8") as stream:
+        content = json.load(stream)
+    name, model_name = content.get("name"), dataset_json.get("name")
+    if name is not None and model_name is not None and name != model_name:
+        raise ValueError(f"--modalities-from {modalities_from} belongs to dataset {name!r}, but {model_folder} was "
+                         f"trained on {model_name!r}. {fix}")
+    block = dataset_json.get("mmssl") if isinstance(dataset_json.get("mmssl"), dict) else {}
+    recorded = {str(k): str(v) for k, v in (block.get("case_modality") or {}).items()}
+    if not recorded:
+        return
+    for case in sorted(set(recorded) | set(case_modality)):
+        mine, theirs = case_modality.get(case), recorded.get(case)
+        if mine != theirs:
+            said = f"records {case} as {mine}" if mine is not None else f"does not record {case}"
+            model_said = f"as {theirs}" if theirs is not None else "not at all"
+            raise ValueError(f"--modalities-from {modalities_from} {said}, but the model's dataset.json records it "
+                             f"{model_said}: the file belongs to another dataset. {fix}")
+
+
+def case_modalities(cases: dict[str, list[str]], modalities_from: str, dataset_json: dict,
+                    model_folder: str) -> tuple[list[str], dict[str, str]]:
+    """``(modalities, case id -> modality)`` of ``--modalities-from``, checked: it belongs to the model's dataset
+    (:func:`check_modalities_file`), its modality names are plain names, and it records every input case.
+
+    Raises:
+        ValueError: naming the file and the problem.
     """
     from nnunet_mmssl.evaluation.report import read_case_modality
+    from nnunet_mmssl.names import check_safe_name
 
     modalities, case_modality = read_case_modality(modalities_from)
+    for modality in modalities:
+        check_safe_name(modality, "modality name", f"--modalities-from {modalities_from}")
+    check_modalities_file(modalities_from, case_modality, dataset_json, model_folder)
     unknown = sorted(c for c in cases if c not in case_modality)
     if unknown:
         raise ValueError(f"{len(unknown)} input case(s) have no modality in {modalities_from}: {unknown[:5]}. Pass "
                          f"--modality for a single-modality folder, or the dataset's own dataset.json.")
+    return modalities, case_modality
+
+
+def _inputs_by_modality(cases: dict[str, list[str]], modalities: list[str],
+                        case_modality: dict[str, str]) -> list[tuple[str, str]]:
+    """One temporary input folder (links to the case files) per modality (:func:`case_modalities`)."""
     result = []
     try:
         for modality in modalities:
@@ -115,6 +162,33 @@ def _inputs_by_modality(cases: dict[str, list[str]], modalities_from: str) -> li
             shutil.rmtree(folder, ignore_errors=True)
         raise
     return result
+
+
+def head_folder_names(modality_groups: list[list[int]], channel_names: dict, model_folder: str) -> list[str]:
+    """``head_<k>_<channels>`` per head (``--each-head``), the channel names checked to be plain file names.
+
+    Raises:
+        ValueError: a channel name of the model's ``dataset.json`` that is not a plain name (naming it).
+    """
+    from nnunet_mmssl.names import check_safe_name
+
+    source = os.path.join(model_folder, "dataset.json")
+    return [f"head_{k}_" + "-".join(check_safe_name(channel_names[str(c)], "channel name", source) for c in group)
+            for k, group in enumerate(modality_groups)]
+
+
+def inside(folder: str, sub: str) -> str:
+    """``folder/sub``, refused unless it resolves inside ``folder`` (a name from a model folder never escapes -o).
+
+    Raises:
+        ValueError: naming the path.
+    """
+    root = os.path.realpath(folder)
+    path = os.path.realpath(os.path.join(root, sub))
+    if os.path.commonpath([root, path]) != root or path == root:
+        raise ValueError(f"output sub-folder {sub!r} resolves to {path}, outside the output folder {folder}; refused. "
+                         f"Check the model's channel names.")
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +276,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("-device cuda, but no CUDA GPU is available here; pass -device cpu")
     dataset_json = load_json(os.path.join(model_folder, "dataset.json"))
+    if args.each_head:  # the channel names become folder names: checked before any work
+        head_folder_names([[int(c)] for c in dataset_json["channel_names"]], dataset_json["channel_names"],
+                          model_folder)
     missing = resolve_missing_channels(args.missing or [], dataset_json["channel_names"])
     cases = check_input_folder(args.i, dataset_json, num_processes=max(1, args.npp), absent_channels=missing)
     if missing:
@@ -210,6 +287,8 @@ def _run(args: argparse.Namespace) -> int:
               f"present; images complete and finite)")
     else:
         print(f"Checked {len(cases)} input cases in {args.i} (all channels present, images complete and finite)")
+    recorded = case_modalities(cases, args.modalities_from, dataset_json, model_folder) \
+        if args.modalities_from else None
     folds = [f if f == "all" else int(f) for f in args.f]
     predictor = MissingModalityPredictor(tile_step_size=args.step_size, use_gaussian=True,
                                          use_mirroring=not args.disable_tta,
@@ -224,7 +303,7 @@ def _run(args: argparse.Namespace) -> int:
               + (f"; {type(network).__name__} masks their encoders" if masked else ""))
     inputs = [(args.i, args.modality)]
     if args.modalities_from:
-        inputs = _inputs_by_modality(cases, args.modalities_from)
+        inputs = _inputs_by_modality(cases, *recorded)
     else:
         select_modality(predictor, args.modality, model_folder)
     runs = [(None, "")]
@@ -239,14 +318,14 @@ def _run(args: argparse.Namespace) -> int:
             runs = [(resolve_heads(args.head, network.modality_groups, channel_names), "")]
         else:
             runs = [(None, "fused")] + [
-                ((k,), f"head_{k}_" + "-".join(channel_names[str(c)] for c in group))
-                for k, group in enumerate(network.modality_groups)]
+                ((k,), name) for k, name in enumerate(head_folder_names(network.modality_groups, channel_names,
+                                                                        model_folder))]
     final = os.path.abspath(args.o)
     os.makedirs(os.path.dirname(final), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=os.path.dirname(final))
     try:
         for heads, sub in runs:
-            output_folder = os.path.join(tmp, sub) if sub else tmp
+            output_folder = inside(tmp, sub) if sub else tmp
             shown = os.path.join(final, sub) if sub else final
             if heads is not None:
                 network.inference_heads = heads

@@ -249,6 +249,7 @@ def pseudolabel(model_folder: str, input_folder: str | None, output_folder: str,
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    from nnunet_mmssl.safe_load import check_model_folder, weights_only_loads
     from nnunet_mmssl.semisup.uncertainty import (
         head_disagreement,
         max_entropy,
@@ -282,6 +283,8 @@ def pseudolabel(model_folder: str, input_folder: str | None, output_folder: str,
     # every input image read whole and checked (truncated files, non-image files, NaN/Inf) before predicting
     check_image_files([f for files in cases.values() for f in files], num_processes=max(1, num_processes_preprocessing))
     folds = _resolve_folds(model_folder, folds, checkpoint)
+    # plans network classes by name and every checkpoint weights-only, before nnU-Net opens them
+    check_model_folder(model_folder, folds, checkpoint, names=False)
 
     output_folder = os.path.abspath(output_folder)
     if os.path.exists(output_folder) and not overwrite:
@@ -299,7 +302,8 @@ def pseudolabel(model_folder: str, input_folder: str | None, output_folder: str,
                                     perform_everything_on_device=device == "cuda", device=torch.device(device),
                                     verbose=False, verbose_preprocessing=False, allow_tqdm=False)
         try:
-            predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint)
+            with weights_only_loads():
+                predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint)
         except (RuntimeError, KeyError, FileNotFoundError) as error:
             raise UserError(f"cannot load the model in {model_folder} (folds {folds}, {checkpoint}): {error}; "
                             f"check that the trainer is importable (nnUNet_extTrainer) and the checkpoint "

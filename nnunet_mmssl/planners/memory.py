@@ -32,7 +32,12 @@ PREPROCESSING_KEYS = ("spacing", "normalization_schemes", "use_mask_for_norm", "
 
 def network_feature_map_size(architecture: Mapping, patch_size: Sequence[int], num_input_channels: int,
                              num_output_channels: int) -> int:
-    """``compute_conv_feature_map_size(patch_size)`` of the network an architecture entry builds (one sample)."""
+    """``compute_conv_feature_map_size(patch_size)`` of the network an architecture entry builds (one sample); its
+    class names are checked before import (:func:`nnunet_mmssl.safe_load.check_network_classes`)."""
+    from nnunet_mmssl.safe_load import check_network_classes
+
+    check_network_classes(architecture["network_class_name"], architecture["arch_kwargs"],
+                          architecture["_kw_requires_import"], "the plans")
     network = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
                                      architecture["_kw_requires_import"], num_input_channels, num_output_channels,
                                      allow_init=False, deep_supervision=True)

@@ -332,7 +332,9 @@ def training_signals(checkpoint_file: str, last: int = SIGNAL_EPOCHS) -> dict[st
 
     if not os.path.isfile(checkpoint_file):
         return None
-    logging = torch.load(checkpoint_file, map_location="cpu", weights_only=False).get("logging", {})
+    from nnunet_mmssl.safe_load import load_checkpoint_safely
+
+    logging = load_checkpoint_safely(checkpoint_file, mmap=True).get("logging", {})
     if not any(key in logging for key in SIGNAL_KEYS.values()):
         return None
     out = {}
@@ -341,6 +343,25 @@ def training_signals(checkpoint_file: str, last: int = SIGNAL_EPOCHS) -> dict[st
         values = values[np.isfinite(values)]
         out[name] = float(values.mean()) if values.size else None
     return out
+
+
+def check_study_checkpoints(fold_folder: str, plans: bool = False) -> list[str]:
+    """The checkpoints of a run's fold folder (and with ``plans`` its model folder's plans networks), checked with
+    :mod:`nnunet_mmssl.safe_load` before nnU-Net's training (``--c``) or ``nnUNetv2_predict`` opens them unchecked.
+
+    Raises:
+        UnsafeModelError: naming the refused file and type or class.
+    """
+    from nnunet_mmssl.safe_load import check_checkpoint, check_plans_networks, read_model_json
+
+    model_folder = os.path.dirname(fold_folder)
+    if plans and os.path.isfile(os.path.join(model_folder, "plans.json")):
+        check_plans_networks(read_model_json(model_folder, "plans.json"), os.path.join(model_folder, "plans.json"))
+    files = sorted(os.path.join(fold_folder, n) for n in os.listdir(fold_folder) if n.endswith(".pth")) \
+        if os.path.isdir(fold_folder) else []
+    for file in files:
+        check_checkpoint(file)
+    return files
 
 
 class StudyRunner:
@@ -370,6 +391,7 @@ class StudyRunner:
     # the three steps
     def train(self, job: StudyJob) -> None:
         c = self.context
+        check_study_checkpoints(c.model_folder(job))  # what --c resumes from, before nnU-Net unpickles it
         cmd = pinned_command(_TRAIN, [c.dataset_name, c.configuration, str(job.fold), "-tr",
                                       job.trainer + STUDY_SUFFIX, "-p", c.plans, "-device", c.device, "--c"],
                              self.cores)
@@ -377,6 +399,7 @@ class StudyRunner:
 
     def predict(self, job: StudyJob) -> str:
         c = self.context
+        check_study_checkpoints(c.model_folder(job), plans=True)  # nnUNetv2_predict reads weights_only=False
         out = c.prediction_folder(job)
         shutil.rmtree(out, ignore_errors=True)
         cmd = pinned_command(_PREDICT, ["-i", c.test_images, "-o", out, "-d", c.dataset_name, "-c", c.configuration,

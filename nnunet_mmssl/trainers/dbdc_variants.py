@@ -23,6 +23,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_mmssl.planners.mmssl_plans import PLAIN_UNET_CLASS
 from nnunet_mmssl.planners.modality_normalization import MODALITY_PROPERTY
+from nnunet_mmssl.safe_load import check_configuration_manager
+from nnunet_mmssl.trainers.checkpoint_io import SafeLoadingMixin
 from nnunet_mmssl.trainers.dbdc import DBDCTrainer, plan_modalities, write_summary_per_modality
 
 
@@ -96,7 +98,7 @@ class DBDCSupervisedTrainer(DBDCTrainer):
     use_unlabeled = False
 
 
-class PooledUNetTrainer(nnUNetTrainer):
+class PooledUNetTrainer(SafeLoadingMixin, nnUNetTrainer):
     """nnU-Net's nnUNetTrainer on all modalities pooled (each case normalised by its modality at preprocessing).
 
     Its network is nnU-Net's plain U-Net inside :class:`~nnunet_mmssl.architectures.dbdc.ModalityGuardedUNet` (the
@@ -123,6 +125,7 @@ class PooledUNetTrainer(nnUNetTrainer):
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
+        check_configuration_manager(configuration_manager)
         return get_network_from_plans(
             configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
             configuration_manager.network_arch_init_kwargs_req_import, num_input_channels, num_output_channels,

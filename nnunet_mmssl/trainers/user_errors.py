@@ -13,9 +13,10 @@ import sys
 
 from nnunet_mmssl.dataloading.image_checks import ImageFileError
 from nnunet_mmssl.dataloading.unlabeled_preprocessing import UnlabeledDataError
+from nnunet_mmssl.safe_load import UnsafeModelError
 
 #: our exceptions that describe a user's input and say the fix
-USER_ERROR_TYPES: tuple[type[BaseException], ...] = (UnlabeledDataError, ImageFileError)
+USER_ERROR_TYPES: tuple[type[BaseException], ...] = (UnlabeledDataError, ImageFileError, UnsafeModelError)
 #: set to 1 to see the traceback of a user error too
 VERBOSE_VARIABLE = "NNUNET_MMSSL_VERBOSE"
 
