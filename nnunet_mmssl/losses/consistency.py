@@ -15,16 +15,20 @@ probability maps of the two modality branches on unlabelled images, with gradien
 import torch
 from torch import nn
 
+from nnunet_mmssl.losses.precision import float32_region
+
 #: voxels of one sample of the MemCif paper (240 x 240 BraTS slices), the reference of the ``"printed"`` reduction
 PAPER_SAMPLE_VOXELS = 240 * 240
 REDUCTIONS = ("printed", "mean")
 
 
+@float32_region
 def probabilities(logits: torch.Tensor, use_sigmoid: bool = False) -> torch.Tensor:
     """Softmax over the channel axis (or sigmoid for nnU-Net's region-based training). Shape (B, C, *S) kept."""
     return torch.sigmoid(logits) if use_sigmoid else torch.softmax(logits, dim=1)
 
 
+@float32_region
 def cross_modal_consistency_loss(logits_a: torch.Tensor, logits_b: torch.Tensor,
                                  use_sigmoid: bool = False, reduction: str = "mean",
                                  reference_voxels: int = PAPER_SAMPLE_VOXELS) -> torch.Tensor:
@@ -59,6 +63,7 @@ def cross_modal_consistency_loss(logits_a: torch.Tensor, logits_b: torch.Tensor,
     return squared.sum(dim=1).mean() * float(reference_voxels)
 
 
+@float32_region
 def pairwise_consistency_loss(logits: list[torch.Tensor], use_sigmoid: bool = False, reduction: str = "mean",
                               reference_voxels: int = PAPER_SAMPLE_VOXELS) -> torch.Tensor:
     """Mean of :func:`cross_modal_consistency_loss` over all pairs of heads (the two-head case is eq. (4))."""

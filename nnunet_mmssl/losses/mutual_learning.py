@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from nnunet_mmssl.losses.consistency import probabilities
+from nnunet_mmssl.losses.precision import float32_region
 
 
+@float32_region
 def contrastive_mutual_learning_loss(logits_a: torch.Tensor, logits_b: torch.Tensor,
                                      use_sigmoid: bool = False) -> torch.Tensor:
     """``mean((p_a - sg(p_b))^2) + mean((p_b - sg(p_a))^2)`` with ``p = softmax(logits)`` (Meng et al. 2025, eq. 6).

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from nnunet_mmssl.losses.precision import float32_region
 
+
+@float32_region
 def class_map_from_target(target: torch.Tensor, has_regions: bool, ignore_label: int | None
                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Prototype class of every voxel and the valid-voxel mask from an nnU-Net target at full resolution.
@@ -32,6 +35,7 @@ def class_map_from_target(target: torch.Tensor, has_regions: bool, ignore_label:
     return regions_to_classes(target > 0.5), valid
 
 
+@float32_region
 def regions_to_classes(regions: torch.Tensor) -> torch.Tensor:
     """(B, R, *S) bool region masks -> (B, *S) long: 0 background, else 1 + index of the last region containing
     the voxel."""

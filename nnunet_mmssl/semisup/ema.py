@@ -21,6 +21,8 @@ import copy
 import torch
 from torch import nn
 
+from nnunet_mmssl.losses.precision import float32_region
+
 
 def ema_decay(alpha: float, step: int | None = None) -> float:
     """Effective EMA decay: ``min(1 - 1 / (step + 1), alpha)``, or ``alpha`` when ``step`` is None.
@@ -46,6 +48,7 @@ def _matching(teacher: dict, student: dict, kind: str) -> list[tuple[torch.Tenso
 
 
 @torch.no_grad()
+@float32_region
 def update_ema_(teacher: nn.Module, student: nn.Module, alpha: float, step: int | None = None) -> float:
     """In place: ``teacher_param = a * teacher_param + (1 - a) * student_param``; buffers copied from the student.
 

@@ -10,7 +10,10 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from nnunet_mmssl.losses.precision import float32_region
 
+
+@float32_region
 def global_norm(grads: Iterable[torch.Tensor | None]) -> torch.Tensor:
     """Euclidean norm of all gradients flattened into one vector (``None`` entries count as zeros).
 
@@ -31,6 +34,7 @@ def share_ratio(unsup_norm: torch.Tensor | float, sup_norm: torch.Tensor | float
     return unsup / sup
 
 
+@float32_region(cast_inputs=False)
 def gradient_share(sup_loss: torch.Tensor, weighted_unsup_loss: torch.Tensor,
                    params: Sequence[torch.Tensor], retain_graph: bool = True) -> float:
     """``‖∇ weighted_unsup_loss‖ / ‖∇ sup_loss‖`` over ``params``, without touching ``param.grad``.
@@ -59,6 +63,7 @@ def _grads(loss: torch.Tensor, params: Sequence[torch.Tensor], retain_graph: boo
     return list(torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True))
 
 
+@float32_region
 def difference_norm(total: Sequence[torch.Tensor | None], part: Sequence[torch.Tensor | None],
                     part_scale: float = 1.0) -> torch.Tensor:
     """``‖total − part / part_scale‖₂`` over matching lists of gradients (``None`` = zeros).
