@@ -48,10 +48,12 @@ from nnunet_mmssl.planners import (
     multi_branch_architecture,
     unlabeled_data_identifier,
 )
+from nnunet_mmssl.safe_load import check_configuration_manager
 from nnunet_mmssl.semisup.gradient_share import difference_norm, global_norm, gradient_share, share_ratio
 from nnunet_mmssl.semisup.ramps import sigmoid_rampup
 from nnunet_mmssl.trainers.checkpoint_io import (
     CHECKPOINT_KEY,
+    SafeLoadingMixin,
     atomic_torch_save,
     check_plain_state,
     nnunet_checkpoint_entries,
@@ -69,8 +71,10 @@ def network_from_plans(configuration_manager, num_input_channels: int, num_outpu
 
     Our trainers' ``build_network_architecture`` (also what ``nnUNetv2_predict`` calls) read the network from the
     plans; plans without our network (e.g. stock nnU-Net plans) would otherwise build a network our trainer cannot
-    drive. The error names what the plans build, what was expected (``expected_name``) and ``fix``.
+    drive. The error names what the plans build, what was expected (``expected_name``) and ``fix``. The plans'
+    class names are checked before anything is imported (:func:`nnunet_mmssl.safe_load.check_network_classes`).
     """
+    check_configuration_manager(configuration_manager)
     network = get_network_from_plans(
         configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
         configuration_manager.network_arch_init_kwargs_req_import, num_input_channels, num_output_channels,
@@ -80,7 +84,7 @@ def network_from_plans(configuration_manager, num_input_channels: int, num_outpu
     return network
 
 
-class SSLTrainerBase(nnUNetTrainer):
+class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
     """nnUNetTrainer with an unlabelled stream, an unsupervised loss term, extra logs and checkpoint state.
 
     Subclasses implement :meth:`compute_losses` (supervised and unsupervised terms of one step); the step itself
@@ -430,7 +434,8 @@ class SSLTrainerBase(nnUNetTrainer):
         atomic_torch_save(checkpoint, filename)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        """nnU-Net's loading, then our ``mmssl_state`` entry read with ``torch.load(weights_only=True)``."""
+        """nnU-Net's loading (the file checked first, :class:`SafeLoadingMixin`), then our ``mmssl_state`` entry read
+        with ``torch.load(weights_only=True)``."""
         if not isinstance(filename_or_checkpoint, str):
             raise TypeError("nnU-Net 2.8's load_checkpoint takes a checkpoint file name.")
         super().load_checkpoint(filename_or_checkpoint)
