@@ -3,23 +3,219 @@
 A user error (a ``ValueError`` such as our ``ConversionError``, ``UnlabeledDataError`` and ``ImageFileError``, an
 ``OSError`` such as a missing file, or a ``RuntimeError`` such as nnU-Net's "Could not find a dataset with the ID")
 prints ``PROG: error: <one line>`` on stderr and returns 2; anything else prints ``PROG: unexpected error`` with its
-type and returns 1. ``--verbose`` adds the traceback. Ctrl-C returns 130 with one line.
+type and returns 1. ``--verbose`` adds the traceback. An ``OSError`` naming one of our hidden temporary files (a
+full disk, a permission) names the file it stands for instead (:func:`nnunet_mmssl.io_checks.public_path`).
+
+Ctrl-C (SIGINT) at any point returns 130 with one line and no traceback (:func:`interrupts_as_exit_code`): worker
+processes started meanwhile (ours and nnU-Net's multiprocessing pools) have SIGINT blocked, so only this process
+reacts; it unwinds (temporary files and folders are removed, nothing half-written is published), stops the workers
+that remain, and exits. If unwinding takes longer than :data:`INTERRUPT_GRACE_S` seconds, or Ctrl-C is pressed
+again, the workers are killed and the process exits at once (what is left are hidden temporary names, removed by the
+next run).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import math
+import multiprocessing
+import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError)
 """Exception types reported as user errors (exit code 2)."""
 
 
+INTERRUPT_GRACE_S = 20.0
+"""Seconds an interrupted command may take to unwind before it is ended at once."""
+
+_OS_FIXES = {
+    errno.EACCES: "Choose a location you may write to, or change its permissions",
+    errno.EPERM: "Choose a location you may write to, or change its permissions",
+    errno.EROFS: "Choose a location on a writable file system",
+    errno.ENOSPC: "Free disk space and run the command again",
+    errno.EDQUOT: "Free disk space (or raise the quota) and run the command again",
+    errno.EFBIG: "Raise the file-size limit (ulimit -f unlimited) and run the command again",
+    errno.EISDIR: "That path is a folder; give a file name there, or remove the folder",
+    errno.ENOTDIR: "A part of that path is a file, not a folder; choose another path",
+    errno.EEXIST: "It is in the way; remove it or choose another path",
+    errno.ENOENT: "Check the path",
+}
+
+
 def one_line(message: object) -> str:
     """``message`` as a single line (whitespace runs collapsed)."""
     return " ".join(str(message).split())
+
+
+def describe_error(error: BaseException) -> str:
+    """The one-line message of a user error. A bare ``OSError`` (``[Errno 28] No space left on device: '.x.tmp'``)
+    becomes ``<file>, <what is wrong>. <the fix>.`` with our hidden temporary names replaced by the names they stand
+    for."""
+    from nnunet_mmssl.io_checks import public_path
+
+    if isinstance(error, OSError) and error.errno is not None and error.strerror:
+        names = [public_path(f) for f in (error.filename, error.filename2) if f is not None]
+        what = error.strerror[:1].lower() + error.strerror[1:]
+        fix = _OS_FIXES.get(error.errno, "Check the path and the disk")
+        subject = " -> ".join(names) if names else "a file"
+        return one_line(f"{subject}, {what}. {fix}.")
+    return one_line(error)
+
+
+def check_step_size(value: float, option: str = "-step_size") -> float:
+    """Refuse a tile step outside (0, 1] (nnU-Net asserts it deep inside prediction).
+
+    Raises:
+        ValueError: naming the option and value, and the fix.
+    """
+    if not math.isfinite(value) or not 0 < value <= 1:
+        raise ValueError(f"{option} {value:g}, must be in (0, 1]: the step between tiles as a fraction of the patch "
+                         f"size. Use e.g. {option} 0.5 (nnU-Net's default; smaller is slower and smoother).")
+    return value
+
+
+def check_finite_number(value: float, option: str, low: float | None = None) -> float:
+    """Refuse NaN/Inf (which would end up in JSON files as invalid ``NaN``) and, optionally, values below ``low``.
+
+    Raises:
+        ValueError: naming the option and value, and the fix.
+    """
+    if not math.isfinite(value):
+        raise ValueError(f"{option} {value}, is not a finite number. Give a number, e.g. {option} 3.")
+    if low is not None and value < low:
+        raise ValueError(f"{option} {value:g}, must be >= {low:g}.")
+    return value
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_output_folder(output: str, inputs: Sequence[str] = (), option: str = "-o",
+                        input_option: str = "-i") -> str:
+    """Refuse, before any work, an output folder that is an existing file, or lies in (or is) an input folder.
+
+    Returns:
+        The absolute output path.
+
+    Raises:
+        ValueError: naming the path and the fix.
+    """
+    absolute = os.path.abspath(output)
+    existing = next((p for p in (absolute, *_parents(absolute)) if os.path.lexists(p)), None)
+    if existing is not None and not os.path.isdir(existing):
+        what = "exists and is a file" if existing == absolute else f"is below the file {existing}"
+        raise ValueError(f"{option} {absolute}, {what}, not a folder. Give an output folder with {option} (a new "
+                         f"one, or an existing folder).")
+    for folder in inputs:
+        if folder is not None and _inside(absolute, folder):
+            raise ValueError(f"{option} {absolute}, is inside the input folder {input_option} "
+                             f"{os.path.abspath(folder)}: outputs would mix with (and be read as) inputs. Choose an "
+                             f"output folder outside it.")
+    return absolute
+
+
+def _parents(path: str) -> list[str]:
+    result = []
+    while os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+        result.append(path)
+    return result
+
+
+def stop_children(timeout: float = 5.0) -> None:
+    """Terminate (then kill) the worker processes of this process that are still running."""
+    children = multiprocessing.active_children()
+    for child in children:
+        with contextlib.suppress(Exception):
+            child.terminate()
+    for child in children:
+        with contextlib.suppress(Exception):
+            child.join(timeout)
+            if child.is_alive():
+                child.kill()
+                child.join(1.0)
+
+
+def _block_sigint_in_children() -> Callable[[], None]:
+    """Make worker processes started from now on (``multiprocessing``'s ``Process.start``: every start method, our
+    pools and nnU-Net's) start with SIGINT blocked -- the signal mask is inherited through fork and exec -- and keep
+    SIGINT blocked in this process while a worker is being started, so that an interrupt never leaves a worker
+    half-started (it would print a traceback of its own); return the function that undoes it."""
+    from multiprocessing.process import BaseProcess
+
+    original = BaseProcess.start
+
+    def start(self):
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return original(self)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a SIGINT that came meanwhile is delivered now
+
+    start.__doc__ = original.__doc__
+    BaseProcess.start = start
+
+    def undo() -> None:
+        if BaseProcess.start is start:
+            BaseProcess.start = original
+
+    return undo
+
+
+@contextlib.contextmanager
+def interrupts_as_exit_code(prog: str, grace_s: float | None = None) -> Iterator[None]:
+    """Within the block, SIGINT raises KeyboardInterrupt in this process only (workers started meanwhile ignore it),
+    and a second SIGINT, or unwinding longer than ``grace_s``, ends the process at once with exit code 130 and the
+    one line. The caller catches KeyboardInterrupt (see :func:`run_cli`)."""
+    grace = INTERRUPT_GRACE_S if grace_s is None else grace_s
+    main_thread = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
+    if not main_thread:
+        yield
+        return
+    interrupted = threading.Event()
+    timers: list[threading.Timer] = []
+
+    def force_exit() -> None:
+        with contextlib.suppress(Exception):
+            stop_children(timeout=1.0)
+        with contextlib.suppress(Exception):
+            print(interrupted_message(prog), file=sys.stderr, flush=True)
+        os._exit(130)
+
+    def handler(signum, frame):
+        if interrupted.is_set():
+            force_exit()
+        interrupted.set()
+        timer = threading.Timer(grace, force_exit)
+        timer.daemon = True
+        timer.start()
+        timers.append(timer)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    undo = _block_sigint_in_children()
+    try:
+        yield
+    finally:
+        undo()
+        signal.signal(signal.SIGINT, previous)
+        for timer in timers:
+            timer.cancel()
+
+
+def interrupted_message(prog: str) -> str:
+    """The one line printed on Ctrl-C."""
+    return (f"{prog}: interrupted (Ctrl-C); nothing half-written was published (temporary files are removed now or "
+            f"by the next run). Run the command again to finish.")
 
 
 def add_verbose(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -66,14 +262,20 @@ def run_cli(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse
         return args
     verbose = bool(getattr(args, "verbose", False))
     try:
-        code = body(args)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        with interrupts_as_exit_code(prog):
+            try:
+                code = body(args)
+            except KeyboardInterrupt:
+                stop_children()
+                print(interrupted_message(prog), file=sys.stderr)
+                return 130
+    except KeyboardInterrupt:  # between the body's end and leaving the block
+        print(interrupted_message(prog), file=sys.stderr)
         return 130
     except USER_ERRORS as error:
         if verbose:
             traceback.print_exc()
-        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+        print(f"{prog}: error: {describe_error(error)}", file=sys.stderr)
         return 2
     except Exception as error:  # noqa: BLE001 -- a console script reports, it does not dump a traceback
         if verbose:

@@ -226,7 +226,8 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
     if preprocess:
         progress(f"Preprocessing labelled cases for {list(configurations)}" +
                  (" (each case normalised by its modality)" if layout is not None else ""))
-        _preprocess_labelled(dataset_id, plans_identifier, list(configurations), num_processes, layout)
+        _preprocess_labelled(dataset_id, plans_identifier, list(configurations), num_processes, layout,
+                             preprocessed_folder, progress)
         if unlabeled:
             preprocess_unlabeled(raw_folder, preprocessed_folder, plans, configurations, num_processes, progress,
                                  check_images=False)
@@ -235,7 +236,8 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
         if mmssl_own:
             progress(f"Preprocessing {mmssl_own} of {mmssl_plans_name} (preprocessing differs from "
                      f"{plans_identifier})")
-            _preprocess_labelled(dataset_id, mmssl_plans_name, mmssl_own, num_processes, layout)
+            _preprocess_labelled(dataset_id, mmssl_plans_name, mmssl_own, num_processes, layout, preprocessed_folder,
+                                 progress)
             if unlabeled:
                 preprocess_unlabeled(raw_folder, preprocessed_folder, mmssl_plans, mmssl_own, num_processes, progress,
                                      check_images=False)
@@ -245,17 +247,52 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
 
 
 def _preprocess_labelled(dataset_id: int, plans_identifier: str, configurations: list[str], num_processes: int,
-                         layout) -> None:
-    """nnU-Net's preprocessing of imagesTr, or, for an unregistered dataset, the same with per-case normalisation."""
-    if layout is None:
-        from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess as nnunet_preprocess
+                         layout, preprocessed_folder: str, progress=print) -> None:
+    """nnU-Net's preprocessing of imagesTr, or, for an unregistered dataset, the same with per-case normalisation.
 
-        nnunet_preprocess([dataset_id], plans_identifier, configurations=configurations,
-                          num_processes=[num_processes] * len(configurations), verbose=False)
-        return
-    from nnunet_mmssl.planners.modality_normalization import preprocess_labelled
+    nnU-Net empties a configuration's data folder before it refills it, so an interrupted rerun would leave the
+    plans beside an empty or half-filled folder. Here each folder is built under a hidden temporary name (nnU-Net is
+    given a hidden copy of the plans whose ``data_identifier`` is that name) and swapped in when complete
+    (:func:`~nnunet_mmssl.dataloading.unlabeled_preprocessing.build_folder_atomically`): the published folder is
+    always the previous complete one or the new complete one.
+    """
+    import glob
+    import uuid
 
-    preprocess_labelled(dataset_id, plans_identifier, configurations, layout.case_modality, num_processes)
+    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+
+    from nnunet_mmssl.dataloading.unlabeled_preprocessing import build_folder_atomically
+
+    plans_file = os.path.join(preprocessed_folder, plans_identifier + ".json")
+    for stale in glob.glob(os.path.join(preprocessed_folder, f".{glob.escape(plans_identifier)}.partial-*.json")):
+        with contextlib.suppress(OSError):
+            os.unlink(stale)  # a killed run's temporary plans
+    plans = load_json(plans_file)
+    manager = PlansManager(plans)
+    for configuration in configurations:
+        final = os.path.join(preprocessed_folder, manager.get_configuration(configuration).data_identifier)
+
+        def fill(tmp: str, configuration=configuration) -> None:
+            identifier = f".{plans_identifier}.partial-{uuid.uuid4().hex[:12]}"
+            temporary_plans = dict(plans, configurations=dict(plans["configurations"]))
+            temporary_plans["configurations"][configuration] = dict(plans["configurations"][configuration],
+                                                                    data_identifier=os.path.basename(tmp))
+            temporary_plans_file = os.path.join(preprocessed_folder, identifier + ".json")
+            save_json(temporary_plans, temporary_plans_file, sort_keys=False)
+            try:
+                if layout is None:
+                    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
+
+                    preprocess_dataset(dataset_id, identifier, [configuration], [num_processes], verbose=False)
+                else:
+                    from nnunet_mmssl.planners.modality_normalization import preprocess_labelled
+
+                    preprocess_labelled(dataset_id, identifier, [configuration], layout.case_modality, num_processes)
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary_plans_file)
+
+        build_folder_atomically(final, fill, progress)
 
 
 def _add_unregistered_block(plans: dict, preprocessed_folder: str, raw_folder: str, dataset_json: dict, layout,
