@@ -14,8 +14,15 @@ force one are visible at torch's dispatcher on any device, so they can be counte
 What the dispatcher cannot see on a CPU: copies to the host (``.cpu()``, ``.numpy()``, ``.tolist()``) are no-ops
 there. :func:`count_host_syncs` therefore also wraps ``Tensor.cpu``, ``Tensor.numpy`` and ``Tensor.tolist`` while it is
 active and counts each call as ``host_copy.<name>`` (``t.cpu().numpy()`` counts once: the array of a tensor that is
-already a host copy is free). nnU-Net's own training step makes one such copy per step (the loss it logs,
-``l.detach().cpu().numpy()``), so ``nnUNetTrainer`` counts 1. ``torch.cuda.synchronize`` is not counted.
+already a host copy is free). A host copy is counted once: the tensors viewing a host copy's memory
+(``t.cpu()[0]``, ``t.cpu().numpy()``, ``float(t.cpu()[1])``) are on the host already and are free. nnU-Net's own
+training step makes one such copy per step (the loss it logs, ``l.detach().cpu().numpy()``), so ``nnUNetTrainer``
+counts 1. ``torch.cuda.synchronize``, ``.to("cpu")`` and the GradScaler's own check of its step (CUDA only; nnU-Net's
+step has it too) are not counted.
+
+Checks of tensor values that would synchronise (index ranges of labels and modalities) run only with
+:func:`debug_checks` on (or the environment variable ``nnUNet_mmssl_debug_checks=1``); by default a wrong index
+fails inside the kernel that uses it (an index error on the CPU, a device-side assertion on CUDA).
 
 Usage::
 
@@ -26,6 +33,7 @@ Usage::
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from contextlib import contextmanager
 
@@ -38,6 +46,32 @@ ALWAYS_SYNC = frozenset({
     "aten._unique", "aten._unique2", "aten.unique_dim", "aten.unique_consecutive", "aten.bincount", "aten.histc",
     "aten.is_nonzero", "aten.equal", "aten.masked_scatter", "aten.masked_scatter_",
 })
+
+
+#: environment variable that switches :func:`debug_checks_enabled` on for a whole run ("1", "true" or "yes")
+DEBUG_CHECKS_ENV = "nnUNet_mmssl_debug_checks"
+_debug_checks: bool | None = None
+
+
+def debug_checks_enabled() -> bool:
+    """Whether value checks that synchronise host and device (index ranges) run: off unless :func:`debug_checks`
+    or ``nnUNet_mmssl_debug_checks=1`` (read once) switched them on."""
+    global _debug_checks
+    if _debug_checks is None:
+        _debug_checks = os.environ.get(DEBUG_CHECKS_ENV, "").strip().lower() in ("1", "true", "yes")
+    return _debug_checks
+
+
+@contextmanager
+def debug_checks(enabled: bool = True):
+    """Switch the synchronising value checks on (or off) inside the ``with`` block."""
+    global _debug_checks
+    previous = debug_checks_enabled()
+    _debug_checks = bool(enabled)
+    try:
+        yield
+    finally:
+        _debug_checks = previous
 
 
 def _packet_name(func) -> str:
@@ -60,20 +94,40 @@ def is_sync(func, args, kwargs) -> bool:
     return False
 
 
+def _storage_key(tensor: torch.Tensor) -> int | None:
+    try:
+        return tensor.untyped_storage().data_ptr() if tensor.numel() else None
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 class HostSyncCounter(TorchDispatchMode):
     """A dispatch mode that counts the calls that would synchronise the host with a CUDA device."""
 
     def __init__(self):
         super().__init__()
         self.by_op: Counter = Counter()
+        # host copies made inside the block, by storage; kept alive so that no other tensor reuses their memory
+        self._host: dict[int, torch.Tensor] = {}
 
     @property
     def total(self) -> int:
         return sum(self.by_op.values())
 
+    def on_host(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` views the memory of a host copy made inside the block."""
+        key = _storage_key(tensor)
+        return key is not None and key in self._host
+
+    def mark_host(self, tensor: torch.Tensor) -> None:
+        key = _storage_key(tensor)
+        if key is not None:
+            self._host[key] = tensor
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if is_sync(func, args, kwargs):
+        if is_sync(func, args, kwargs) and not (
+                _packet_name(func) == "aten._local_scalar_dense" and self.on_host(args[0])):
             self.by_op[_packet_name(func)] += 1
         return func(*args, **kwargs)
 
@@ -91,14 +145,13 @@ def count_host_syncs():
         original = originals[name]
 
         def counted(self, *args, **kwargs):
-            if not getattr(self, "_mmssl_host_copy", False):
+            if not counter.on_host(self):
                 counter.by_op[f"host_copy.{name}"] += 1
             result = original(self, *args, **kwargs)
             if isinstance(result, torch.Tensor):
-                try:
-                    result._mmssl_host_copy = True
-                except (AttributeError, RuntimeError):
-                    pass
+                if _storage_key(result) is not None and _storage_key(result) == _storage_key(self):
+                    result = result.clone()  # on the CPU .cpu() returns its input; on CUDA it is a new tensor
+                counter.mark_host(result)
             return result
         return counted
 

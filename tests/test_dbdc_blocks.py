@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from nnunet_mmssl.diagnostics import debug_checks
 from nnunet_mmssl.losses.prototypes import (
     MPCLLoss,
     PrototypeBank,
@@ -150,7 +151,9 @@ def test_bank_update_half_embeddings_no_grad_and_errors():
     torch.testing.assert_close(bank.prototypes, reference.prototypes, atol=1e-3, rtol=0)
     with pytest.raises(ValueError, match="modality 2"):
         bank.update(embeddings, labels, correct, modality=2)
-    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+    with debug_checks(), pytest.raises(ValueError, match=r"\[0, 2\)"):  # the label range: a synchronising check
+        bank.update(embeddings, labels + 1, torch.ones(5, dtype=torch.bool), modality=0)
+    with pytest.raises(RuntimeError, match="out of bounds"):  # without it, the kernel that uses the label fails
         bank.update(embeddings, labels + 1, torch.ones(5, dtype=torch.bool), modality=0)
 
 
@@ -269,7 +272,11 @@ def test_valid_mask_excludes_voxels():
     with_mask, _ = mpcl_loss(embeddings, labels, PROTOTYPES, torch.tensor([0]), valid)
     assert with_mask.item() == pytest.approx((EXPECTED_PSEG + EXPECTED_MC + EXPECTED_PC + EXPECTED_PD) / 4, abs=1e-6)
     assert abs(without_mask.item() - with_mask.item()) > 1e-3
-    with pytest.raises(ValueError, match="valid"):  # an out-of-range label must be masked, not silently used
+    # an out-of-range label must be masked, not silently used: named by the (synchronising) debug check, else the
+    # loss kernel fails on it
+    with debug_checks(), pytest.raises(ValueError, match="valid"):
+        mpcl_loss(*_tiny(2, with_ignored=True)[:2], PROTOTYPES, torch.tensor([0]))
+    with pytest.raises(IndexError, match="out of bounds"):
         mpcl_loss(*_tiny(2, with_ignored=True)[:2], PROTOTYPES, torch.tensor([0]))
 
 
@@ -352,7 +359,9 @@ def test_mpcl_rejects_bad_terms_and_modalities():
         mpcl_loss(embeddings, labels, PROTOTYPES, torch.tensor([0]), terms=("pseg", "xx"))
     with pytest.raises(ValueError, match="subset"):
         mpcl_loss(embeddings, labels, PROTOTYPES, torch.tensor([0]), terms=())
-    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+    with debug_checks(), pytest.raises(ValueError, match=r"\[0, 2\)"):  # index ranges: synchronising checks
+        mpcl_loss(embeddings, labels, PROTOTYPES, torch.tensor([2]))
+    with pytest.raises(IndexError):  # without them, the first kernel indexing with the modality fails
         mpcl_loss(embeddings, labels, PROTOTYPES, torch.tensor([2]))
 
 

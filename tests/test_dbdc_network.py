@@ -26,6 +26,7 @@ from nnunet_mmssl.building_blocks.norm_bank import (  # noqa: E402
     ModalityNotSetError,
     replace_norms_with_banks,
 )
+from nnunet_mmssl.diagnostics import debug_checks  # noqa: E402
 
 DBDC = "nnunet_mmssl.architectures.dbdc.DBDCUNet"
 GUARDED = "nnunet_mmssl.architectures.dbdc.ModalityGuardedUNet"
@@ -82,38 +83,57 @@ def test_bank_mixed_batch_equals_per_modality_batches(dim):
     # per-modality offsets, so the batch statistics of each modality differ from the mixed batch's
     modality = torch.tensor([2, 0, 1, 0, 2, 1, 0])
     x = torch.randn((7, 4, *_shape(dim, 5)), generator=generator) + modality.view(-1, *[1] * (dim + 1)) * 3.0
-    context.set(modality)
-    assert context.segments is None  # not sorted: the index path
+    x.requires_grad_(True)
+    context.set(modality)  # not sorted, on the device: the one-hot path
     out = bank(x)
+    weights = torch.randn(out.shape, generator=generator)
+    (out * weights).sum().backward()
     for k in range(3):
         pick = modality == k
-        context.set(torch.full((int(pick.sum()),), k))
-        expected = reference(x[pick])
+        part = x.detach()[pick].requires_grad_(True)
+        context.set(k)  # one modality known on the host: nn.BatchNorm itself
+        expected = reference(part)
+        (expected * weights[pick]).sum().backward()
         torch.testing.assert_close(out[pick], expected)
+        torch.testing.assert_close(x.grad[pick], part.grad)
+        for mine, theirs in zip(bank.norms[k].parameters(), reference.norms[k].parameters(), strict=True):
+            torch.testing.assert_close(mine.grad, theirs.grad)
         torch.testing.assert_close(bank.norms[k].running_mean, reference.norms[k].running_mean)
         torch.testing.assert_close(bank.norms[k].running_var, reference.norms[k].running_var)
+        assert int(bank.norms[k].num_batches_tracked) == int(reference.norms[k].num_batches_tracked) == 1
     # a norm shared by all modalities would have given something else
     shared = F.batch_norm(x, None, None, bank.norms[0].weight, bank.norms[0].bias, training=True)
     assert not torch.allclose(out, shared, atol=1e-3)
 
 
-@pytest.mark.parametrize("dim", [2, 3])
-def test_bank_segments_fast_path_equals_index_path(dim):
+@pytest.mark.parametrize("kind", ["batch", "instance"])
+def test_bank_modality_vector_equals_the_modalitys_own_norm(kind):
+    """A whole batch of one modality given as a tensor (device path) or an int (that modality's nn norm): equal
+    outputs in training and eval, and the absent modality's statistics untouched; half precision close."""
     context = ModalityContext()
-    bank = ModalityNormBank(2, 3, dim, context)
+    bank = ModalityNormBank(2, 3, 2, context, kind=kind, momentum=0.3)
     _randomise_affine(bank, 2)
-    index_bank = copy.deepcopy(bank)
-    index_bank._context = context
-    x = torch.randn((5, 3, *_shape(dim, 4)), generator=torch.Generator().manual_seed(1))
-    modality = torch.tensor([1, 1, 0, 0, 0])
-    context.set(modality)
-    assert context.segments == [(1, 2), (0, 3)]
-    fast = bank(x)
-    context.segments = None  # force the gather/scatter path on the same batch
-    slow = index_bank(x)
-    torch.testing.assert_close(fast, slow)
-    for k in range(2):
-        torch.testing.assert_close(bank.norms[k].running_mean, index_bank.norms[k].running_mean)
+    native = copy.deepcopy(bank)
+    native._context = context
+    x = torch.randn((5, 3, 4, 6), generator=torch.Generator().manual_seed(1)) * 2 + 1
+    for train in (True, False):
+        bank.train(train)
+        native.train(train)
+        context.set(torch.ones(5, dtype=torch.long))
+        out = bank(x)
+        context.set(1)
+        torch.testing.assert_close(out, native(x))
+    for mine, theirs in zip(bank.buffers(), native.buffers(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
+    if kind == "batch":
+        assert not torch.equal(bank.norms[1].running_mean, torch.zeros(3))
+        assert torch.equal(bank.norms[0].running_mean, torch.zeros(3))
+        assert int(bank.norms[0].num_batches_tracked) == 0
+    context.set(torch.ones(5, dtype=torch.long))
+    bank.train()
+    half = bank(x.bfloat16())
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), bank(x), rtol=2e-2, atol=5e-2)
 
 
 def test_bank_running_statistics_per_modality():
@@ -349,7 +369,9 @@ def test_set_inference_modality():
         net.set_inference_modality("T2")
     with pytest.raises(ValueError, match="index 2 out of range"):
         net.set_inference_modality(2)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="out of range"):  # an index on the host: always checked
+        net(x, modality=3)
+    with debug_checks(), pytest.raises(ValueError, match="out of range"):  # on the device: a synchronising check
         net(x, modality=torch.tensor([0, 3]))
     net.set_inference_modality(None)
     with pytest.raises(ModalityNotSetError):

@@ -37,6 +37,7 @@ from nnunet_mmssl.building_blocks.norm_bank import (
     modality_not_set_message,
     replace_norms_with_banks,
 )
+from nnunet_mmssl.diagnostics import debug_checks_enabled
 
 
 class ModalitySelection:
@@ -73,28 +74,42 @@ class ModalitySelection:
         self.inference_modality = index
 
     def resolve_modality(self, x: torch.Tensor, modality: torch.Tensor | int | None) -> torch.Tensor:
-        """(B,) long tensor of the samples' modality indices.
+        """(B,) long tensor of the samples' modality indices (see :meth:`batch_modality`)."""
+        resolved = self.batch_modality(x, modality)
+        if isinstance(resolved, torch.Tensor):
+            return resolved
+        return torch.full((x.shape[0],), resolved, dtype=torch.long, device=x.device)
+
+    def batch_modality(self, x: torch.Tensor, modality: torch.Tensor | int | None) -> torch.Tensor | int:
+        """The batch's modality: an ``int`` when one modality is known on the host for the whole batch (an int
+        argument, the inference modality, or a model of one modality), else the (B,) long tensor given.
+
+        An int is checked here (free: it is on the host). A tensor is read on the device only: its values are checked
+        only with :func:`nnunet_mmssl.diagnostics.debug_checks` on (each check would synchronise host and GPU); the
+        trainer builds it from indices checked when the data were set up, and prediction passes an int.
 
         Raises:
             ModalityNotSetError: no modality given or selected and the model has several.
-            ValueError: an index out of range or a wrong length.
+            ValueError: an index out of range (a tensor's: with debug checks only) or a wrong length.
         """
         if modality is None:
             modality = self.inference_modality
         if modality is None:
             if len(self.modalities) == 1:
-                modality = 0
-            else:
-                raise ModalityNotSetError(modality_not_set_message(self.modalities))
+                return 0
+            raise ModalityNotSetError(modality_not_set_message(self.modalities))
         if isinstance(modality, torch.Tensor):
             vector = modality.to(device=x.device, dtype=torch.long).reshape(-1)
-            if vector.numel() != x.shape[0]:
-                raise ValueError(f"modality has {vector.numel()} entries for a batch of {x.shape[0]}")
-        else:
-            vector = torch.full((x.shape[0],), int(modality), dtype=torch.long, device=x.device)
-        if vector.numel() and (int(vector.min()) < 0 or int(vector.max()) >= len(self.modalities)):
-            raise ValueError(f"modality indices {sorted(set(vector.tolist()))} out of range for {self.modalities}")
-        return vector
+            if vector.shape[0] != x.shape[0]:
+                raise ValueError(f"modality has {vector.shape[0]} entries for a batch of {x.shape[0]}")
+            if debug_checks_enabled() and vector.numel() and (
+                    int(vector.min()) < 0 or int(vector.max()) >= len(self.modalities)):
+                raise ValueError(f"modality indices {sorted(set(vector.tolist()))} out of range for {self.modalities}")
+            return vector
+        index = int(modality)
+        if not 0 <= index < len(self.modalities):
+            raise ValueError(f"modality index {index} out of range for {self.modalities}")
+        return index
 
 
 class DBDCUNet(ModalitySelection, PlainConvUNet):
@@ -205,7 +220,7 @@ class DBDCUNet(ModalitySelection, PlainConvUNet):
                 whenever given, in train and eval mode alike: the caller asks for it (the trainer passes it only on
                 its training step; prediction never does).
         """
-        self.modality_context.set(self.resolve_modality(x, modality))
+        self.modality_context.set(self.batch_modality(x, modality))
         try:
             skips = self.encoder(x)
             skips[-1] = self._perturb(skips[-1], perturb_features)
@@ -235,5 +250,5 @@ class ModalityGuardedUNet(ModalitySelection, PlainConvUNet):
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor | int | None = None):
         if self.guard_enabled and not self.training:
-            self.resolve_modality(x, modality)
+            self.batch_modality(x, modality)
         return super().forward(x)

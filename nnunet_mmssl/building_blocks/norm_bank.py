@@ -14,7 +14,11 @@ the paper's batch statistics are used and the README says so. ``kind="instance"`
 per-modality affine parameters, for comparison.
 
 A batch may mix modalities: the bank then normalises each modality's samples together (its own batch statistics),
-exactly as if each modality had been a separate forward pass.
+exactly as if each modality had been a separate forward pass. It does so without a host-device synchronisation and
+without data-dependent Python branches (one graph under ``torch.compile``): per-sample means and variances are pooled
+per modality with one-hot weights (law of total variance), and each sample is normalised by an affine map gathered
+from its modality's statistics; a modality absent from the batch keeps its running statistics. A whole batch of one
+modality known on the host (an ``int``, e.g. at prediction) takes that modality's own norm directly.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 #: norm classes of nnU-Net plans that :func:`replace_norms_with_banks` replaces
@@ -43,31 +48,18 @@ def modality_not_set_message(modalities: Sequence[str]) -> str:
 
 
 class ModalityContext:
-    """The per-sample modality of the batch being processed, shared by all banks of one network.
+    """The modality of the batch being processed, shared by all banks of one network.
 
-    ``modality`` is None (not set) or a (B,) long tensor of modality indices.
+    ``modality`` is None (not set), an ``int`` (every sample has that modality) or a (B,) long tensor of per-sample
+    modality indices (read on the device only: no host synchronisation).
     """
 
     def __init__(self):
-        self.modality: torch.Tensor | None = None
-        #: ``[(modality, count), ...]`` when the batch is sorted in contiguous runs of one modality, else None
-        self.segments: list[tuple[int, int]] | None = None
+        self.modality: torch.Tensor | int | None = None
 
-    def set(self, modality: torch.Tensor | None) -> None:
-        """Set the batch's modality vector (one host synchronisation to find its contiguous runs)."""
+    def set(self, modality: torch.Tensor | int | None) -> None:
+        """Set the batch's modality: None, an index for the whole batch, or a (B,) long tensor."""
         self.modality = modality
-        self.segments = None
-        if modality is None or modality.numel() == 0:
-            return
-        values = modality.tolist()
-        runs: list[list[int]] = []
-        for v in values:
-            if runs and runs[-1][0] == v:
-                runs[-1][1] += 1
-            else:
-                runs.append([v, 1])
-        if len({k for k, _ in runs}) == len(runs):  # each modality in one contiguous run
-            self.segments = [(int(k), int(n)) for k, n in runs]
 
     def __deepcopy__(self, memo):  # a deep copy of a network gets its own (empty) context
         return ModalityContext()
@@ -77,7 +69,6 @@ class ModalityContext:
 
     def __setstate__(self, state):
         self.modality = None
-        self.segments = None
 
 
 def _make_norm(kind: str, conv_dim: int, num_features: int, momentum: float, eps: float) -> nn.Module:
@@ -122,19 +113,64 @@ class ModalityNormBank(nn.Module):
         if modality is None:
             raise ModalityNotSetError("ModalityNormBank called without a modality; the owning network sets it "
                                       "in forward(x, modality=...).")
-        if modality.numel() != x.shape[0]:
-            raise ValueError(f"modality has {modality.numel()} entries for a batch of {x.shape[0]}")
-        segments = self._context.segments
-        if segments is not None:
-            if len(segments) == 1:
-                return self.norms[segments[0][0]](x)
-            parts = x.split([n for _, n in segments])
-            return torch.cat([self.norms[k](part) for (k, _), part in zip(segments, parts, strict=True)])
-        out = torch.empty_like(x)
-        for k in torch.unique(modality).tolist():
-            index = (modality == k).nonzero(as_tuple=True)[0]
-            out = out.index_copy(0, index, self.norms[k](x.index_select(0, index)))
-        return out
+        if not isinstance(modality, torch.Tensor):
+            return self.norms[int(modality)](x)
+        if modality.shape[0] != x.shape[0]:
+            raise ValueError(f"modality has {modality.shape[0]} entries for a batch of {x.shape[0]}")
+        # (B, K) one-hot weights of the samples' modalities (an index outside [0, K) selects no norm)
+        onehot = (modality.reshape(-1, 1) == torch.arange(self.num_modalities, device=x.device)).float()
+        if self.kind == "instance":
+            out = F.instance_norm(x, eps=self.norms[0].eps)
+        else:
+            out = x
+        weight = onehot @ torch.stack([n.weight for n in self.norms]).float()  # (B, C)
+        bias = onehot @ torch.stack([n.bias for n in self.norms]).float()
+        if self.kind == "batch":
+            mean, var = self._batch_statistics(x, onehot)
+            scale = weight * torch.rsqrt(var + self.norms[0].eps)
+            weight, bias = scale, bias - mean * scale
+        shape = (*x.shape[:2],) + (1,) * (x.ndim - 2)
+        return torch.addcmul(bias.to(x.dtype).view(shape), out, weight.to(x.dtype).view(shape))
+
+    def _batch_statistics(self, x: torch.Tensor, onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C) mean and biased variance of each sample's modality: its batch statistics (pooled over the samples
+        of that modality) in training, else its running statistics. Training updates each present modality's running
+        statistics as ``nn.BatchNorm`` does (unbiased variance, momentum)."""
+        norms = self.norms
+        if not self.training and norms[0].track_running_stats:
+            return (onehot @ torch.stack([n.running_mean for n in norms]).float(),
+                    onehot @ torch.stack([n.running_var for n in norms]).float())
+        dims = tuple(range(2, x.ndim))
+        voxels = x[0, 0].numel()
+        if x.dtype in (torch.float32, torch.float64):
+            sample_var, sample_mean = torch.var_mean(x, dim=dims, correction=0)
+            sample_var, sample_mean = sample_var.float(), sample_mean.float()
+        else:  # half precision: accumulate in float32 without a float32 copy of x
+            sample_mean = torch.sum(x, dim=dims, dtype=torch.float32) / voxels
+            squares = torch.linalg.vector_norm(x, 2, dim=dims, dtype=torch.float32).square() / voxels
+            sample_var = (squares - sample_mean.square()).clamp_min(0.0)
+        samples = onehot.sum(0)  # (K,)
+        share = onehot / samples.clamp_min(1.0)  # (B, K): each sample's share of its modality's statistics
+        mean_k = share.T @ sample_mean  # (K, C)
+        var_k = share.T @ (sample_var + sample_mean.square()) - mean_k.square()
+        var_k = var_k.clamp_min(0.0)
+        if norms[0].track_running_stats:
+            self._update_running_statistics(mean_k.detach(), var_k.detach(), samples * voxels)
+        return onehot @ mean_k, onehot @ var_k
+
+    @torch.no_grad()
+    def _update_running_statistics(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+        present = count > 0
+        unbiased = var * (count / (count - 1).clamp_min(1.0))[:, None]
+        for k, norm in enumerate(self.norms):
+            norm.num_batches_tracked.add_(present[k].to(norm.num_batches_tracked.dtype))
+            if norm.momentum is None:  # cumulative moving average, as nn.BatchNorm
+                factor = 1.0 / norm.num_batches_tracked.clamp_min(1).to(mean.dtype)
+            else:
+                factor = norm.momentum
+            for buffer, value in ((norm.running_mean, mean[k]), (norm.running_var, unbiased[k])):
+                updated = torch.lerp(buffer.float(), value, factor)
+                buffer.copy_(torch.where(present[k], updated, buffer.float()).to(buffer.dtype))
 
 
 def _norm_children(module: nn.Module):

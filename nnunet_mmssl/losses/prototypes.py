@@ -20,11 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_mmssl.diagnostics import debug_checks_enabled
+
 MPCL_TERMS = ("pseg", "mc", "pc", "pd")
 
 
 @torch.no_grad()
-def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """Soft equipartitioned assignment of N items to C prototypes (eqs. 5-6; SwAV / ProtoSeg solver).
 
     ``Q = exp((scores - max) / epsilon)`` normalised to total 1; each iteration scales the rows to sum ``1/C``, then
@@ -40,10 +43,13 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int 
         scores: (C, N) similarities of N items to C prototypes (any float dtype).
         epsilon: entropic smoothness (``phi`` of eq. 5); smaller is closer to a hard assignment.
         iterations: Sinkhorn-Knopp iterations (3 in the paper's public code and in SwAV).
+        mask: optional (N,) bool, the items that take part: the result equals ``sinkhorn_knopp`` of the masked
+            items' columns alone (their columns), with zero columns elsewhere; ``N`` is then the number of masked
+            items, a tensor (no host synchronisation).
 
     Returns:
-        (C, N) assignment in float32 (float64 for float64 scores); columns sum to 1. An empty ``N`` gives an
-        empty (C, 0) tensor.
+        (C, N) assignment in float32 (float64 for float64 scores); columns sum to 1 (0 outside ``mask``). An empty
+        ``N`` gives an empty (C, 0) tensor.
     """
     if scores.ndim != 2:
         raise ValueError(f"sinkhorn_knopp needs (C, N) scores, got shape {tuple(scores.shape)}.")
@@ -55,7 +61,13 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int 
         return torch.zeros(scores.shape, dtype=out_dtype, device=scores.device)
     tiny = torch.finfo(torch.float64).tiny
     q = scores.detach().to(torch.float64)
-    q = torch.exp((q - q.max()) / epsilon)
+    if mask is None:
+        q = torch.exp((q - q.max()) / epsilon)
+    else:
+        mask = mask.to(device=q.device, dtype=torch.bool).reshape(1, -1)
+        shift = torch.where(mask, q, torch.full_like(q, -torch.inf)).max()
+        q = torch.where(mask, torch.exp((q - shift) / epsilon), torch.zeros_like(q))
+        num_items = mask.sum()
     q = q / q.sum().clamp_min(tiny)
     for _ in range(iterations):
         q = q / q.sum(dim=1, keepdim=True).clamp_min(tiny) / num_prototypes
@@ -156,20 +168,24 @@ class PrototypeBank(nn.Module):
                              f"{tuple(labels.shape)} and {tuple(correct.shape)}.")
         device = self.prototypes.device
         correct = correct.to(device=device, dtype=torch.bool)
-        feats = embeddings.detach().to(device=device, dtype=torch.float32)[correct]
-        targets = labels.to(device=device, dtype=torch.long)[correct]
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.num_classes):
-            raise ValueError(f"PrototypeBank.update: labels must lie in [0, {self.num_classes}), got "
-                             f"[{int(targets.min())}, {int(targets.max())}].")
+        labels = labels.to(device=device, dtype=torch.long)
+        if debug_checks_enabled() and bool(correct.any()):
+            targets = labels[correct]
+            if int(targets.min()) < 0 or int(targets.max()) >= self.num_classes:
+                raise ValueError(f"PrototypeBank.update: labels must lie in [0, {self.num_classes}), got "
+                                 f"[{int(targets.min())}, {int(targets.max())}].")
+        # every voxel takes part with weight 0 unless correct: no boolean indexing (a host synchronisation)
+        targets = torch.where(correct, labels, torch.zeros_like(labels))
+        feats = embeddings.detach().to(device=device, dtype=torch.float32)
         own = self.prototypes[modality].float()
         with _full_precision(device):
             scores = own @ feats.T
-        assignment = sinkhorn_knopp(scores, self.sinkhorn_epsilon, self.sinkhorn_iterations)
-        weights = assignment[targets, torch.arange(targets.numel(), device=device)].float()
+        assignment = sinkhorn_knopp(scores, self.sinkhorn_epsilon, self.sinkhorn_iterations, mask=correct)
+        weights = assignment.gather(0, targets[None])[0].float() * correct
         stats = torch.zeros(self.num_classes, self.dim + 2, device=device, dtype=torch.float32)
         stats[:, :self.dim].index_add_(0, targets, feats * weights[:, None])
         stats[:, self.dim].index_add_(0, targets, weights)
-        stats[:, self.dim + 1].index_add_(0, targets, torch.ones_like(weights))
+        stats[:, self.dim + 1].index_add_(0, targets, correct.float())
         if _distributed():
             torch.distributed.all_reduce(stats)
         sums, total_weight, counts = stats[:, :self.dim], stats[:, self.dim], stats[:, self.dim + 1]
@@ -201,7 +217,7 @@ def _flatten(embeddings: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor
             raise ValueError(f"MPCL valid mask must have shape {(batch, *spatial)}, got {tuple(valid.shape)}.")
         mask = valid.to(torch.bool)
     targets = torch.where(mask, labels.long(), torch.zeros((), dtype=torch.long, device=labels.device))
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+    if debug_checks_enabled() and targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
         raise ValueError(f"MPCL labels of valid voxels must lie in [0, {num_classes}), got "
                          f"[{int(targets.min())}, {int(targets.max())}]; mark ignored voxels with `valid`.")
     return (embeddings.float().flatten(2), targets.flatten(1).to(embeddings.device),
@@ -217,7 +233,7 @@ def _check_bank(embeddings: torch.Tensor, prototypes: torch.Tensor, modality: to
         modality = modality.expand(embeddings.shape[0])
     if modality.numel() != embeddings.shape[0]:
         raise ValueError(f"MPCL needs one modality index per sample ({embeddings.shape[0]}), got {modality.numel()}.")
-    if int(modality.min()) < 0 or int(modality.max()) >= prototypes.shape[0]:
+    if debug_checks_enabled() and (int(modality.min()) < 0 or int(modality.max()) >= prototypes.shape[0]):
         raise ValueError(f"MPCL modality indices must lie in [0, {prototypes.shape[0]}), got {modality.tolist()}.")
     return modality
 
@@ -275,7 +291,8 @@ def pseg_loss(similarity: torch.Tensor, labels: torch.Tensor, valid: torch.Tenso
     logits, targets, mask = _flatten(similarity, labels, valid, num_classes)  # (B, C, N), (B, N), (B, N)
     ce = _masked_mean(F.cross_entropy(logits, targets, reduction="none"), mask)
     probs = torch.softmax(logits, dim=1) * mask[:, None]
-    onehot = F.one_hot(targets, num_classes).permute(0, 2, 1).float() * mask[:, None]
+    classes = torch.arange(num_classes, device=targets.device)
+    onehot = (targets[:, None, :] == classes[None, :, None]).float() * mask[:, None]
     intersect = (probs * onehot).sum(dim=(0, 2))
     denominator = probs.sum(dim=(0, 2)) + onehot.sum(dim=(0, 2))
     dice = (2 * intersect + smooth) / (denominator + smooth)
@@ -365,7 +382,8 @@ def mpcl_loss(embeddings: torch.Tensor, labels: torch.Tensor, prototypes: torch.
 
     A subset of ``terms`` (the paper's Table III ablations) gives the mean over that subset. Gradient reaches the
     embeddings only; the prototypes are always detached. No voxel valid: a zero loss that is still attached to the
-    graph (``0 * embeddings.sum()``), and zero terms.
+    graph, and zero terms (every term is a mean over valid voxels, 0 when there are none; no host check of
+    ``valid``).
 
     Args:
         embeddings: (B, D, *S) L2-normalised embeddings (2D or 3D; any float dtype).
@@ -384,8 +402,6 @@ def mpcl_loss(embeddings: torch.Tensor, labels: torch.Tensor, prototypes: torch.
     unknown = [t for t in terms if t not in MPCL_TERMS]
     if not terms or unknown or len(set(terms)) != len(terms):
         raise ValueError(f"mpcl_loss terms must be a non-empty subset of {MPCL_TERMS} without repeats, got {terms}.")
-    if valid is not None and not bool(valid.any()):
-        return 0.0 * embeddings.float().sum(), {t: torch.zeros((), device=embeddings.device) for t in terms}
     similarity = prototype_similarity(embeddings, prototypes, modality)
     parts: dict[str, torch.Tensor] = {}
     if "pseg" in terms:

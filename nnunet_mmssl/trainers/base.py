@@ -49,7 +49,7 @@ from nnunet_mmssl.planners import (
     unlabeled_data_identifier,
 )
 from nnunet_mmssl.safe_load import check_configuration_manager
-from nnunet_mmssl.semisup.gradient_share import difference_norm, global_norm, gradient_share, share_ratio
+from nnunet_mmssl.semisup.gradient_share import difference_norm, global_norm, gradient_share
 from nnunet_mmssl.semisup.ramps import sigmoid_rampup
 from nnunet_mmssl.trainers.checkpoint_io import (
     CHECKPOINT_KEY,
@@ -361,10 +361,10 @@ class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
         scaled(loss).backward()
         if scaler is not None:
             scaler.unscale_(self.optimizer)
-        if sup_grads is not None:
-            scale = float(scaler.get_scale()) if scaler is not None else 1.0
-            share = share_ratio(difference_norm([p.grad for p in params], sup_grads, scale),
-                                global_norm(sup_grads) / scale)
+        if sup_grads is not None:  # a tensor, copied to the host with the losses below (no extra synchronisation)
+            scale = 1.0 if scaler is None else scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") \
+                else float(scaler.get_scale())
+            share = difference_norm([p.grad for p in params], sup_grads, scale) / (global_norm(sup_grads) / scale)
         torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
         if scaler is not None:
             scaler.step(self.optimizer)
@@ -374,11 +374,13 @@ class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
         if self._optimizer_stepped:
             self.after_optimizer_step()
         monitor = sup_loss if self.monitor_loss is None else self.monitor_loss
+        share = torch.as_tensor(share, dtype=torch.float32, device=loss.device).reshape(())
         values = torch.stack([monitor.detach().float(), sup_loss.detach().float(), unsup_loss.detach().float(),
-                              loss.detach().float()]).cpu()
+                              loss.detach().float(), share.detach()]).cpu()  # the step's one host copy
+        share = np.float64(values[4].numpy())
         return {"loss": values[0].numpy(), "sup_loss": values[1].numpy(), "unsup_loss": values[2].numpy(),
                 "objective": values[3].numpy(), "unsup_weight": np.float64(weight),
-                "grad_share": np.float64(share if np.isfinite(share) else np.nan)}
+                "grad_share": share if np.isfinite(share) else np.float64(np.nan)}
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         super().on_train_epoch_end(train_outputs)
