@@ -86,6 +86,9 @@ def failure_cause(written: str | os.PathLike, error: BaseException | None = None
     code = getattr(error, "errno", None)
     limit = file_size_limit()
     size = os.path.getsize(written) if os.path.isfile(written) else 0
+    if os.path.isdir(written):  # a folder someone else wrote into: its largest file
+        size = max((os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(written) for f in files
+                    if os.path.isfile(os.path.join(root, f))), default=0)
     if code == errno.EFBIG or (limit is not None and size >= limit):
         return f"the file-size limit of this process was reached (ulimit -f: {limit} bytes)" if limit is not None \
             else "the file-size limit was reached"
@@ -96,8 +99,7 @@ def failure_cause(written: str | os.PathLike, error: BaseException | None = None
         return f"{_FULL.get(code, 'the disk is full')} ({where}{free_text})"
     if code is not None:
         return os.strerror(code).lower()
-    detail = f" ({error})" if error is not None and str(error) else ""
-    return f"the written file is incomplete or differs from what was written{detail}"
+    return "the file read back is incomplete, unreadable or differs from what was written"
 
 
 def write_error(target: str | os.PathLike, written: str | os.PathLike,
@@ -250,3 +252,18 @@ def reported_as(target: str | os.PathLike, written: str | os.PathLike | None = N
         raise
     except (OSError, RuntimeError) as error:
         raise write_error(target, written or target, error) from error
+
+
+@contextlib.contextmanager
+def short_writes_reported(target: str | os.PathLike, written: str | os.PathLike) -> Iterator[None]:
+    """Within the block, an ``OSError`` of a full disk or of the file-size limit raised by a writer we do not control
+    (nnU-Net's export: numpy says "81920 requested and 4968 written" and names no file) becomes a
+    :class:`WriteError` naming ``target``; other errors pass unchanged."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as error:
+        if error.errno in _FULL or (error.errno is None and "written" in str(error)):
+            raise write_error(target, written, error) from error
+        raise

@@ -463,10 +463,10 @@ def test_predict_writes_under_a_temporary_name(stock_model, tmp_path, capsys, mo
     def fake_predict(self, source, output_folder, **kwargs):
         seen["folder"] = output_folder
         seen["final_exists_during_run"] = out.exists()
-        Path(output_folder, "case0.nii.gz").write_bytes(b"first")
+        _label(Path(output_folder, "case0.nii.gz"))  # complete images: every written prediction is read back
         if fail:
             raise RuntimeError("export worker died")
-        Path(output_folder, "case1.nii.gz").write_bytes(b"second")
+        _label(Path(output_folder, "case1.nii.gz"))
 
     monkeypatch.setattr(nnUNetPredictor, "predict_from_files", fake_predict)
     code = main(["-i", str(inputs), "-o", str(out), "-m", str(model), "-f", "0", "-device", "cpu"])

@@ -94,6 +94,35 @@ def check_finite_number(value: float, option: str, low: float | None = None) -> 
     return value
 
 
+def check_image_dimensions(files: Sequence[str], fix: str) -> None:
+    """Refuse, from the headers (cheap), an image that is not one scalar 2D or 3D image per file (a 4D series or a
+    vector image would fail deep inside nnU-Net's workers).
+
+    Args:
+        files: the image files.
+        fix: the last sentence of the message (what to do instead).
+
+    Raises:
+        ValueError: naming the file, its size and components, and ``fix``.
+    """
+    import SimpleITK as sitk
+
+    for path in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            continue  # not a SimpleITK format: left to nnU-Net's reader
+        size, components = tuple(reader.GetSize()), reader.GetNumberOfComponents()
+        if len(size) > 3:
+            raise ValueError(f"{path}, is a {len(size)}D image (size {size}); each file must hold one 3D (or 2D) "
+                             f"image of one channel. {fix}")
+        if components != 1:
+            raise ValueError(f"{path}, has {components} components per voxel (a vector/RGB image); each file must "
+                             f"hold one scalar channel. {fix}")
+
+
 def _inside(path: str, folder: str) -> bool:
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)

@@ -20,7 +20,14 @@ import os
 import shutil
 import tempfile
 
-from nnunet_mmssl.cli._common import add_model_arguments, add_verbose, run_cli
+from nnunet_mmssl.cli._common import (
+    add_model_arguments,
+    add_verbose,
+    check_image_dimensions,
+    check_output_folder,
+    check_step_size,
+    run_cli,
+)
 
 PROG = "nnUNetv2_mmssl_predict"
 
@@ -265,13 +272,32 @@ def _move_into(tmp: str, final: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _verify_predictions(tmp: str, final: str, file_ending: str) -> None:
+    """Read back every image nnU-Net's export wrote into ``tmp`` (SimpleITK's writer leaves a truncated file on a full
+    disk or at the file-size limit without an error).
+
+    Raises:
+        WriteError: naming the file by its place in ``final``, the cause and the fix.
+    """
+    from nnunet_mmssl.io_checks import verify_image_file
+
+    for root, _, names in os.walk(tmp):
+        for name in sorted(names):
+            if name.endswith(file_ending):
+                path = os.path.join(root, name)
+                verify_image_file(path, shown=os.path.join(final, os.path.relpath(path, tmp)))
+
+
 def _run(args: argparse.Namespace) -> int:
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
     from nnunet_mmssl.dataloading.image_checks import check_input_folder
     from nnunet_mmssl.inference.missing import MissingModalityPredictor, resolve_missing_channels
+    from nnunet_mmssl.io_checks import short_writes_reported
 
+    check_step_size(args.step_size)
+    check_output_folder(args.o, [args.i])
     model_folder = _model_folder(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("-device cuda, but no CUDA GPU is available here; pass -device cpu")
@@ -281,6 +307,9 @@ def _run(args: argparse.Namespace) -> int:
                           model_folder)
     missing = resolve_missing_channels(args.missing or [], dataset_json["channel_names"])
     cases = check_input_folder(args.i, dataset_json, num_processes=max(1, args.npp), absent_channels=missing)
+    check_image_dimensions([f for files in cases.values() for f in files],
+                           f"Split a 4D series into one file per channel (CASE_0000{dataset_json['file_ending']}, "
+                           f"CASE_0001..., the channels {dataset_json['channel_names']}).")
     if missing:
         names = [dataset_json["channel_names"][str(c)] for c in missing]
         print(f"Checked {len(cases)} input cases in {args.i} (channels {names} declared missing, the others "
@@ -336,9 +365,12 @@ def _run(args: argparse.Namespace) -> int:
             for input_folder, modality in inputs:
                 if args.modalities_from:
                     select_modality(predictor, modality, model_folder)
-                predictor.predict_from_files(input_folder, output_folder, save_probabilities=args.save_probabilities,
-                                             overwrite=True, num_processes_preprocessing=args.npp,
-                                             num_processes_segmentation_export=args.nps)
+                with short_writes_reported(shown, output_folder):
+                    predictor.predict_from_files(input_folder, output_folder,
+                                                 save_probabilities=args.save_probabilities, overwrite=True,
+                                                 num_processes_preprocessing=args.npp,
+                                                 num_processes_segmentation_export=args.nps)
+        _verify_predictions(tmp, final, dataset_json["file_ending"])
         _move_into(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
