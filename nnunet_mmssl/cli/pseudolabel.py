@@ -20,13 +20,30 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 import re
 import shutil
 import time
 
-from nnunet_mmssl.cli._common import add_model_arguments, add_verbose, run_cli
+from nnunet_mmssl.cli._common import (
+    add_model_arguments,
+    add_verbose,
+    check_finite_number,
+    check_output_folder,
+    check_step_size,
+    run_cli,
+)
 from nnunet_mmssl.dataloading.image_checks import check_image_files
+from nnunet_mmssl.io_checks import (
+    public_path,
+    short_writes_reported,
+    verify_image_file,
+    write_image,
+    write_json,
+    write_nibabel,
+    write_text,
+)
 
 PROG = "nnUNetv2_mmssl_pseudolabel"
 ENTROPY_SUFFIX = "_entropy.nii.gz"
@@ -120,7 +137,7 @@ def write_float_map(array, path: str, properties: dict) -> None:
         image.SetDirection(geometry["direction"])
         if "original_orientation" in geometry:
             image = sitk.DICOMOrient(image, geometry["original_orientation"])
-        sitk.WriteImage(image, path, True)
+        write_image(image, path)
     elif "nibabel_stuff" in properties:
         import nibabel
 
@@ -134,7 +151,7 @@ def write_float_map(array, path: str, properties: dict) -> None:
                                                        io_orientation(geometry["original_affine"])))
         else:
             image = nibabel.Nifti1Image(data, affine=geometry["original_affine"])
-        nibabel.save(image, path)
+        write_nibabel(image, path)
     else:
         raise UserError(f"cannot write {path}: the dataset's image reader gives no SimpleITK or nibabel geometry "
                         f"(properties {sorted(properties)}); use a dataset read with SimpleITKIO or NibabelIO")
@@ -245,7 +262,7 @@ def pseudolabel(model_folder: str, input_folder: str | None, output_folder: str,
     """
     import numpy as np
     import torch
-    from batchgenerators.utilities.file_and_folder_operations import load_json, load_pickle, save_json
+    from batchgenerators.utilities.file_and_folder_operations import load_json, load_pickle
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -261,8 +278,12 @@ def pseudolabel(model_folder: str, input_folder: str | None, output_folder: str,
     if num_processes_preprocessing < 0 or num_processes_export < 1:
         raise UserError(f"-npp must be >= 0 and -nps >= 1, got {num_processes_preprocessing} and "
                         f"{num_processes_export}")
-    if margin_mm < 0:
-        raise UserError(f"--margin-mm must be >= 0, got {margin_mm}")
+    try:  # NaN would pass "< 0" and end up in pseudolabel.json (invalid JSON)
+        check_finite_number(margin_mm, "--margin-mm", 0)
+        check_finite_number(uncertain_fraction, "--uncertain-fraction")
+        check_step_size(step_size)
+    except ValueError as error:
+        raise UserError(str(error)) from None
     if uncertain_fraction <= 0:
         raise UserError(f"--uncertain-fraction must be > 0, got {uncertain_fraction}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -279,6 +300,13 @@ def pseudolabel(model_folder: str, input_folder: str | None, output_folder: str,
                             "unknown; set nnUNet_raw or give the folder with -i")
         raw_dataset = os.path.join(paths.nnUNet_raw, plans["dataset_name"])
         input_folder = os.path.join(raw_dataset, "imagesUnlabeled")
+    try:
+        check_output_folder(output_folder, [input_folder])
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    output_folder = os.path.abspath(output_folder)
+    if os.path.exists(output_folder) and not overwrite:
+        raise UserError(f"output folder {output_folder} exists; choose another -o or pass --overwrite")
     cases = list_cases(input_folder, file_ending, len(dataset_json["channel_names"]))
     # every input image read whole and checked (truncated files, non-image files, NaN/Inf) before predicting
     check_image_files([f for files in cases.values() for f in files], num_processes=max(1, num_processes_preprocessing))
@@ -286,9 +314,6 @@ def pseudolabel(model_folder: str, input_folder: str | None, output_folder: str,
     # plans network classes by name and every checkpoint weights-only, before nnU-Net opens them
     check_model_folder(model_folder, folds, checkpoint, names=False)
 
-    output_folder = os.path.abspath(output_folder)
-    if os.path.exists(output_folder) and not overwrite:
-        raise UserError(f"output folder {output_folder} exists; choose another -o or pass --overwrite")
     label_manager = PlansManager(plans).get_label_manager(dataset_json)
     sigmoid = bool(label_manager.has_regions)
 
@@ -324,12 +349,13 @@ def pseudolabel(model_folder: str, input_folder: str | None, output_folder: str,
             inputs = [cases[c] for c in case_ids]
             outputs = [os.path.join(work, run_name, c) for c in case_ids]
             os.makedirs(os.path.join(work, run_name))
-            if num_processes_preprocessing == 0:
-                predictor.predict_from_files_sequential(inputs, outputs, save_probabilities=True, overwrite=True)
-            else:
-                predictor.predict_from_files(inputs, outputs, save_probabilities=True, overwrite=True,
-                                             num_processes_preprocessing=num_processes_preprocessing,
-                                             num_processes_segmentation_export=num_processes_export)
+            with short_writes_reported(output_folder, temporary):
+                if num_processes_preprocessing == 0:
+                    predictor.predict_from_files_sequential(inputs, outputs, save_probabilities=True, overwrite=True)
+                else:
+                    predictor.predict_from_files(inputs, outputs, save_probabilities=True, overwrite=True,
+                                                 num_processes_preprocessing=num_processes_preprocessing,
+                                                 num_processes_segmentation_export=num_processes_export)
         if hasattr(network, "inference_heads"):
             network.inference_heads = None
 
@@ -362,7 +388,9 @@ def pseudolabel(model_folder: str, input_folder: str | None, output_folder: str,
             if disagreement_map is not None:
                 write_float_map(disagreement_map, os.path.join(temporary, "uncertainty", case + DISAGREEMENT_SUFFIX),
                                 properties)
-            os.replace(fused + file_ending, os.path.join(temporary, "labels", case + file_ending))
+            label = os.path.join(temporary, "labels", case + file_ending)
+            verify_image_file(fused + file_ending, shown=public_path(label))  # nnU-Net's export does not check
+            os.replace(fused + file_ending, label)
             if keep_probabilities:
                 for ext in (".npz", ".pkl"):
                     os.replace(fused + ext, os.path.join(temporary, "probabilities", case + ext))
@@ -377,20 +405,20 @@ def pseudolabel(model_folder: str, input_folder: str | None, output_folder: str,
             if with_disagreement:
                 row["disagreement_map"] = f"uncertainty/{case}{DISAGREEMENT_SUFFIX}"
             rows.append(row)
-        with open(os.path.join(temporary, "ranking.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        with open(os.path.join(temporary, "README.txt"), "w") as f:
-            f.write(_readme(model_folder, input_folder, with_disagreement, sigmoid, rank_by, margin_mm,
-                            uncertain_fraction, file_ending, raw_dataset))
-        save_json({"model_folder": os.path.abspath(model_folder), "input_folder": os.path.abspath(input_folder),
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        write_text(table.getvalue(), os.path.join(temporary, "ranking.csv"))
+        write_text(_readme(model_folder, input_folder, with_disagreement, sigmoid, rank_by, margin_mm,
+                           uncertain_fraction, file_ending, raw_dataset), os.path.join(temporary, "README.txt"))
+        write_json({"model_folder": os.path.abspath(model_folder), "input_folder": os.path.abspath(input_folder),
                    "folds": folds, "checkpoint": checkpoint, "num_heads": num_heads, "sigmoid_regions": sigmoid,
                    "rank_by": rank_by, "margin_mm": margin_mm, "uncertain_fraction": uncertain_fraction,
                    "use_mirroring": use_mirroring, "step_size": step_size,
                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-                  os.path.join(temporary, "pseudolabel.json"), sort_keys=False)
+                   os.path.join(temporary, "pseudolabel.json"))
         shutil.rmtree(work)
         if os.path.exists(output_folder):
             old = os.path.join(parent, f".{name}.old-{os.getpid()}")
