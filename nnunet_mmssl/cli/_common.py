@@ -160,8 +160,40 @@ def _parents(path: str) -> list[str]:
     return result
 
 
+_SUBPROCESSES: set = set()
+"""Running ``subprocess.Popen`` children registered with :func:`tracked` (ended by :func:`stop_children`)."""
+
+
+@contextlib.contextmanager
+def tracked(process):
+    """Register a ``subprocess.Popen`` child (a training run) so that Ctrl-C ends it too; yield it. Leaving the block
+    by an exception (Ctrl-C included) ends it before the exception goes on."""
+    _SUBPROCESSES.add(process)
+    try:
+        yield process
+    except BaseException:
+        end_process(process)
+        raise
+    finally:
+        _SUBPROCESSES.discard(process)
+
+
+def end_process(process, timeout: float = 10.0) -> None:
+    """Terminate a ``subprocess.Popen`` child, then kill it if it is still running after ``timeout`` seconds."""
+    with contextlib.suppress(Exception):
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except Exception:  # noqa: BLE001 -- subprocess.TimeoutExpired
+                process.kill()
+                process.wait(2.0)
+
+
 def stop_children(timeout: float = 5.0) -> None:
-    """Terminate (then kill) the worker processes of this process that are still running."""
+    """Terminate (then kill) the worker processes and tracked subprocesses of this process that still run."""
+    for process in list(_SUBPROCESSES):
+        end_process(process, timeout)
     children = multiprocessing.active_children()
     for child in children:
         with contextlib.suppress(Exception):

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from nnunet_mmssl.cli._common import add_verbose, run_cli
+from nnunet_mmssl.cli._common import add_verbose, run_cli, tracked
 
 PROG = "nnUNetv2_mmssl_demo"
 DATASET_ID = 990
@@ -85,9 +85,9 @@ class _Stage:
 
 def _run_logged(cmd: list[str], env: dict, log_file: str, prefix: str = "    ") -> None:
     """Run an nnU-Net command, echo its progress lines (after ``prefix``), keep the full output in ``log_file``."""
-    with open(log_file, "w") as log:
-        process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   bufsize=1)
+    with open(log_file, "w") as log, tracked(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                                              stderr=subprocess.STDOUT, text=True,
+                                                              bufsize=1)) as process:
         for line in process.stdout:
             log.write(line)
             if any(marker in line for marker in _PROGRESS_MARKERS):

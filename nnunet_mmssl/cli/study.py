@@ -29,6 +29,10 @@ SHARED = ("All runs share the plans and the preprocessed data of nnUNetv2_mmssl_
 SETTINGS_KEYS = ("dataset", "configuration", "plans", "epochs", "iterations", "val_iterations")
 
 
+MIN_BOOTSTRAP = 100
+"""Fewest bootstrap resamples accepted (the 2.5 % and 97.5 % quantiles need some)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("-d", "--dataset", required=True, help="dataset id or name (DatasetXXX_NAME)")
@@ -149,6 +153,9 @@ def run_study(args: argparse.Namespace) -> dict:
     for value, name in ((args.epochs, "--epochs"), (args.iterations, "--iterations")):
         if value < 1:
             raise ValueError(f"{name} {value}: must be at least 1")
+    if args.bootstrap < MIN_BOOTSTRAP:  # checked before any run trains: the report needs it only at the very end
+        raise ValueError(f"--bootstrap {args.bootstrap}, too few resamples for a 95% interval. Use at least "
+                         f"{MIN_BOOTSTRAP} (default 10000).")
     worker_cores(args.workers, args.device)
     classes = {t: resolve_trainer(t) for t in args.trainers}
     pairs = parse_pairs(args.pair, args.trainers)
