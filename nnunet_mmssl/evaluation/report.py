@@ -18,7 +18,12 @@ What is evaluated:
 * Neither: every nonzero label present in at least one reference, sorted. Labels that occur only in predictions
   are not evaluated (a warning says so; pass ``labels`` explicitly to include them).
 
-Metric definitions and the empty-mask conventions are those of :mod:`nnunet_mmssl.evaluation.metrics`.
+Metric definitions and the empty-mask conventions are those of :mod:`nnunet_mmssl.evaluation.metrics`. Scores that
+cannot lie (:func:`check_presence`): a label/region in no reference and no prediction has no score (mean and std
+n/a, listed under ``"absent"``, a warning; an error when that holds for every requested one) -- the per-case
+``both_empty`` Dice of 1 is never its mean --; labels only in the predictions, only in the references, and (with
+explicit labels/regions) reference labels outside them that no prediction holds are warned about; label 0, the
+background, is refused in ``labels``/``regions``.
 Aggregates use ``nanmean`` / ``nanstd`` (population std, ``ddof=0``); NaN values (undefined sensitivity with an
 empty reference) are excluded and counted under ``"excluded"``. The returned dict keeps NaN as ``float("nan")``;
 the JSON file writes it as ``null``.
