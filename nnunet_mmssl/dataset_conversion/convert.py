@@ -26,8 +26,11 @@ errors, argument parsing), :mod:`~nnunet_mmssl.dataset_conversion.finding` (case
 :mod:`~nnunet_mmssl.dataset_conversion.checking` (grids, labels), :mod:`~nnunet_mmssl.dataset_conversion.splitting`
 and :mod:`~nnunet_mmssl.dataset_conversion.writing`; this module orchestrates them and re-exports their public names.
 
-Every case is checked before anything is written (channels and label on one grid, integral non-negative labels with
-declared values only), and every image is read whole and checked while it is copied (complete file -- a truncated
+Every case is checked before anything is written (channels and label on one grid, every case 3D or every case 2D,
+no file of one case reached again -- symlink, hard link or an identical image -- from another case, integral
+non-negative labels with declared values only; the error suggests the ``--label-map`` that maps an undeclared value),
+names that become file names are plain names (:func:`nnunet_mmssl.names.check_safe_name`), the output root lies
+outside every source, and every image is read whole and checked while it is copied (complete file -- a truncated
 ``.nii.gz`` is an error, not zeros --, an image at all, finite voxels; see
 :mod:`nnunet_mmssl.dataloading.image_checks`). The dataset is written into a hidden temporary sibling folder that is
 renamed to its final name at the very end, so a failure never leaves a half-written dataset behind.
