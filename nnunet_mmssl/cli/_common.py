@@ -61,7 +61,7 @@ def describe_error(error: BaseException) -> str:
     from nnunet_mmssl.io_checks import public_path
 
     if isinstance(error, OSError) and error.errno is not None and error.strerror:
-        names = [public_path(f) for f in (error.filename, error.filename2) if f is not None]
+        names = list(dict.fromkeys(public_path(f) for f in (error.filename, error.filename2) if f is not None))
         what = error.strerror[:1].lower() + error.strerror[1:]
         fix = _OS_FIXES.get(error.errno, "Check the path and the disk")
         subject = " -> ".join(names) if names else "a file"
