@@ -348,7 +348,7 @@ def test_predict_cli_missing_options(harness, tmp_path, capsys, monkeypatch):
     def fake(self, source, output_folder, **kwargs):
         seen["missing"] = self.missing_channels
         seen["mask"] = self.network.inference_mask.tolist()
-        Path(output_folder, "c.nii.gz").write_bytes(b"x")
+        write(Path(output_folder, "c.nii.gz"), np.zeros((4, 12, 12)), dtype=np.uint8)  # read back by predict
 
     monkeypatch.setattr(nnUNetPredictor, "predict_from_files", fake)
     base = ["-i", str(inputs), "-m", str(folder), "-f", "0", "-device", "cpu"]
