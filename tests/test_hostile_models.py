@@ -387,3 +387,39 @@ def test_modalities_from_must_belong_to_the_models_dataset(tmp_path):
     unsafe.write_text(json.dumps({"modalities": ["../x"], "case_modality": {"RO_000": "../x"}}))
     with pytest.raises(ValueError, match="modality name '../x'"):
         case_modalities(cases, str(unsafe), model, "M")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["--c", "-pretrained_weights"])
+def test_nnunet_train_console_refuses_a_checkpoint_that_runs_code(how, good_model, tmp_path):
+    """End to end: ``nnUNetv2_train 999 2d 0 -tr MemCifSSLTrainer --c`` (or ``-pretrained_weights FILE``) in a child
+    process: one ``nnUNetv2_train: error:`` line naming the file and ``posix.system``, no traceback, no marker."""
+    import subprocess
+
+    import trainer_harness
+    from plans_fixtures import DATASET_JSON, PLANS
+
+    folder, marker = hostile_copy(good_model, tmp_path)
+    evil = folder / "fold_0" / "checkpoint_final.pth"
+    root = tmp_path / "nnunet"
+    trainer_harness.set_folders(str(root))
+    pre = root / "preprocessed" / PLANS["dataset_name"]
+    (pre / "nnUNetPlans.json").write_text(json.dumps(trainer_harness.plans()))
+    (pre / "dataset.json").write_text(json.dumps(DATASET_JSON))
+    results = root / "results" / PLANS["dataset_name"] / "MemCifSSLTrainer__nnUNetPlans__2d" / "fold_0"
+    results.mkdir(parents=True)
+    shutil.copy(evil, results / "checkpoint_final.pth")
+    env = dict(os.environ, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
+               nnUNet_results=str(root / "results"), nnUNet_compile="false", nnUNet_n_proc_DA="0")
+    env.pop("NNUNET_MMSSL_NO_EXT_TRAINER", None)
+    train = ("import sys; from nnunetv2.run.run_training import run_training_entry as m; "
+             "sys.argv[0] = 'nnUNetv2_train'; sys.exit(m())")
+    extra = ["--c"] if how == "--c" else ["-pretrained_weights", str(evil)]
+    result = subprocess.run([sys.executable, "-c", train, "999", "2d", "0", "-tr", "MemCifSSLTrainer", "-device",
+                             "cpu", *extra], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("nnUNetv2_train: error: ") and "posix.system" in last, result.stderr[-3000:]
+    assert "checkpoint_final.pth: refused to open" in last
+    assert not marker.exists()
