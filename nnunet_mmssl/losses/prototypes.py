@@ -21,11 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_mmssl.diagnostics import debug_checks_enabled
+from nnunet_mmssl.losses.precision import float32_region
 
 MPCL_TERMS = ("pseg", "mc", "pc", "pd")
 
 
 @torch.no_grad()
+@float32_region
 def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
                    mask: torch.Tensor | None = None) -> torch.Tensor:
     """Soft equipartitioned assignment of N items to C prototypes (eqs. 5-6; SwAV / ProtoSeg solver).
@@ -130,6 +132,7 @@ class PrototypeBank(nn.Module):
                 f"momentum={self.momentum}")
 
     @torch.no_grad()
+    @float32_region
     def update(self, embeddings: torch.Tensor, labels: torch.Tensor, correct: torch.Tensor,
                modality: int) -> torch.Tensor:
         """EMA update (eq. 7) of modality ``modality``'s prototypes from its correctly predicted voxels.
@@ -242,6 +245,7 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+@float32_region
 def prototype_similarity(embeddings: torch.Tensor, prototypes: torch.Tensor,
                          modality: torch.Tensor | int) -> torch.Tensor:
     """Cosine similarity ``s_k = <I_k, P_k>`` of every voxel with its own modality's class prototypes.
@@ -265,6 +269,7 @@ def prototype_similarity(embeddings: torch.Tensor, prototypes: torch.Tensor,
     return similarity.reshape(embeddings.shape[0], prototypes.shape[1], *embeddings.shape[2:])
 
 
+@float32_region
 def pseg_loss(similarity: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None,
               smooth: float = 1e-5) -> torch.Tensor:
     """Prototype segmentation loss, eq. (8): ``0.5 * Dice + 0.5 * CE`` on the raw cosine maps (no temperature).
@@ -301,6 +306,7 @@ def pseg_loss(similarity: torch.Tensor, labels: torch.Tensor, valid: torch.Tenso
     return 0.5 * dice_loss + 0.5 * ce
 
 
+@float32_region
 def modality_contrast_loss(embeddings: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor,
                            modality: torch.Tensor | int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Modality contrastive loss, eq. (9): own-modality prototype of the class against the other modalities'.
@@ -336,6 +342,7 @@ def modality_contrast_loss(embeddings: torch.Tensor, labels: torch.Tensor, proto
     return _masked_mean(others - own, mask)
 
 
+@float32_region
 def prototype_contrast_loss(similarity: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None,
                             temperature: float = 0.1) -> torch.Tensor:
     """Prototype contrastive loss, eq. (10): InfoNCE over the C own-modality class prototypes.
@@ -358,6 +365,7 @@ def prototype_contrast_loss(similarity: torch.Tensor, labels: torch.Tensor, vali
     return _masked_mean(F.cross_entropy(logits / temperature, targets, reduction="none"), mask)
 
 
+@float32_region
 def prototype_distance_loss(similarity: torch.Tensor, labels: torch.Tensor,
                             valid: torch.Tensor | None = None) -> torch.Tensor:
     """Prototype distance loss, eq. (11): mean over valid voxels of ``(1 - i . p^k_y)^2``.
@@ -375,6 +383,7 @@ def prototype_distance_loss(similarity: torch.Tensor, labels: torch.Tensor,
     return _masked_mean((1.0 - positive) ** 2, mask)
 
 
+@float32_region
 def mpcl_loss(embeddings: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor,
               modality: torch.Tensor | int, valid: torch.Tensor | None = None, temperature: float = 0.1,
               terms: Sequence[str] = MPCL_TERMS) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
