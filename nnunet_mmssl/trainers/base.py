@@ -374,9 +374,10 @@ class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
         if self._optimizer_stepped:
             self.after_optimizer_step()
         monitor = sup_loss if self.monitor_loss is None else self.monitor_loss
-        share = torch.as_tensor(share, dtype=torch.float32, device=loss.device).reshape(())
+        if not isinstance(share, torch.Tensor):  # a fill, not a copy from the host (that would synchronise too)
+            share = torch.full((), share, dtype=torch.float32, device=loss.device)
         values = torch.stack([monitor.detach().float(), sup_loss.detach().float(), unsup_loss.detach().float(),
-                              loss.detach().float(), share.detach()]).cpu()  # the step's one host copy
+                              loss.detach().float(), share.detach().float().reshape(())]).cpu()  # one host copy
         share = np.float64(values[4].numpy())
         return {"loss": values[0].numpy(), "sup_loss": values[1].numpy(), "unsup_loss": values[2].numpy(),
                 "objective": values[3].numpy(), "unsup_weight": np.float64(weight),
