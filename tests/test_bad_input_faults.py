@@ -274,7 +274,11 @@ STUCK = textwrap.dedent("""
         try:
             time.sleep(120)
         finally:
-            time.sleep(120)  # a cleanup that never ends
+            while True:  # a cleanup that never ends, and swallows further interrupts
+                try:
+                    time.sleep(120)
+                except KeyboardInterrupt:
+                    pass
 
     _common.INTERRUPT_GRACE_S = float(sys.argv[1])
     sys.exit(_common.run_cli("stuck", argparse.ArgumentParser(), body, []))
