@@ -42,9 +42,26 @@ def test_init_signature_equals_nnunet(trainer):
 
 
 def test_baselines_keep_nnunets_network_builder():
+    """The baselines build exactly nnU-Net's network (same class, same parameters for the same seed); our builder
+    only checks the plans' class names first (safe_load), so a foreign class is refused before import."""
+    from nnunet_mmssl.safe_load import UnsafeModelError
+
+    manager = PlansManager(copy.deepcopy(PLANS))
+    config = manager.get_configuration("2d")
+    torch.manual_seed(0)
+    reference = nnUNetTrainer.build_network_architecture(manager, config, 2, 2, True)
     for trainer in (MeanTeacherTrainer, PlainSupervisedTrainer):
-        assert trainer.build_network_architecture is nnUNetTrainer.build_network_architecture
         assert trainer.set_deep_supervision_enabled is nnUNetTrainer.set_deep_supervision_enabled
+        torch.manual_seed(0)
+        network = trainer.build_network_architecture(manager, config, 2, 2, True)
+        assert type(network) is type(reference)
+        for (name, a), (other, b) in zip(network.state_dict().items(), reference.state_dict().items(), strict=True):
+            assert name == other and torch.equal(a, b)
+        bad = copy.deepcopy(PLANS)
+        bad["configurations"]["2d"]["architecture"]["network_class_name"] = "collections.OrderedDict"
+        bad_manager = PlansManager(bad)
+        with pytest.raises(UnsafeModelError, match="collections.OrderedDict"):
+            trainer.build_network_architecture(bad_manager, bad_manager.get_configuration("2d"), 2, 2, True)
 
 
 @pytest.mark.parametrize("trainer,mmf,mae,mcml", [
