@@ -234,7 +234,8 @@ def _block_sigint_in_children() -> Callable[[], None]:
 
 @contextlib.contextmanager
 def interrupts_as_exit_code(prog: str, grace_s: float | None = None) -> Iterator[None]:
-    """Within the block, SIGINT raises KeyboardInterrupt in this process only (workers started meanwhile ignore it),
+    """Within the block, SIGINT raises KeyboardInterrupt in this process only (workers started meanwhile have it
+    blocked),
     and a second SIGINT, or unwinding longer than ``grace_s``, ends the process at once with exit code 130 and the
     one line. The caller catches KeyboardInterrupt (see :func:`run_cli`)."""
     grace = INTERRUPT_GRACE_S if grace_s is None else grace_s
