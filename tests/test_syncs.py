@@ -74,6 +74,15 @@ def folders():
     trainer_harness.set_folders(tempfile.mkdtemp(prefix="syncs-"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny steps run fastest on one thread (a second one only waits for the first on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _unregistered(name: str) -> bool:
     return name.startswith(("DBDC", "Pooled"))
 
