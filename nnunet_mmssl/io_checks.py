@@ -206,11 +206,11 @@ def write_text(text: str, target: str | os.PathLike, shown: str | os.PathLike | 
     """Write a UTF-8 text file, read it back and compare, then publish it."""
 
     def write(path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
+        with open(path, "w", encoding="utf-8", newline="") as f:  # exactly ``text`` (a CSV's \r\n included)
             f.write(text)
 
     def verify(path: str) -> None:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", newline="") as f:
             _check(f.read() == text)
 
     return write_verified(target, write, verify, shown)

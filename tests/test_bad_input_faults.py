@@ -163,10 +163,12 @@ def test_writers_publish_what_they_were_given(tmp_path):
     io_checks.write_image(sitk.GetImageFromArray(array), tmp_path / "a.nii.gz")
     io_checks.save_npy(array, tmp_path / "a.npy")
     io_checks.write_json({"a": [1, 2]}, tmp_path / "a.json")
+    io_checks.write_text("rank,case\r\n1,x\r\n", tmp_path / "a.csv")  # a CSV's line ends kept as they are
+    assert (tmp_path / "a.csv").read_bytes() == b"rank,case\r\n1,x\r\n"
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a.nii.gz"))), array)
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), array)
     assert json.loads((tmp_path / "a.json").read_text()) == {"a": [1, 2]}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.nii.gz", "a.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "a.json", "a.nii.gz", "a.npy"]
     with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
         io_checks.write_json({"margin_mm": float("nan")}, tmp_path / "nan.json")
     assert not (tmp_path / "nan.json").exists()
