@@ -26,14 +26,23 @@ from torch import nn
 from nnunet_mmssl.architectures.smml import MaskedConvFusion
 from nnunet_mmssl.building_blocks.attention import ChannelSelfAttention
 from nnunet_mmssl.losses import consistency, mutual_learning, prototypes, smml, targets
+from nnunet_mmssl.losses.consistency import cross_modal_consistency_loss
+from nnunet_mmssl.losses.mutual_learning import contrastive_mutual_learning_loss
 from nnunet_mmssl.losses.precision import float32_region, full_precision
-from nnunet_mmssl.losses.prototypes import PrototypeBank
-from nnunet_mmssl.losses.smml import class_entropy_weights, frc_loss
+from nnunet_mmssl.losses.prototypes import PrototypeBank, mpcl_loss
+from nnunet_mmssl.losses.smml import class_entropy_weights, frc_loss, pbc_loss, refinement_kl
 from nnunet_mmssl.semisup import ema, gradient_share
 from nnunet_mmssl.semisup.gradient_share import global_norm
+from nnunet_mmssl.trainers.mean_teacher import mean_teacher_consistency
 
 LOW = [torch.float16, torch.bfloat16]
-#: relative tolerance of a loss and of the gradient (norm of the difference / norm of the float32 gradient)
+#: relative error (norm of the difference / norm of the float32 value) of a loss and of its gradient under float16
+#: autocast against float32 arithmetic on the same activations (as autocast hands them over): the loss's own
+#: arithmetic. Measured at 128^3 x 2: losses bit-identical; gradients <= 2.2e-4, float16's rounding of the gradient
+#: itself on its way back into the float16 activations
+LOSS_TOLERANCE = 1e-6
+GRAD_TOLERANCE = 1e-3
+#: the same against float32 activations (FRC, MEM: their inputs rounded to the lower precision as well)
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
 #: (batch, spatial shape of the full-resolution patch) of the plans' real configurations
 SIZES = {"3d_fullres": (2, (128, 128, 128)), "2d": (12, (512, 512))}
@@ -121,6 +130,94 @@ def test_frc_at_real_patch_sizes_is_finite_and_close_to_float32(size):
         assert relative_error(grad, reference_grad) < TOLERANCE[dtype], (size, dtype)
 
 
+
+# ---------------------------------------------------------------- the other losses at the plans' real sizes
+@functools.lru_cache(maxsize=1)
+def logits_case(size: str):
+    """Two branches' full-resolution logits (B, 4, *S): a class margin of 4 plus a smooth field and noise of sd ~2
+    (|logit| up to ~12, a trained network's range), their BraTS-like classes and regions, and 8-channel unit
+    embeddings for MPCL (its sums run over the voxels; the embedding width only multiplies the time and memory)."""
+    batch, shape = SIZES[size]
+    classes = brats_like_classes(batch, shape)
+    onehot = F.one_hot(classes, 4).movedim(-1, 1).float()
+    logits = [4 * onehot + 2 * pre_activations(classes, 4, seed) for seed in (6, 7)]
+    regions = torch.stack([classes > 0, classes > 1, classes > 2], 1).float()
+    embeddings = F.normalize(pre_activations(classes, 8, 8), dim=1)
+    return logits, classes, regions, embeddings
+
+
+def _mpcl(embeddings, classes):
+    bank = PrototypeBank(2, 4, embeddings.shape[1], seed=0)
+    modality = torch.arange(embeddings.shape[0]) % 2
+    return mpcl_loss(embeddings, classes, bank.prototypes, modality)[0]
+
+
+#: name -> (loss of the two logits (or the embeddings), classes, regions; whether it has a gradient)
+LOSS_CASES = {
+    "pbc": (lambda a, b, c, r: sum(pbc_loss(a, b, c, 6.0)), True),
+    "pbc_regions": (lambda a, b, c, r: sum(pbc_loss(a[:, 1:], b[:, 1:], r, 6.0, sigmoid=True)), True),
+    "refinement_kl": (lambda a, b, c, r: refinement_kl(a, b), True),
+    "entropy_weights": (lambda a, b, c, r: class_entropy_weights(a, b).sum(), False),
+    "consistency_printed": (lambda a, b, c, r: cross_modal_consistency_loss(a, b, reduction="printed"), True),
+    "mutual_learning": (lambda a, b, c, r: contrastive_mutual_learning_loss(a, b), True),
+    "mean_teacher": (lambda a, b, c, r: mean_teacher_consistency(a, b), True),  # the student's gradient only
+    "mpcl": (lambda e, _, c, r: _mpcl(e, c), True),
+}
+
+
+def run_loss(name: str, size: str, dtype, autocast: bool = True):
+    """The loss and its gradient w.r.t. its float32 inputs. The inputs arrive in ``dtype`` (as the network's last
+    convolution emits them under autocast); with ``autocast`` the loss runs under autocast of ``dtype`` and the
+    backward on the loss scaled by :data:`GRAD_SCALE`, else in float32 (the reference: the same activations)."""
+    logits, classes, regions, embeddings = logits_case(size)
+    loss_fn, has_grad = LOSS_CASES[name]
+    # float32 leaves holding the values rounded to dtype: the same activations for both runs
+    leaves = [t.to(dtype).float().requires_grad_(has_grad) for t in ([embeddings] if name == "mpcl" else logits)]
+    with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+        inputs = [leaf.to(dtype) if autocast else leaf for leaf in leaves] + [None]
+        loss = loss_fn(inputs[0], inputs[1], classes, regions)
+    if not has_grad:
+        return loss.detach(), None
+    scale = GRAD_SCALE if autocast else 1.0
+    (loss * scale).backward()
+    return loss.detach(), torch.cat([(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).flatten()
+                                     for leaf in leaves]) / scale
+
+
+@pytest.mark.slow
+def test_every_loss_at_the_3d_patch_size_is_finite_and_equals_float32():
+    """float16 at 128^3 x 2 (4.2 million voxels; the 2d patch's 3.1 million go through the same flattened code, see
+    the FRC test for both). bfloat16 has float32's exponent range, so it cannot overflow; its precision is tested at
+    the fixture size by the train-step tests and at both sizes by the FRC test."""
+    failures = []
+    for name in LOSS_CASES:
+        reference, reference_grad = run_loss(name, "3d_fullres", torch.float16, autocast=False)
+        assert math.isfinite(reference) and abs(float(reference)) > 1e-6, (name, reference)
+        loss, grad = run_loss(name, "3d_fullres", torch.float16)
+        grad_error = 0.0 if grad is None else relative_error(grad, reference_grad)
+        if not (math.isfinite(loss) and relative_error(loss, reference) < LOSS_TOLERANCE
+                and grad_error < GRAD_TOLERANCE):
+            failures.append((name, float(loss), float(reference), grad_error))
+    assert not failures, failures
+
+
+def test_prototype_bank_update_under_autocast_equals_float32():
+    """The EMA of the prototypes from the 65,536 voxels a DBDC step feeds it, with half-precision embeddings."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (65_536,), generator=generator)
+    centres = torch.randn(4, 64, generator=generator)
+    embeddings = F.normalize(torch.randn(65_536, 64, generator=generator) + 3 * centres[labels], dim=1)
+    correct = torch.rand(65_536, generator=generator) > 0.2
+    for dtype in LOW:
+        reference, bank = PrototypeBank(2, 4, 64, momentum=0.5), PrototypeBank(2, 4, 64, momentum=0.5)
+        reference.update(embeddings.to(dtype).float(), labels, correct, 1)
+        with torch.autocast("cpu", dtype=dtype):
+            counts = bank.update(embeddings.to(dtype), labels, correct, 1)
+        assert int(counts.sum()) == int(correct.sum())
+        assert torch.equal(bank.prototypes, reference.prototypes), dtype
+        assert not torch.equal(bank.prototypes, PrototypeBank(2, 4, 64).prototypes)  # it moved
+
+
 # ---------------------------------------------------------------- the mechanism
 def test_float32_region_switches_autocast_off_everywhere_and_casts_inputs():
     seen = {}
@@ -186,10 +283,10 @@ def test_global_norm_of_half_precision_gradients():
 
 # ---------------------------------------------------------------- every trainer's real step under forced autocast
 #: one trainer per loss set (the variants switch terms of these off); DBDC as an unregistered CT + MR dataset
-STEP_TRAINERS = ["MemCifSSLTrainer", "MMFMCMLTrainer", "MeanTeacherTrainer", "SMMLSSLTrainer", "DBDCTrainer",
-                 "SMMLTrainer", "PlainSupervisedTrainer", "ModalityDropoutTrainer"]
-#: the fast test's: every loss and statistic is in one of them (SMMLTrainer's are SMMLSSLTrainer's; the last two
-#: have nnU-Net's loss only)
+STEP_TRAINERS = ["MemCifSSLTrainer", "MMFMCMLTrainer", "MeanTeacherTrainer", "SMMLTrainer", "DBDCTrainer",
+                 "SMMLSSLTrainer", "PlainSupervisedTrainer", "ModalityDropoutTrainer"]
+#: the fast test's: every loss and statistic is in one of them (SMMLSSLTrainer applies SMMLTrainer's PBC and FRC to
+#: pseudo-labels; the last two have nnU-Net's loss only)
 FAST_STEP_TRAINERS = STEP_TRAINERS[:5]
 #: a step whose networks run in float32: everything else (losses, statistics, EMA, gradient share, the trainer's own
 #: arithmetic) runs under autocast and must give float32's step; measured: bit-identical (float16 and bfloat16)
