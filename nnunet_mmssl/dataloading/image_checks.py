@@ -239,7 +239,7 @@ def check_input_folder(folder: str | os.PathLike, dataset_json: dict, num_proces
         ImageFileError: missing or empty folder, or a bad image file.
         UnlabeledDataError: a case lacks a channel, or a file name does not follow ``CASE_XXXX<file_ending>``.
     """
-    from nnunet_mmssl.dataloading.unlabeled_preprocessing import UnlabeledDataError, find_cases
+    from nnunet_mmssl.dataloading.case_files import UnlabeledDataError, find_cases
 
     folder = str(folder)
     file_ending = dataset_json["file_ending"]
