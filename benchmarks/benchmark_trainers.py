@@ -440,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="registered phantom voxels (default 24 96 96; the unregistered phantom has each "
                              "modality's own grid, see unregistered_phantom.py)")
     parser.add_argument("--phantom-spacing", nargs=3, type=float, default=[3.0, 1.0, 1.0], metavar=("Z", "Y", "X"))
+    parser.add_argument("--unregistered-shape", nargs=3, type=int, default=None, metavar=("Z", "Y", "X"),
+                        help="unregistered phantom: the CT-like cases' voxels at 1 mm (the MR-like cases cover the "
+                             "same extent at 1.2 mm); default: unregistered_phantom.py's small grids")
     parser.add_argument("--phantom-cases", nargs=2, type=int, default=[4, 4], metavar=("LABELLED", "UNLABELLED"),
                         help="phantom training cases (default 4 labelled, 4 unlabelled)")
     parser.add_argument("--gpu-memory-target", type=float, default=None, metavar="GB",
@@ -1072,8 +1075,10 @@ def prepare_unregistered_phantom(args: argparse.Namespace, workdir: str) -> str:
 
     labelled, unlabelled = args.phantom_cases
     num_test = max(1, args.predict_cases)
+    geometry = unregistered_geometry(args.unregistered_shape)
     recipe = {"kind": "unregistered", "labelled": labelled, "unlabelled": unlabelled, "test": num_test,
-              "configurations": sorted(args.configurations), "gpu_memory_target": args.gpu_memory_target}
+              "configurations": sorted(args.configurations), "gpu_memory_target": args.gpu_memory_target,
+              "shape": args.unregistered_shape}
     name = f"Dataset{UNREGISTERED_PHANTOM_ID:03d}_{UNREGISTERED_PHANTOM_NAME}"
     marker = os.path.join(workdir, UNREGISTERED_PHANTOM_MARKER)
     if _reuse_phantom(marker, recipe):
@@ -1083,7 +1088,8 @@ def prepare_unregistered_phantom(args: argparse.Namespace, workdir: str) -> str:
           f"cases) {labelled} labelled + {unlabelled} unlabelled + {num_test} test; planning "
           f"{' '.join(args.configurations)} in a child process", flush=True)
     sources = make_unregistered_phantom_sources(os.path.join(workdir, "phantom_unregistered"),
-                                                num_labeled=labelled + num_test, num_unlabeled=unlabelled, seed=0)
+                                                num_labeled=labelled + num_test, num_unlabeled=unlabelled, seed=0,
+                                                geometry=geometry)
     convert_unregistered([os.path.join(sources, "CT"), os.path.join(sources, "MR")], ["CT", "MR"], "image.nii.gz",
                          "label.nii.gz", os.environ["nnUNet_raw"], UNREGISTERED_PHANTOM_ID, UNREGISTERED_PHANTOM_NAME,
                          num_labeled=labelled, num_test=num_test, seed=0, labels={"background": 0, "lesion": 1},
@@ -1093,6 +1099,18 @@ def prepare_unregistered_phantom(args: argparse.Namespace, workdir: str) -> str:
     with open(marker, "w") as handle:
         json.dump(recipe, handle)
     return name
+
+
+def unregistered_geometry(shape: Sequence[int] | None) -> dict | None:
+    """The unregistered phantom's per-modality ``(shape, spacing, label value)`` for CT-like cases of ``shape`` voxels
+    at 1 mm and MR-like cases of the same extent at 1.2 mm; None (the phantom module's grids) without a shape."""
+    if shape is None:
+        return None
+    from nnunet_mmssl.dataset_conversion.unregistered_phantom import UNREGISTERED_PHANTOM_GEOMETRY as table
+
+    mr = tuple(max(8, round(s / 1.2)) for s in shape)
+    return {"CT": (tuple(int(s) for s in shape), (1.0, 1.0, 1.0), table["CT"][2]),
+            "MR": (mr, (1.2, 1.2, 1.2), table["MR"][2])}
 
 
 def _reuse_phantom(marker: str, recipe: dict) -> bool:

@@ -48,10 +48,11 @@ def folders(tmp_path, monkeypatch):
     return tmp_path
 
 
-def make_trainer(name: str, configuration: str, root) -> object:
+def make_trainer(name: str, configuration: str, root, plans: dict | None = None,
+                 dataset_json: dict = DATASET_JSON) -> object:
     """Trainer ``name`` constructed and initialised by nnU-Net's code on the CPU (nnUNet_compile is false in tests:
-    the test compiles the network itself)."""
-    plans = harness.plans()
+    the test compiles the network itself), on ``plans`` (default the harness's) with a 3d configuration added."""
+    plans = harness.plans() if plans is None else plans
     if configuration == "3d_fullres":
         plans["configurations"]["3d_fullres"] = dict(
             plans["configurations"]["2d"], data_identifier="nnUNetPlans_3d_fullres", patch_size=PATCHES[configuration],
@@ -60,7 +61,7 @@ def make_trainer(name: str, configuration: str, root) -> object:
         os.makedirs(folder, exist_ok=True)
         open(os.path.join(folder, "case_0000.b2nd"), "a").close()
     torch.manual_seed(0)
-    trainer = getattr(trainers, name)(plans, configuration, 0, copy.deepcopy(DATASET_JSON), torch.device("cpu"))
+    trainer = getattr(trainers, name)(plans, configuration, 0, copy.deepcopy(dataset_json), torch.device("cpu"))
     trainer.print_to_log_file = lambda *args, **kwargs: None
     trainer.initialize()
     return trainer
@@ -156,18 +157,7 @@ def make_dbdc_trainer(name: str, configuration: str, root) -> object:
     plans["configurations"]["2d"].update(use_mask_for_norm=[False], normalization_schemes=["ZScoreNormalization"])
     plans["mmssl"] = {"layout": "unregistered", "modalities": ["CT", "MR"],
                       "intensity_schemes": {"CT": "CTNormalization", "MR": "ZScoreNormalization"}}
-    if configuration == "3d_fullres":
-        plans["configurations"]["3d_fullres"] = dict(
-            plans["configurations"]["2d"], data_identifier="nnUNetPlans_3d_fullres", patch_size=PATCHES[configuration],
-            spacing=[1.0, 1.0, 1.0], architecture=ARCH_3D)
-        folder = os.path.join(root, "preprocessed", plans["dataset_name"], "nnUNetPlans_3d_fullres")
-        os.makedirs(folder, exist_ok=True)
-        open(os.path.join(folder, "case_0000.b2nd"), "a").close()
-    torch.manual_seed(0)
-    trainer = getattr(trainers, name)(plans, configuration, 0, copy.deepcopy(UNREGISTERED_JSON), torch.device("cpu"))
-    trainer.print_to_log_file = lambda *args, **kwargs: None
-    trainer.initialize()
-    return trainer
+    return make_trainer(name, configuration, root, plans, UNREGISTERED_JSON)
 
 
 def _run_seeded(call, network, seed: int, *args, **kwargs) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
