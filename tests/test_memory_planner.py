@@ -11,7 +11,6 @@ from plans_fixtures import ARCH_2D, DATASET_JSON, PLANS
 from nnunet_mmssl.planners.memory import (
     MMSSLExperimentPlanner,
     network_feature_map_size,
-    resolve_trainer_class,
     share_preprocessed_data,
     step_feature_map_size,
 )
@@ -22,6 +21,7 @@ from nnunet_mmssl.trainers import (
     MMFMCMLTrainer,
     PlainSupervisedTrainer,
 )
+from nnunet_mmssl.trainers.registry import resolve_trainer_class
 
 GROUPS = [[0], [1]]
 PATCH = [16, 16]
@@ -56,6 +56,12 @@ def test_resolve_trainer_class():
     assert resolve_trainer_class("nnUNetTrainer").__name__ == "nnUNetTrainer"
     with pytest.raises(ValueError, match="NoSuchTrainer"):
         resolve_trainer_class("NoSuchTrainer")
+
+
+def test_planner_sizes_classes_and_leaves_names_to_the_caller():
+    # the planner does not import the trainers (tests/test_import_graph.py): a name needs the caller's resolver
+    with pytest.raises(TypeError, match=r"\['MemCifSSLTrainer'\] but no resolve_trainer"):
+        MMSSLExperimentPlanner(931, 0.3, budget_trainers=(MeanTeacherTrainer, "MemCifSSLTrainer"))
 
 
 def test_share_preprocessed_data_only_where_preprocessing_is_identical():
@@ -93,7 +99,7 @@ def planned(tmp_path_factory):
         folder = root / "pre" / "Dataset931_MemPlan"
         plans = json.loads((folder / "nnUNetPlans.json").read_text())
         mmssl = json.loads((folder / "nnUNetMMSSLPlans.json").read_text())
-        planner = MMSSLExperimentPlanner(931, 0.3)
+        planner = MMSSLExperimentPlanner(931, 0.3, resolve_trainer=resolve_trainer_class)
         yield plans, mmssl, planner, messages
 
 
@@ -117,6 +123,7 @@ def test_budgeted_plans_fit_every_budget_trainer(planned, configuration):
         # minimum batch size and 5 %-of-the-dataset rule in both plans
         assert on_stock > need if configuration == "3d_fullres" else on_stock >= need
     assert MMFMCMLTrainer.__name__ in " ".join(planned[3])
+    assert planned[2].budget_trainers == [MeanTeacherTrainer, MemCifSSLTrainer, MMFMCMLTrainer]  # names resolved
     # the plain network on nnU-Net's own plans is what nnU-Net budgets: within the same reference
     plain = network_feature_map_size(plans["configurations"][configuration]["architecture"], stock.patch_size,
                                      channels, classes) * stock.batch_size

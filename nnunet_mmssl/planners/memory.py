@@ -8,11 +8,15 @@ unlabelled batch. :func:`step_feature_map_size` is a trainer's estimate in that 
 is nnU-Net's ``ExperimentPlanner`` with that estimate in place of the plain U-Net's, so nnU-Net's own search shrinks
 the patch and the batch until the trainer's whole step fits the target. Its plans (``nnUNetMMSSLPlans`` by default)
 share nnU-Net's preprocessed data wherever the preprocessing is identical.
+
+This module sizes trainer *classes* (their ``training_architecture`` and ``samples_per_step``) and never imports the
+trainers, which import it: trainer names are resolved by the caller
+(:func:`nnunet_mmssl.trainers.registry.resolve_trainer_class`, passed to the planner as ``resolve_trainer``).
 """
 
 import copy
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
@@ -42,30 +46,6 @@ def network_feature_map_size(architecture: Mapping, patch_size: Sequence[int], n
                                      architecture["_kw_requires_import"], num_input_channels, num_output_channels,
                                      allow_init=False, deep_supervision=True)
     return int(network.compute_conv_feature_map_size(list(patch_size)))
-
-
-def resolve_trainer_class(name_or_class):
-    """A trainer class from its name (ours, nnU-Net's, or one in ``nnUNet_extTrainer``) or the class itself.
-
-    Raises:
-        ValueError: naming the trainer when it is not found.
-    """
-    if not isinstance(name_or_class, str):
-        return name_or_class
-    import nnunet_mmssl.trainers as ours
-
-    if hasattr(ours, name_or_class):
-        return getattr(ours, name_or_class)
-    import nnunetv2
-    from batchgenerators.utilities.file_and_folder_operations import join
-    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
-
-    found = recursive_find_python_class(join(nnunetv2.__path__[0], "training", "nnUNetTrainer"), name_or_class,
-                                        "nnunetv2.training.nnUNetTrainer")
-    if found is None:
-        raise ValueError(f"Unknown trainer {name_or_class!r} for the memory budget. Give one of nnunet_mmssl's "
-                         f"trainers (e.g. {', '.join(DEFAULT_BUDGET_TRAINERS)}) or nnU-Net's.")
-    return found
 
 
 def step_feature_map_size(trainer_class, base_architecture: Mapping, modality_groups: Sequence[Sequence[int]],
@@ -115,8 +95,11 @@ class MMSSLExperimentPlanner(ExperimentPlanner):
     the trainer's unlabelled batch fit the target that nnU-Net's plain plans fit.
 
     Args:
-        budget_trainers: trainer classes or names whose steps must fit (default :data:`DEFAULT_BUDGET_TRAINERS`).
+        budget_trainers: trainer classes whose steps must fit, or their names (default
+            :data:`DEFAULT_BUDGET_TRAINERS`) when ``resolve_trainer`` is given.
         modality_groups: channel groups of the multi-branch networks (default first half / second half).
+        resolve_trainer: name -> trainer class, for names in ``budget_trainers``
+            (:func:`nnunet_mmssl.trainers.registry.resolve_trainer_class`; this module does not import the trainers).
         Others: as nnU-Net's ``ExperimentPlanner``; ``plans_name`` defaults to :data:`MMSSL_PLANS_NAME`.
     """
 
@@ -124,14 +107,19 @@ class MMSSLExperimentPlanner(ExperimentPlanner):
                  preprocessor_name: str = "DefaultPreprocessor", plans_name: str = MMSSL_PLANS_NAME,
                  overwrite_target_spacing=None, suppress_transpose: bool = False,
                  budget_trainers: Sequence = DEFAULT_BUDGET_TRAINERS,
-                 modality_groups: Sequence[Sequence[int]] | None = None):
+                 modality_groups: Sequence[Sequence[int]] | None = None,
+                 resolve_trainer: Callable[[str], type] | None = None):
+        names = [t for t in budget_trainers if isinstance(t, str)]
+        if names and resolve_trainer is None:
+            raise TypeError(f"MMSSLExperimentPlanner got trainer names {names} but no resolve_trainer: pass the "
+                            f"classes, or resolve_trainer=nnunet_mmssl.trainers.registry.resolve_trainer_class.")
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
                          overwrite_target_spacing, suppress_transpose)
         if not budget_trainers:
             raise ValueError("MMSSLExperimentPlanner needs at least one trainer to budget for.")
         from nnunet_mmssl.dataset_conversion.modality_layout import read_layout
 
-        self.budget_trainers = [resolve_trainer_class(t) for t in budget_trainers]
+        self.budget_trainers = [resolve_trainer(t) if isinstance(t, str) else t for t in budget_trainers]
         layout = read_layout(self.dataset_json.get("mmssl"))
         self.modalities = list(layout.modalities) if layout is not None else None
         num_channels = len(self.dataset_json["channel_names"])

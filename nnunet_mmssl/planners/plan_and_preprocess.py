@@ -335,10 +335,12 @@ def _plan_memory_budgeted(dataset_id: int, preprocessed_folder: str, plans: dict
         return load_json(mmssl_file)
     progress(f"Planning {mmssl_plans_name}: nnU-Net's planner with the memory of one step of "
              f"{', '.join(budget_trainers)} (the largest decides patch and batch)")
+    from nnunet_mmssl.trainers.registry import resolve_trainer_class
+
     with _at_least_one_da_process():
         planner = MMSSLExperimentPlanner(dataset_id, gpu_memory_target_in_gb or 8, plans_name=mmssl_plans_name,
                                          overwrite_target_spacing=target_spacing, budget_trainers=budget_trainers,
-                                         modality_groups=groups)
+                                         modality_groups=groups, resolve_trainer=resolve_trainer_class)
         planner.plan_experiment()
     mmssl_plans, _ = share_preprocessed_data(load_json(mmssl_file), plans)
     mmssl_plans = add_mmssl_block(mmssl_plans, dataset_json, groups, num_unlabeled)
