@@ -552,3 +552,48 @@ def test_bare_os_errors_name_the_real_target(error, expected, capsys):
 
     assert run_cli("prog", argparse.ArgumentParser(), body, []) == 2
     assert_user_error(2, capsys.readouterr().err, "prog", expected)
+
+
+def _two_label_folders(tmp_path: Path) -> tuple[Path, Path]:
+    ref, pred = tmp_path / "ref", tmp_path / "pred"
+    for folder in (ref, pred):
+        folder.mkdir()
+        array = np.zeros((4, 8, 8), dtype=np.uint8)
+        array[1:3, 2:6, 2:6] = 1
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(folder / "case_0.nii.gz"))
+    return ref, pred
+
+
+def test_evaluate_output_that_is_a_folder_is_refused_first(tmp_path, capsys, monkeypatch):
+    """``-o`` naming a folder is refused before any scoring (was a bare [Errno 21] naming our temporary file)."""
+    import nnunet_mmssl.evaluation.report as report
+    from nnunet_mmssl.cli.evaluate import PROG, main
+
+    ref, pred = _two_label_folders(tmp_path)
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(report, "evaluate_folders", lambda *a, **k: pytest.fail("scored before the -o check"))
+    code = main(["-ref", str(ref), "-pred", str(pred), "-l", "1", "-o", str(tmp_path / "out")])
+    assert_user_error(code, capsys.readouterr().err, PROG, str(tmp_path / "out"), "is a folder", "Give a file name")
+    assert listing(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("raised, code_expected, expected", [
+    (KeyboardInterrupt(), 130, "interrupted (Ctrl-C)"),
+    (OSError(errno.ENOSPC, "No space left on device", "/o/.summary.json.abc.tmp"), 2, "no space left on device"),
+])
+def test_evaluate_interrupt_and_os_error_are_one_line(tmp_path, capsys, monkeypatch, raised, code_expected, expected):
+    """Ctrl-C during the evaluation exits 130 with one line; an OSError is described, never a traceback."""
+    import nnunet_mmssl.evaluation.report as report
+    from nnunet_mmssl.cli.evaluate import PROG, main
+
+    ref, pred = _two_label_folders(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(report, "evaluate_folders", interrupted)
+    code = main(["-ref", str(ref), "-pred", str(pred), "-l", "1"])
+    err = capsys.readouterr().err
+    assert code == code_expected and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith(f"{PROG}:")]
+    assert len(lines) == 1 and expected in lines[0], err

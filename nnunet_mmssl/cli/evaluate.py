@@ -111,7 +111,28 @@ def main(argv: list[str] | None = None) -> int:
         else:
             regions = [v for _, v in args.regions]
     output_file = args.output_file or os.path.join(args.prediction_folder, DEFAULT_SUMMARY_NAME)
+    if os.path.isdir(output_file):
+        print(f"{PROG}: error: {output_file}, is a folder, not a file name for the summary JSON. Give a file name to "
+              f"-o (e.g. {os.path.join(output_file, DEFAULT_SUMMARY_NAME)}).", file=sys.stderr)
+        return 2
+    from nnunet_mmssl.cli._common import interrupted_message, interrupts_as_exit_code, stop_children
 
+    try:
+        with interrupts_as_exit_code(PROG):
+            try:
+                return _evaluate(args, regions, output_file)
+            except KeyboardInterrupt:
+                stop_children()
+                print(interrupted_message(PROG), file=sys.stderr)
+                return 130
+    except KeyboardInterrupt:  # between the evaluation's end and leaving the block
+        print(interrupted_message(PROG), file=sys.stderr)
+        return 130
+
+
+def _evaluate(args: argparse.Namespace, regions, output_file: str) -> int:
+    """Evaluate, print the warnings, the table or the one-line error; the exit code."""
+    from nnunet_mmssl.cli._common import describe_error
     from nnunet_mmssl.evaluation.report import (
         aggregate_by_modality,
         evaluate_folders,
@@ -152,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG}: unexpected error ({type(error).__name__}): {_one_line(error)}. Rerun with --verbose for "
                   f"the traceback; if the input looks right, please report it.", file=sys.stderr)
         else:
-            print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+            print(f"{PROG}: error: {describe_error(error)}", file=sys.stderr)
         return code
     print(format_table(result, per_case=args.per_case))
     if "per_modality" in result:
