@@ -8,7 +8,7 @@ nnU-Net runs them, as one JSON and one table.
 Normally started by ``benchmarks/device/gpu_check.sh`` (which unpacks the packages the GPU machine lacks). Builds,
 with ``benchmarks/benchmark_trainers.py``'s helpers, the registered two-modality phantom and the unregistered phantom
 (CT-like and MR-like cases of different patients, for DBDC), plans and preprocesses 3d_fullres with nnU-Net's
-planner (on a phantom of 128 x 160 x 160 voxels at 1 mm nnU-Net plans a 128^3-class patch), and then, in this one
+planner (a phantom of 128 x 160 x 160 voxels at 1 mm by default, so that the patch is GPU-sized), and then, in this one
 process, for each trainer: constructs it as ``nnUNetv2_train`` does, runs nnU-Net's ``on_train_start`` (on CUDA with
 ``nnUNet_compile=true`` this is where nnU-Net compiles ``self.network``; on the CPU nnU-Net never compiles, so the
 check compiles the network itself with the ``eager`` backend, which traces exactly as on CUDA and so finds the same
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2,
                         help="untimed steps before (the first step compiles; 0: it is timed; default 2)")
     parser.add_argument("--phantom-shape", nargs=3, type=int, default=[128, 160, 160], metavar=("Z", "Y", "X"),
-                        help="registered phantom voxels at 1 mm (default 128 160 160: a 128^3-class patch)")
+                        help="registered phantom voxels at 1 mm (default 128 160 160: a GPU-sized patch)")
     parser.add_argument("--unregistered-shape", nargs=3, type=int, default=None, metavar=("Z", "Y", "X"),
                         help="unregistered phantom's CT-like voxels at 1 mm (default: --phantom-shape)")
     parser.add_argument("--phantom-cases", nargs=2, type=int, default=[2, 2], metavar=("LABELLED", "UNLABELLED"))
