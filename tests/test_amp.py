@@ -33,7 +33,6 @@ from nnunet_mmssl.losses.prototypes import PrototypeBank, mpcl_loss
 from nnunet_mmssl.losses.smml import class_entropy_weights, frc_loss, pbc_loss, refinement_kl
 from nnunet_mmssl.semisup import ema, gradient_share
 from nnunet_mmssl.semisup.gradient_share import global_norm
-from nnunet_mmssl.trainers.mean_teacher import mean_teacher_consistency
 
 LOW = [torch.float16, torch.bfloat16]
 #: relative error (norm of the difference / norm of the float32 value) of a loss and of its gradient under float16
@@ -160,7 +159,6 @@ LOSS_CASES = {
     "entropy_weights": (lambda a, b, c, r: class_entropy_weights(a, b).sum(), False),
     "consistency_printed": (lambda a, b, c, r: cross_modal_consistency_loss(a, b, reduction="printed"), True),
     "mutual_learning": (lambda a, b, c, r: contrastive_mutual_learning_loss(a, b), True),
-    "mean_teacher": (lambda a, b, c, r: mean_teacher_consistency(a, b), True),  # the student's gradient only
     "mpcl": (lambda e, _, c, r: _mpcl(e, c), True),
 }
 
