@@ -320,3 +320,19 @@ def test_cli_rejects_a_truncated_input_image(tmp_path, model_folder_plain, capsy
     err = capsys.readouterr().err
     assert str(bad) in err and "truncated" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_pipeline_is_importable_from_semisup(tmp_path, model_folder_plain):
+    """A library user calls the pipeline without the command line: errors are exceptions, not exit codes."""
+    from nnunet_mmssl.cli import pseudolabel as cli
+    from nnunet_mmssl.semisup.pseudolabel import UserError, list_cases, pseudolabel
+
+    assert cli.pseudolabel is pseudolabel  # the console script is a shell around the library's pipeline
+    images = tmp_path / "images"
+    _write_cases(images, ["b", "a"])
+    cases = list_cases(str(images), ".nii.gz", len(CHANNELS))
+    assert cases == {c: [str(images / f"{c}_{k:04d}.nii.gz") for k in range(len(CHANNELS))] for c in ("a", "b")}
+    with pytest.raises(UserError, match="multi-head model"):
+        pseudolabel(model_folder_plain, str(images), str(tmp_path / "o"), device="cpu", rank_by="disagreement",
+                    num_processes_preprocessing=0, num_processes_export=1)
+    assert not (tmp_path / "o").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".o.partial")]
