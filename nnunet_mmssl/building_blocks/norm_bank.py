@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_mmssl.losses.precision import full_precision
+
 #: norm classes of nnU-Net plans that :func:`replace_norms_with_banks` replaces
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 NORM_BANK_KINDS = ("batch", "instance")
@@ -123,13 +125,21 @@ class ModalityNormBank(nn.Module):
             out = F.instance_norm(x, eps=self.norms[0].eps)
         else:
             out = x
-        weight = onehot @ torch.stack([n.weight for n in self.norms]).float()  # (B, C)
-        bias = onehot @ torch.stack([n.bias for n in self.norms]).float()
-        if self.kind == "batch":
-            mean, var = self._batch_statistics(x, onehot)
-            scale = weight * torch.rsqrt(var + self.norms[0].eps)
-            weight, bias = scale, bias - mean * scale
+        # the (B, K) x (K, C) selections and the statistics in float32 with autocast off: autocast would run these
+        # products in float16 (E[x^2] - mean^2 loses its precision; lerp of the float32 running statistics refuses)
+        with full_precision(x.device.type):
+            weight = onehot @ torch.stack([n.weight for n in self.norms]).float()  # (B, C)
+            bias = onehot @ torch.stack([n.bias for n in self.norms]).float()
+            if self.kind == "batch":
+                mean, var = self._batch_statistics(x, onehot)
+                scale = weight * torch.rsqrt(var + self.norms[0].eps)
+                weight, bias = scale, bias - mean * scale
         shape = (*x.shape[:2],) + (1,) * (x.ndim - 2)
+        if out.dtype in (torch.float16, torch.bfloat16) and self.kind == "batch":
+            # x * scale - mean * scale cancels: in half precision a channel whose mean is large against its spread
+            # loses its normalised values (nn.BatchNorm's kernels compute in float32 too); the result in x's dtype
+            with full_precision(x.device.type):
+                return torch.addcmul(bias.view(shape), out.float(), weight.view(shape)).to(x.dtype)
         return torch.addcmul(bias.to(x.dtype).view(shape), out, weight.to(x.dtype).view(shape))
 
     def _batch_statistics(self, x: torch.Tensor, onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
