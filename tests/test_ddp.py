@@ -7,7 +7,8 @@ call, which is CUDA-only, and the device is set to the CPU). Each rank starts fr
 trains three steps on its own fixed batches (different data per rank, as in real DDP). Afterwards:
 
 * every parameter the optimizer updates and the teacher (weights and step) are identical on both ranks;
-* every parameter the optimizer updates lives inside the DDP module;
+* every parameter the optimizer updates lives inside a DDP module (nnU-Net's ``self.network``, or a trainer's own
+  wrapper: SMML's refinement networks);
 * our extra logs are the mean over both ranks' steps (gathered like nnU-Net's ``train_losses``);
 * the unlabelled stream: each rank reads its own shard of the cases with its share of ``unlabeled_batch_size``;
 * a checkpoint is written by rank 0 only and resumes to identical state on both ranks.
@@ -32,7 +33,7 @@ import trainer_harness as harness
 from torch import nn
 
 from nnunet_mmssl.semisup.ema import EMATeacher
-from nnunet_mmssl.trainers import MeanTeacherTrainer, PlainSupervisedTrainer
+from nnunet_mmssl.trainers import MeanTeacherTrainer, PlainSupervisedTrainer, SMMLTrainer
 from nnunet_mmssl.trainers.ddp import per_rank_batch_size, shard_identifiers
 
 # the tests using ``ranks`` are slow: two fresh processes import torch and nnU-Net (most of ~1 min on 2 cores)
@@ -72,6 +73,8 @@ class UnusedParameterTrainer(PlainSupervisedTrainer):
 
 
 BROKEN = [TeacherBeforeWrapTrainer, BranchOutsideDDPTrainer, UnusedParameterTrainer]
+#: the harness's trainers and SMML (its refinement networks are trained outside ``self.network``)
+DDP_TRAINERS = [*harness.TRAINERS, SMMLTrainer]
 
 
 def _cpu_ddp(module, device_ids=None, **kwargs):
@@ -104,7 +107,8 @@ def _one_trainer(trainer_class, rank: int, root: str) -> dict:
     result = {"batch_size": trainer.batch_size,
               "in_ddp": isinstance(trainer.network, nn.parallel.DistributedDataParallel)}
     params_in_optimizer = [p for group in trainer.optimizer.param_groups for p in group["params"]]
-    ddp_params = {id(p) for p in trainer.network.parameters()}
+    ddp_modules = [m for m in vars(trainer).values() if isinstance(m, nn.parallel.DistributedDataParallel)]
+    ddp_params = {id(p) for module in ddp_modules for p in module.parameters()}
     result["outside_ddp"] = [tuple(p.shape) for p in params_in_optimizer if id(p) not in ddp_params]
     step_batches = harness.batches(trainer, seed=rank, count=STEPS)  # different data on each rank
     outputs = harness.run_steps(trainer, step_batches, seed=50 + rank)
@@ -158,7 +162,7 @@ def _worker(rank: int, port: int, root: str) -> None:
                                             "nnUNetPlans_2d_unlabeled"))
     dist.barrier()
     results = {}
-    for trainer_class in harness.TRAINERS + BROKEN:
+    for trainer_class in DDP_TRAINERS + BROKEN:
         try:
             results[trainer_class.__name__] = _one_trainer(trainer_class, rank, root)
         except Exception:  # reported by the test of this trainer
@@ -192,7 +196,7 @@ def _identical(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [c.__name__ for c in harness.TRAINERS])
+@pytest.mark.parametrize("name", [c.__name__ for c in DDP_TRAINERS])
 def test_ranks_stay_identical_and_logs_are_gathered(ranks, name):
     zero, one = _results(ranks, name)
     assert zero["in_ddp"] and zero["outside_ddp"] == [] and one["outside_ddp"] == []
@@ -216,7 +220,7 @@ def test_ranks_stay_identical_and_logs_are_gathered(ranks, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [c.__name__ for c in harness.TRAINERS if c.use_unlabeled])
+@pytest.mark.parametrize("name", [c.__name__ for c in DDP_TRAINERS if c.use_unlabeled])
 def test_unlabelled_stream_is_sharded_with_the_per_rank_batch(ranks, name):
     zero, one = _results(ranks, name)
     assert zero["unlabeled_ids"] == ["unl_000", "unl_002", "unl_004"]

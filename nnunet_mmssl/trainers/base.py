@@ -305,6 +305,11 @@ class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
         """
         raise NotImplementedError
 
+    def clip_gradients(self) -> None:
+        """nnU-Net's clip of the network's gradient norm to 12 (after unscaling); a trainer that also trains modules
+        outside ``self.network`` clips those here too."""
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+
     def after_optimizer_step(self) -> None:
         """Hook after each optimizer step that was taken (e.g. an EMA teacher update).
 
@@ -365,7 +370,7 @@ class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
             scale = 1.0 if scaler is None else scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") \
                 else float(scaler.get_scale())
             share = difference_norm([p.grad for p in params], sup_grads, scale) / (global_norm(sup_grads) / scale)
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+        self.clip_gradients()
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()

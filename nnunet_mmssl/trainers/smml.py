@@ -3,15 +3,23 @@
 Full supervision on K registered modalities (nnU-Net input channels, K >= 2) so that one model serves every subset
 of modalities at inference. The network (:class:`~nnunet_mmssl.architectures.smml.SMMLNet`) has two branches of K
 narrow modality encoders, per-scale fusion and one decoder each; every training sample gets two different random
-non-empty modality masks (one per branch, :func:`~nnunet_mmssl.architectures.smml.random_modality_masks`).
+modality masks (one per branch, :func:`branch_masks`), each masking one or more modalities and keeping at least one
+(the paper's "randomly mask one or more modalities in each branch": the 2^K - 2 non-empty proper subsets;
+:attr:`SMMLTrainer.mask_full_set` also allows the full set).
 
 Loss per branch (eq. 13): nnU-Net's deep-supervised Dice+CE on the initial prediction + the task loss on the refined
-prediction + PBC (eqs. 1-3, tau 6) + FRC (eqs. 4-9) + the refinement KL (eq. 11); the objective is the sum over the
-two branches (``L_fc`` counted once per branch, as printed). The refinement network (SRN, eq. 10) is a small U-Net
-used in training only (not saved into the plans, not needed to predict); it reads the softmax (sigmoid) of the
-initial prediction and, when the dataset has them, the case's priors (``priorsTr/``, one per modality, e.g. masks of
-a zero-shot model; :mod:`nnunet_mmssl.dataloading.priors`), which go through the image's spatial augmentation. Without
-priors the SRN refines the prediction alone: what that loses is the second, independent opinion the priors give.
+prediction + PBC (eqs. 1-3, tau 6) + FRC (eqs. 4-9) + the refinement KL (eq. 11). The objective is the sum of the
+two branches' objectives with ``L_fc`` entering it once: ``L_fc`` depends on both branches' features, so its gradient
+then reaches each branch once, as each branch's own objective ``L_i`` of eq. 13 gives (adding it per branch would
+give every branch its gradient twice). The refinement network (SRN, eq. 10) is a small U-Net per branch used in
+training only (not saved into the plans, not needed to predict); it reads the softmax (sigmoid) of the initial
+prediction and, when the dataset has them, the case's priors (``priorsTr/``, one per modality, e.g. masks of a
+zero-shot model; :mod:`nnunet_mmssl.dataloading.priors`), which go through the image's spatial augmentation; the
+priors of the modalities a branch has masked out are zeros for that branch and sample (eq. 10). Without priors the
+SRN refines the prediction alone: what that loses is the second, independent opinion the priors give. The SRNs are
+optimised with the network, their gradients clipped to nnU-Net's norm 12 (on their own: the network's clip is
+nnU-Net's), and under DDP they are wrapped in their own ``DistributedDataParallel`` (gradients averaged over ranks,
+weights broadcast from rank 0 at the start).
 
 ``SMMLSSLTrainer`` (beyond the paper) adds our unlabelled stream: PBC and FRC between the two masked branches on
 unlabelled batches, against confident pseudo-labels of the branches' mean.
@@ -30,6 +38,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from torch.nn.parallel import DistributedDataParallel
 
 from nnunet_mmssl.architectures.smml import SMMLNet, random_modality_masks
 from nnunet_mmssl.dataloading.priors import (
@@ -44,6 +53,40 @@ from nnunet_mmssl.losses.targets import class_map_from_target, regions_to_classe
 from nnunet_mmssl.planners.mmssl_plans import PLAIN_UNET_CLASS
 from nnunet_mmssl.trainers.base import SSLTrainerBase, network_from_plans
 
+#: nnU-Net's gradient clipping norm (its ``train_step``)
+GRADIENT_CLIP_NORM = 12.0
+
+
+def branch_masks(batch_size: int, num_modalities: int, full_set: bool = False,
+                 generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """SMML's training masks: (2, B, K) bool, True = present; per sample two different subsets, each drawn
+    uniformly from the non-empty proper subsets (one or more modalities masked, at least one kept; with K = 2 the
+    two branches see one modality each), or with ``full_set`` from all 2^K - 1 non-empty subsets.
+
+    Raises:
+        ValueError: K < 2.
+    """
+    if num_modalities < 2:
+        raise ValueError("SMML's two masks per sample need at least 2 modalities.")
+    if full_set:
+        return random_modality_masks(batch_size, num_modalities, generator, device)
+    count = 2 ** num_modalities - 2  # subset codes 1 .. 2^K - 2: neither empty (0) nor full (2^K - 1)
+    first = torch.randint(1, count + 1, (batch_size,), generator=generator)
+    offset = torch.randint(1, count, (batch_size,), generator=generator)  # count >= 2 for K >= 2
+    second = (first - 1 + offset) % count + 1  # uniform over the other count - 1 subsets
+    bits = torch.arange(num_modalities)
+    masks = torch.stack([(first.view(-1, 1) >> bits) & 1, (second.view(-1, 1) >> bits) & 1]).bool()
+    return masks.to(device) if device is not None else masks
+
+
+class SMMLRefiners(torch.nn.ModuleList):
+    """The branches' refinement networks; ``forward`` runs each on its branch's input (one call per step, so that
+    one DDP wrapper synchronises all of them)."""
+
+    def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [net(x) for net, x in zip(self, inputs, strict=True)]
+
+
 
 class SMMLTrainer(SSLTrainerBase):
     """Liang et al.'s SMML on nnU-Net (see module docstring); settings are class attributes."""
@@ -56,6 +99,8 @@ class SMMLTrainer(SSLTrainerBase):
     feature_stage: int = 1
     #: two branches with different masks (False: one masked branch, the paper's Table 4 baseline)
     dual_branch: bool = True
+    #: False (the paper): every branch masks one or more modalities; True: a branch may also keep all of them
+    mask_full_set: bool = False
     use_pbc: bool = True
     pbc_temperature: float = 6.0
     use_frc: bool = True
@@ -75,7 +120,9 @@ class SMMLTrainer(SSLTrainerBase):
         plans["configurations"][configuration]["architecture"] = self.training_architecture(plain)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.plain_architecture = plain
-        self.refiners = None
+        self.refiners: SMMLRefiners | None = None
+        #: the refiners' DDP wrapper under DDP (None otherwise); the step calls it instead of :attr:`refiners`
+        self.refiners_ddp: DistributedDataParallel | None = None
         self.priors_folder = os.path.join(self.preprocessed_dataset_folder_base,
                                           priors_data_identifier(self.configuration_manager.data_identifier))
         found = os.path.isdir(self.priors_folder)
@@ -115,7 +162,7 @@ class SMMLTrainer(SSLTrainerBase):
         return float(super().samples_per_step(batch_size))
 
     # ------------------------------------------------------------------ set-up
-    def _build_refiners(self) -> torch.nn.ModuleList:
+    def _build_refiners(self) -> SMMLRefiners:
         kwargs = self.configuration_manager.network_arch_init_kwargs
         imported = get_network_from_plans(  # resolve the plans' ops once through nnU-Net
             PLAIN_UNET_CLASS, {k: v for k, v in kwargs.items() if k not in self.network_kwargs()},
@@ -125,7 +172,7 @@ class SMMLTrainer(SSLTrainerBase):
         stages = min(len(self.srn_features), len(kwargs["strides"]))
         outputs = self.label_manager.num_segmentation_heads
         inputs = outputs + (self.num_input_channels if self.priors_enabled else 0)
-        refiners = torch.nn.ModuleList()
+        refiners = SMMLRefiners()
         for _ in range(2 if self.dual_branch else 1):
             net = PlainConvUNet(inputs, stages, list(self.srn_features[:stages]), conv_op,
                                 list(kwargs["kernel_sizes"][:stages]), list(kwargs["strides"][:stages]), 2, outputs,
@@ -133,28 +180,47 @@ class SMMLTrainer(SSLTrainerBase):
                                 {"eps": 1e-5, "affine": True}, None, None, torch.nn.LeakyReLU, {"inplace": True},
                                 deep_supervision=False)
             net.apply(net.initialize)
+            # without deep supervision only the last segmentation head is used: the others are frozen (a parameter
+            # without gradient stops DDP, and a dead one should not be counted as trained)
+            for head in net.decoder.seg_layers[:-1]:
+                head.requires_grad_(False)
             refiners.append(net)
         return refiners.to(self.device)
 
     def configure_optimizers(self):
-        """nnU-Net's SGD and poly schedule over the network and the refinement networks."""
+        """nnU-Net's SGD and poly schedule over the network and the refinement networks; under DDP the refinement
+        networks get their own DDP wrapper (nnU-Net wraps only ``self.network``, after this)."""
         if self.use_srn and self.refiners is None:
             self.refiners = self._build_refiners()
         optimizer, scheduler = super().configure_optimizers()
         if self.refiners is not None:
             optimizer.add_param_group({"params": list(self.refiners.parameters())})
+            if self.is_ddp and self.refiners_ddp is None:
+                self.refiners = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.refiners)
+                self.refiners_ddp = DistributedDataParallel(
+                    self.refiners, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
         return optimizer, scheduler
+
+    def clip_gradients(self) -> None:
+        """nnU-Net's clip of the network's gradient norm, and the same clip of the refinement networks' norm."""
+        super().clip_gradients()
+        if self.refiners is not None:
+            torch.nn.utils.clip_grad_norm_(self.refiners.parameters(), GRADIENT_CLIP_NORM)
 
     # ------------------------------------------------------------------ the step
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.label_manager.has_regions else torch.softmax(logits, 1)
 
-    def _branch_outputs(self, data: torch.Tensor):
-        """Both branches' outputs and fused features under two different random masks per sample."""
+    def training_masks(self, data: torch.Tensor) -> torch.Tensor:
+        """(2, B, K) masks of a batch (:func:`branch_masks`); one branch: both rows are its mask."""
+        masks = branch_masks(data.shape[0], data.shape[1], self.mask_full_set, device=data.device)
+        return masks if self.dual_branch else torch.stack([masks[0], masks[0]])
+
+    def _branch_outputs(self, data: torch.Tensor, masks: torch.Tensor | None = None):
+        """Both branches' outputs and fused features under the masks (default: :meth:`training_masks`)."""
         net = self.network_module
-        masks = random_modality_masks(data.shape[0], data.shape[1], device=data.device)
-        if not self.dual_branch:
-            masks = torch.stack([masks[0], masks[0]])
+        if masks is None:
+            masks = self.training_masks(data)
         net.return_branches = True
         try:
             return self.network(data, masks=masks)
@@ -162,7 +228,8 @@ class SMMLTrainer(SSLTrainerBase):
             net.return_branches = False
 
     def _consistency(self, top: list[torch.Tensor], feat1, feat2, classes, valid, pbc_target) -> torch.Tensor:
-        """PBC (both directions) + FRC (counted for both branches) against labels or pseudo-labels."""
+        """PBC (both directions) + FRC (once: its gradient reaches each branch once) against labels or
+        pseudo-labels."""
         sigmoid = self.label_manager.has_regions
         loss = torch.zeros((), device=top[0].device)
         if self.dual_branch and self.use_pbc:
@@ -171,7 +238,7 @@ class SMMLTrainer(SSLTrainerBase):
         if self.dual_branch and self.use_frc:
             weights = class_entropy_weights(top[0], top[1], sigmoid)
             frc_classes = classes if valid is None else torch.where(valid, classes, torch.full_like(classes, -1))
-            loss = loss + 2 * frc_loss(feat1, feat2, frc_classes, weights, weights.shape[1])
+            loss = loss + frc_loss(feat1, feat2, frc_classes, weights, weights.shape[1])
         return loss
 
     # ------------------------------------------------------------------ priors (extra channels of the batches)
@@ -215,7 +282,8 @@ class SMMLTrainer(SSLTrainerBase):
         lm = self.label_manager
         sigmoid = lm.has_regions
         data, priors = self.split_priors(data)
-        out1, out2, feat1, feat2 = self._branch_outputs(data)
+        masks = self.training_masks(data)
+        out1, out2, feat1, feat2 = self._branch_outputs(data, masks)
         outputs = [out1, out2] if self.dual_branch else [out1]
         full = target[0] if isinstance(target, list) else target
         classes, valid = class_map_from_target(full, lm.has_regions, lm.ignore_label)
@@ -232,17 +300,30 @@ class SMMLTrainer(SSLTrainerBase):
             self.monitor_loss = self.loss(fused, target).detach()
         inner = self.loss.loss if hasattr(self.loss, "loss") else self.loss
         if self.use_srn:
-            for branch, logits in enumerate(top):
-                srn_input = self._probabilities(logits)
-                if priors is not None:
-                    srn_input = torch.cat([srn_input, priors.to(srn_input.dtype)], 1)
-                refined = self.refiners[branch](srn_input)
-                loss = loss + inner(refined, full) + refinement_kl(logits, refined, sigmoid, valid)
+            refiners = self.refiners_ddp if self.refiners_ddp is not None else self.refiners
+            refined = refiners([self.srn_input(logits, priors, masks[branch]) for branch, logits in enumerate(top)])
+            for logits, out in zip(top, refined, strict=True):
+                loss = loss + inner(out, full) + refinement_kl(logits, out, sigmoid, valid)
         loss = loss + self._consistency(top, feat1, feat2, classes, valid, pbc_target)
         unsup = torch.zeros((), device=self.device)
         if unlabeled is not None:
             unsup = self.unlabeled_consistency(unlabeled)
         return loss, unsup
+
+    def srn_input(self, logits: torch.Tensor, priors: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+        """Eq. 10's SRN input of one branch: the initial prediction's probabilities and, with priors, the priors of
+        the modalities this branch kept (the masked ones' are zeros).
+
+        Args:
+            logits: (B, C, *S) the branch's full-resolution logits.
+            priors: (B, K, *S) or None.
+            mask: (B, K) bool, the branch's modality mask.
+        """
+        probabilities = self._probabilities(logits)
+        if priors is None:
+            return probabilities
+        keep = mask.to(probabilities.dtype).view(*mask.shape, *([1] * (priors.ndim - 2)))
+        return torch.cat([probabilities, priors.to(probabilities.dtype) * keep], 1)
 
     def unlabeled_consistency(self, unlabeled: torch.Tensor) -> torch.Tensor:
         """PBC + FRC on unlabelled data against confident pseudo-labels (our semi-supervised extension).
