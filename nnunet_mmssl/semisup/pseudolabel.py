@@ -29,7 +29,6 @@ import re
 import shutil
 import time
 
-from nnunet_mmssl.cli._common import check_finite_number, check_output_folder, check_step_size
 from nnunet_mmssl.dataloading.image_checks import check_image_files
 from nnunet_mmssl.io_checks import (
     public_path,
@@ -40,6 +39,7 @@ from nnunet_mmssl.io_checks import (
     write_nibabel,
     write_text,
 )
+from nnunet_mmssl.option_checks import check_finite_number, check_output_folder, check_step_size
 
 #: the name messages start with (the console script's)
 PROG = "nnUNetv2_mmssl_pseudolabel"
