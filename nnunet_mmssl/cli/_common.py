@@ -249,6 +249,22 @@ def parse_or_exit_code(parser: argparse.ArgumentParser, argv: list[str] | None) 
         return exit_.code if isinstance(exit_.code, int) else 2
 
 
+def call_interruptibly(prog: str, call: Callable[[], int | None]) -> int | None:
+    """``call()`` under :func:`interrupts_as_exit_code`: its result, or 130 after the one line on Ctrl-C (children
+    stopped). Other exceptions pass to the caller."""
+    try:
+        with interrupts_as_exit_code(prog):
+            try:
+                return call()
+            except KeyboardInterrupt:
+                stop_children()
+                print(interrupted_message(prog), file=sys.stderr)
+                return 130
+    except KeyboardInterrupt:  # between the call's end and leaving the block
+        print(interrupted_message(prog), file=sys.stderr)
+        return 130
+
+
 def run_cli(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int | None],
             argv: list[str] | None) -> int:
     """Parse ``argv`` with ``parser`` (which has ``--verbose``) and run ``body(args)``, reporting errors as one line.
@@ -267,16 +283,7 @@ def run_cli(prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse
         return args
     verbose = bool(getattr(args, "verbose", False))
     try:
-        with interrupts_as_exit_code(prog):
-            try:
-                code = body(args)
-            except KeyboardInterrupt:
-                stop_children()
-                print(interrupted_message(prog), file=sys.stderr)
-                return 130
-    except KeyboardInterrupt:  # between the body's end and leaving the block
-        print(interrupted_message(prog), file=sys.stderr)
-        return 130
+        code = call_interruptibly(prog, lambda: body(args))
     except USER_ERRORS as error:
         if verbose:
             traceback.print_exc()

@@ -115,19 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {output_file}, is a folder, not a file name for the summary JSON. Give a file name to "
               f"-o (e.g. {os.path.join(output_file, DEFAULT_SUMMARY_NAME)}).", file=sys.stderr)
         return 2
-    from nnunet_mmssl.cli._common import interrupted_message, interrupts_as_exit_code, stop_children
+    from nnunet_mmssl.cli._common import call_interruptibly
 
-    try:
-        with interrupts_as_exit_code(PROG):
-            try:
-                return _evaluate(args, regions, output_file)
-            except KeyboardInterrupt:
-                stop_children()
-                print(interrupted_message(PROG), file=sys.stderr)
-                return 130
-    except KeyboardInterrupt:  # between the evaluation's end and leaving the block
-        print(interrupted_message(PROG), file=sys.stderr)
-        return 130
+    return call_interruptibly(PROG, lambda: _evaluate(args, regions, output_file))
 
 
 def _evaluate(args: argparse.Namespace, regions, output_file: str) -> int:
