@@ -23,6 +23,7 @@ modality known on the host (an ``int``, e.g. at prediction) takes that modality'
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -181,6 +182,22 @@ class ModalityNormBank(nn.Module):
             for buffer, value in ((norm.running_mean, mean[k]), (norm.running_var, unbiased[k])):
                 updated = torch.lerp(buffer.float(), value, factor)
                 buffer.copy_(torch.where(present[k], updated, buffer.float()).to(buffer.dtype))
+
+
+@contextlib.contextmanager
+def running_statistics_frozen(module: nn.Module):
+    """Within the context, every BatchNorm of ``module`` (a bank's too) in training mode still normalises with its
+    batch statistics but leaves its running statistics and ``num_batches_tracked`` untouched (as
+    ``track_running_stats=False`` does); restored on exit. DBDC's no-grad pseudo-label pass runs in it, so that a
+    training step updates the running statistics once (its main pass), not twice."""
+    frozen = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for norm in frozen:
+        norm.track_running_stats = False
+    try:
+        yield
+    finally:
+        for norm in frozen:
+            norm.track_running_stats = True
 
 
 def _norm_children(module: nn.Module):

@@ -47,9 +47,10 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_mmssl.architectures.dbdc import DBDCUNet
+from nnunet_mmssl.building_blocks.norm_bank import running_statistics_frozen
 from nnunet_mmssl.dataloading.unlabeled_loader import build_unlabeled_augmenter
 from nnunet_mmssl.dataset_conversion.modality_layout import is_unregistered
-from nnunet_mmssl.losses.prototypes import PrototypeBank, mpcl_loss
+from nnunet_mmssl.losses.prototypes import MPCL_TERMS, PrototypeBank, mpcl_loss
 from nnunet_mmssl.losses.targets import class_map_from_target, regions_to_classes  # noqa: F401 (re-exported)
 from nnunet_mmssl.planners import get_mmssl_block
 from nnunet_mmssl.planners.mmssl_plans import PLAIN_UNET_CLASS
@@ -417,10 +418,23 @@ class DBDCTrainer(SSLTrainerBase):
             return F.binary_cross_entropy_with_logits(logits.float(), target)
         return F.cross_entropy(logits.float(), target)
 
+    def active_mpcl_terms(self) -> tuple[str, ...]:
+        """The MPCL terms this run computes: :attr:`mpcl_terms`, without ``"mc"`` when K = 1 (eq. 9 contrasts a
+        modality's prototypes with the other modalities'; with none it would reduce to a pull towards the own
+        prototype, which ``pd`` already is)."""
+        return tuple(t for t in self.mpcl_terms if not (t == "mc" and self.num_modalities == 1))
+
     def _mpcl(self, embeddings, classes, modality, valid=None) -> torch.Tensor:
+        """Eq. 12: the sum of the active terms over 4, whatever the subset (Table III's rows leave terms out, so each
+        term keeps the weight delta / 4 in every row)."""
         start = time.perf_counter()
-        loss, _ = mpcl_loss(embeddings, classes, self.prototype_bank.prototypes, modality, valid=valid,
-                            temperature=self.mpcl_temperature, terms=self.mpcl_terms)
+        terms = self.active_mpcl_terms()
+        if not terms:
+            loss = embeddings.sum() * 0.0
+        else:
+            mean, _ = mpcl_loss(embeddings, classes, self.prototype_bank.prototypes, modality, valid=valid,
+                                temperature=self.mpcl_temperature, terms=terms)
+            loss = mean * (len(terms) / len(MPCL_TERMS))
         self._prototype_seconds += time.perf_counter() - start
         return loss
 
@@ -438,7 +452,9 @@ class DBDCTrainer(SSLTrainerBase):
             clean = torch.cat([u for _, u in unlabelled])
             modality_u = torch.cat([torch.full((u.shape[0],), k, dtype=torch.long, device=self.device)
                                     for k, u in unlabelled])
-            with torch.no_grad():
+            # train mode (each modality's batch statistics, as the main pass) but the running statistics left alone:
+            # the main pass below updates them once per step
+            with torch.no_grad(), running_statistics_frozen(net):
                 net.return_embeddings = False
                 out = self.network(clean, modality=modality_u)
                 out = out[0] if isinstance(out, (list, tuple)) else out
