@@ -9,15 +9,24 @@ single-channel image of one modality (recorded at conversion, normalised by its 
   the prototype bank.
 * **One step** = for each modality k one labelled batch (nnU-Net's planned batch size, its loader restricted to the
   modality's cases) and one unlabelled batch of that modality; all of them go through the network in one forward pass
-  with a per-sample modality vector (each bank normalises each modality's samples together, as separate passes
-  would), plus one no-grad pass of the clean unlabelled images for the pseudo-labels. Objective
+  with a per-sample modality vector: each bank normalises each modality's samples with their own pooled batch
+  statistics, so a modality's labelled, image-perturbed and feature-perturbed samples share one set of batch
+  statistics (as one pass per modality would; not one pass per batch), and the running statistics are updated once
+  per step, from this pass. Plus one no-grad pass of the clean unlabelled images for the pseudo-labels, in train mode
+  (batch statistics) with the running-statistics update switched off
+  (:func:`~nnunet_mmssl.building_blocks.norm_bank.running_statistics_frozen`). Objective
   ``sum_k w_k (L_sup^k + lambda(t) L_dc^k)`` (eqs. 20-23), where
   ``L_sup^k`` = nnU-Net's deep-supervised Dice+CE + ``delta * L_MPCL`` on the labels (eq. 21),
   ``L_dc^k`` = ``L_ipc^k + L_fpc^k`` (eqs. 17-19): CE of the image-perturbed (noise + intensity scaling) and of the
   feature-perturbed (bottleneck channel dropout) predictions to the pseudo-label of the clean prediction, each
   ``+ delta * L_MPCL`` on the pseudo-label; ``lambda(t) = exp(-5 (1 - t/T)^2)`` over the whole run.
+  ``L_MPCL`` = the sum of the active terms over 4 (eq. 12), also in Table III's rows that leave terms out (each term
+  keeps the weight delta / 4); with K = 1 there is no ``L_mc`` (no other modality to contrast with).
 * **MLPB / MPCL** (eqs. 4-12): per-modality class prototypes (:class:`~nnunet_mmssl.losses.prototypes.PrototypeBank`,
-  EMA from correctly predicted labelled voxels after each optimizer step, Sinkhorn-Knopp weights).
+  EMA from correctly predicted labelled voxels after each optimizer step, Sinkhorn-Knopp weights). Training only:
+  the prototypes and the projector take no part in prediction (the paper's "plug-ins for segmentation prediction"
+  are not used at inference; the segmentation head alone predicts, and the prototypes are not in the checkpoint's
+  network weights).
 * **MAW** (eqs. 13-16): per-modality weights from each modality's validation pseudo-Dice history (nnU-Net's
   validation patches, split by modality), updated each epoch, logged and drawn in progress.png.
 
@@ -176,7 +185,7 @@ class DBDCTrainer(SSLTrainerBase):
     sinkhorn_iterations: int = 3
     #: temperature of L_pc (eq. 10)
     mpcl_temperature: float = 0.1
-    #: MPCL terms averaged (eq. 12); subsets for the paper's Table III
+    #: MPCL terms (eq. 12: their sum over 4, also for subsets: the paper's Table III; "mc" dropped when K = 1)
     mpcl_terms: tuple[str, ...] = ("pseg", "mc", "pc", "pd")
     #: delta of eqs. 18, 19, 21
     mpcl_weight: float = 0.1
