@@ -127,7 +127,8 @@ def test_every_network_compiles_as_one_graph_and_matches_eager(name, configurati
         outputs = assert_compiled_matches_eager(network, x, masks=masks)
         network.return_branches = False
         assert len(outputs) == 2 * num_scales + 2  # two deep-supervision lists + two fused feature maps
-        for refiner in trainer.refiners:  # SRN: the softmax of a prediction in, refined logits out (nnU-Net's
+        assert (trainer.refiners is not None) == trainer.use_srn  # _single, _dual*: no SRN
+        for refiner in trainer.refiners or []:  # SRN: the softmax of a prediction in, refined logits out (nnU-Net's
             # U-Net without deep supervision: its lower-resolution heads get no gradient)
             assert_compiled_matches_eager(refiner, torch.softmax(outputs[0].detach(), 1), all_trained=False)
     else:
