@@ -25,3 +25,21 @@ def console_environment(root: Path, trainer_module: str, trainer_source: str) ->
                nnUNet_n_proc_DA="0", nnUNet_compile="false")
     env.pop("NNUNET_MMSSL_NO_EXT_TRAINER", None)
     return env
+
+
+def assert_user_error(code: int, err: str, prog: str, *expected: str) -> str:
+    """Exit code 2, exactly one ``PROG: error:`` line containing every ``expected`` substring, no traceback."""
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith(f"{prog}: error:")]
+    assert len(errors) == 1, err
+    for substring in expected:
+        assert substring in errors[0], f"{substring!r} not in {errors[0]!r}"
+    return errors[0]
+
+
+def listing(folder: Path) -> list[str]:
+    """Every path below ``folder`` (hidden ones included), relative; [] if it does not exist."""
+    if not folder.exists():
+        return []
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))

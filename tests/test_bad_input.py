@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from console_harness import assert_user_error, listing
 
 from nnunet_mmssl.dataloading.image_checks import ImageFileError, check_image_file, read_image_checked
 from nnunet_mmssl.dataset_conversion import PHANTOM_LABEL_GLOB, PHANTOM_MODALITY_GLOBS, convert_dataset
@@ -65,24 +66,6 @@ def not_an_image(path: Path, gzipped: bool = False) -> Path:
     text = b"<html>404 Not Found</html>\n"
     path.write_bytes(gzip.compress(text) if gzipped else text)
     return path
-
-
-def assert_user_error(code: int, err: str, prog: str, *expected: str) -> str:
-    """Exit code 2, exactly one ``PROG: error:`` line containing every ``expected`` substring, no traceback."""
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith(f"{prog}: error:")]
-    assert len(errors) == 1, err
-    for substring in expected:
-        assert substring in errors[0], f"{substring!r} not in {errors[0]!r}"
-    return errors[0]
-
-
-def listing(folder: Path) -> list[str]:
-    """Every path below ``folder`` (hidden ones included), relative; [] if it does not exist."""
-    if not folder.exists():
-        return []
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
 @pytest.fixture(scope="module")

@@ -24,28 +24,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from console_harness import assert_user_error, listing
 
 from nnunet_mmssl.dataset_conversion.phantom import make_phantom_cases
 
 REPO = Path(__file__).resolve().parents[1]
 CONVERT_ARGS = ["--modality", "MRA=MRA.nii.gz", "--modality", "MRB=MRB.nii.gz", "--label", "seg.nii.gz"]
 SIZE_LIMIT = 5000  # bytes: above Python's own small writes, below one phantom image (about 12 kB)
-
-
-def assert_user_error(code: int, err: str, prog: str, *expected: str) -> str:
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if line.startswith(f"{prog}: error:")]
-    assert len(errors) == 1, err
-    for substring in expected:
-        assert substring in errors[0], f"{substring!r} not in {errors[0]!r}"
-    return errors[0]
-
-
-def listing(folder: Path) -> list[str]:
-    if not folder.exists():
-        return []
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
 def env_for(root: Path) -> dict:

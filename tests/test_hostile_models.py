@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from console_harness import assert_user_error
 
 from nnunet_mmssl.safe_load import (
     UnsafeModelError,
@@ -45,15 +46,7 @@ class _RunsCode:
         return os.system, (f"touch '{self.marker}'",)
 
 
-def assert_refused(code: int, err: str, prog: str, *expected: str) -> str:
-    """Exit code 2, exactly one ``PROG: error:`` line holding every ``expected`` substring, no traceback."""
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith(f"{prog}: error:")]
-    assert len(lines) == 1, err
-    for substring in expected:
-        assert substring in lines[0], f"{substring!r} not in {lines[0]!r}"
-    return lines[0]
+assert_refused = assert_user_error  # exit 2, one PROG: error: line with every substring, no traceback
 
 
 @pytest.fixture(scope="module")
