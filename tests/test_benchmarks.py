@@ -337,9 +337,9 @@ def test_interrupted_run_reports_and_saves_the_rows_measured_so_far(bench, tmp_p
             raise stop
         return {**_row(trainer, 0.5, 1e9, 100.0, 10.0, None), "wall_s": 1.0}
 
-    monkeypatch.setattr(bench, "prepare_phantom", lambda args, workdir: "Dataset979_X")
-    monkeypatch.setattr(bench, "run_one", fake_run_one)
-    monkeypatch.setattr(bench, "exit_on_sigterm", lambda: None)  # keep pytest's own SIGTERM handling
+    monkeypatch.setattr(bench.parent, "prepare_phantom", lambda args, workdir: "Dataset979_X")
+    monkeypatch.setattr(bench.parent, "run_one", fake_run_one)
+    monkeypatch.setattr(bench.cli, "exit_on_sigterm", lambda: None)  # keep pytest's own SIGTERM handling
     saved = dict(os.environ)
     try:
         out = tmp_path / "o.json"
