@@ -86,6 +86,7 @@ setup(
             "nnUNetv2_mmssl_pseudolabel=nnunet_mmssl.cli.pseudolabel:main",
             "nnUNetv2_mmssl_study=nnunet_mmssl.cli.study:main",
             "nnUNetv2_mmssl_check_model=nnunet_mmssl.cli.check_model:main",
+            "nnUNetv2_mmssl_selftrain=nnunet_mmssl.cli.selftrain:main",
         ]
     },
     cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth},
