@@ -6,7 +6,8 @@ import pytest
 
 EXPECTED = {"nnUNetv2_mmssl_convert", "nnUNetv2_mmssl_plan_and_preprocess", "nnUNetv2_mmssl_predict",
             "nnUNetv2_mmssl_evaluate", "nnUNetv2_mmssl_demo", "nnUNetv2_mmssl_pseudolabel",
-            "nnUNetv2_mmssl_evaluate_missing", "nnUNetv2_mmssl_study", "nnUNetv2_mmssl_check_model"}
+            "nnUNetv2_mmssl_evaluate_missing", "nnUNetv2_mmssl_study", "nnUNetv2_mmssl_check_model",
+            "nnUNetv2_mmssl_selftrain"}
 
 
 def _scripts():
