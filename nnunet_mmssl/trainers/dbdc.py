@@ -41,35 +41,40 @@ Variants (paper's ablations, a supervised twin, the pooled plain U-Net) are in
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from batchgenerators.utilities.file_and_folder_operations import join, load_pickle
+from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_mmssl.architectures.dbdc import DBDCUNet
 from nnunet_mmssl.building_blocks.norm_bank import running_statistics_frozen
+from nnunet_mmssl.dataloading.per_modality import (
+    DBDCDataError,
+    ModalityBatches,
+    augmentation_processes,
+    case_modality_index,
+    finish_loaders,
+    identifiers_by_modality,
+    labelled_loaders_per_modality,
+    unlabeled_loaders_per_modality,
+    workers_per_loader,
+)
 from nnunet_mmssl.dataloading.unlabeled_loader import build_unlabeled_augmenter
 from nnunet_mmssl.dataset_conversion.modality_layout import is_unregistered
+from nnunet_mmssl.evaluation.per_modality import write_summary_per_modality
 from nnunet_mmssl.losses.prototypes import MPCL_TERMS, PrototypeBank, mpcl_loss
 from nnunet_mmssl.losses.targets import class_map_from_target, regions_to_classes  # noqa: F401 (re-exported)
 from nnunet_mmssl.planners import get_mmssl_block
 from nnunet_mmssl.planners.mmssl_plans import PLAIN_UNET_CLASS
-from nnunet_mmssl.planners.modality_normalization import MODALITY_PROPERTY
 from nnunet_mmssl.semisup.modality_weighting import ModalityWeighting
 from nnunet_mmssl.trainers.base import SSLTrainerBase, network_from_plans
-
-
-class DBDCDataError(ValueError):
-    """The dataset or fold cannot be trained by DBDC as it is (message names the fix)."""
 
 
 def plan_modalities(plans: dict, dataset_json: dict) -> list[str]:
@@ -79,90 +84,6 @@ def plan_modalities(plans: dict, dataset_json: dict) -> list[str]:
     if is_unregistered(block):
         return list(block["modalities"])
     return ["+".join(str(v) for v in dataset_json["channel_names"].values())]
-
-
-@contextlib.contextmanager
-def _augmentation_processes(num: int):
-    """Temporarily set ``nnUNet_n_proc_DA`` (nnU-Net's loaders read it) so K loaders share the allowed workers."""
-    old = os.environ.get("nnUNet_n_proc_DA")
-    os.environ["nnUNet_n_proc_DA"] = str(num)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("nnUNet_n_proc_DA", None)
-        else:
-            os.environ["nnUNet_n_proc_DA"] = old
-
-
-class ModalityBatches:
-    """One loader per modality behind nnU-Net's ``next(dataloader)``.
-
-    ``mode="all"``: each ``next`` returns ``{"modality_batches": [batch of modality 0, ..., K-1]}`` (training).
-    ``mode="cycle"``: each ``next`` returns the next modality's batch in turn with ``"modality": k`` (validation);
-    modalities without a loader (no validation case in the fold) are skipped.
-    """
-
-    def __init__(self, loaders: list, mode: str):
-        if mode not in ("all", "cycle"):
-            raise ValueError(mode)
-        self.loaders = loaders
-        self.mode = mode
-        self._next = 0
-        self.available = [k for k, loader in enumerate(loaders) if loader is not None]
-        if not self.available:
-            raise DBDCDataError("No modality has cases for this loader.")
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        if self.mode == "all":
-            return {"modality_batches": [next(loader) for loader in self.loaders]}
-        k = self.available[self._next % len(self.available)]
-        self._next += 1
-        batch = dict(next(self.loaders[k]))
-        batch["modality"] = k
-        return batch
-
-    def _finish(self) -> None:
-        for loader in self.loaders:
-            if loader is not None and hasattr(loader, "_finish"):
-                loader._finish()
-
-
-def write_summary_per_modality(validation_folder: str, modalities: list[str], modality_of, file_ending: str,
-                               log=print) -> dict:
-    """``summary_per_modality.json`` beside nnU-Net's validation ``summary.json``: per modality, the number of cases
-    and the mean of each label's (region's) Dice and IoU over its cases.
-
-    Args:
-        validation_folder: the fold's ``validation`` folder.
-        modalities: modality names (output order).
-        modality_of: case id -> modality name.
-        file_ending: dataset file ending.
-        log: message sink.
-    """
-    from batchgenerators.utilities.file_and_folder_operations import isfile, load_json, save_json
-
-    summary_file = join(validation_folder, "summary.json")
-    if not isfile(summary_file):
-        return {}
-    summary = load_json(summary_file)
-    result = {}
-    for name in modalities:
-        cases = [c for c in summary["metric_per_case"]
-                 if modality_of(os.path.basename(c["reference_file"])[:-len(file_ending)]) == name]
-        if not cases:
-            continue
-        labels = list(cases[0]["metrics"])
-        result[name] = {"num_cases": len(cases), "mean": {
-            label: {metric: float(np.nanmean([c["metrics"][label][metric] for c in cases]))
-                    for metric in ("Dice", "IoU")} for label in labels}}
-        dice = np.nanmean([v["Dice"] for v in result[name]["mean"].values()])
-        log(f"Validation {name}: {len(cases)} cases, mean Dice {dice:.4f}")
-    save_json(result, join(validation_folder, "summary_per_modality.json"), sort_keys=False)
-    return result
 
 
 class DBDCTrainer(SSLTrainerBase):
@@ -273,15 +194,7 @@ class DBDCTrainer(SSLTrainerBase):
     def _properties_modality(self, folder: str, identifier: str) -> int:
         if self.num_modalities == 1:
             return 0
-        properties = load_pickle(join(folder, identifier + ".pkl"))
-        name = properties.get(MODALITY_PROPERTY)
-        if name is None:
-            raise DBDCDataError(f"Preprocessed case {identifier!r} in {folder} has no modality ({MODALITY_PROPERTY}). "
-                                f"Preprocess with nnUNetv2_mmssl_plan_and_preprocess (unregistered dataset).")
-        if name not in self.modalities:
-            raise DBDCDataError(f"Preprocessed case {identifier!r} has modality {name!r}, not one of the plans' "
-                                f"{self.modalities}. Re-run nnUNetv2_mmssl_plan_and_preprocess.")
-        return self.modalities.index(name)
+        return case_modality_index(folder, identifier, self.modalities)
 
     def get_tr_and_val_datasets(self):
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
@@ -305,25 +218,12 @@ class DBDCTrainer(SSLTrainerBase):
         from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
         allowed = get_allowed_n_proc_DA()
-        share = 0 if allowed == 0 else max(1, allowed // self.num_modalities)
+        share = workers_per_loader(allowed, self.num_modalities)
         self._val_available = [False] * self.num_modalities
-        train, val = [], []
-        with _augmentation_processes(share):
-            for k in range(self.num_modalities):
-                self._modality_filter = k
-                try:
-                    dl_tr, dl_val = nnUNetTrainer.get_dataloaders(self)
-                finally:
-                    self._modality_filter = None
-                train.append(dl_tr)
-                if self._val_available[k]:
-                    val.append(dl_val)
-                else:
-                    val.append(None)
-                    if hasattr(dl_val, "_finish"):
-                        dl_val._finish()
-                    self.print_to_log_file(f"Modality {self.modalities[k]!r} has no validation case in fold "
-                                           f"{self.fold}: its validation Dice (and MAW's error term) is NaN.")
+        with augmentation_processes(share):
+            train, val = labelled_loaders_per_modality(self._modality_dataloaders, self.modalities,
+                                                       lambda k: self._val_available[k], self.fold,
+                                                       self.print_to_log_file)
         counts = {m: sum(1 for v in self.case_modality.values() if v == k) for k, m in enumerate(self.modalities)}
         self.print_to_log_file(f"DBDC: one labelled loader per modality (cases incl. validation: {counts}), "
                                f"{share} augmentation worker(s) each")
@@ -331,43 +231,41 @@ class DBDCTrainer(SSLTrainerBase):
             self.dataloader_unlabeled = self.get_unlabeled_dataloader()
         return ModalityBatches(train, "all"), ModalityBatches(val, "cycle")
 
+    def _modality_dataloaders(self, k: int) -> tuple:
+        """nnU-Net's (training, validation) loaders on modality ``k``'s cases (:meth:`get_tr_and_val_datasets`)."""
+        self._modality_filter = k
+        try:
+            return nnUNetTrainer.get_dataloaders(self)
+        finally:
+            self._modality_filter = None
+
     def get_unlabeled_dataloader(self):
         """One unlabelled loader per modality (None where the modality has no unlabelled case)."""
         dataset = self.unlabeled_dataset()
         folder = self.unlabeled_folder()
-        by_modality = [[] for _ in range(self.num_modalities)]
-        for identifier in dataset.identifiers:
-            by_modality[self._properties_modality(folder, identifier)].append(identifier)
+        by_modality = identifiers_by_modality(dataset.identifiers,
+                                              lambda identifier: self._properties_modality(folder, identifier),
+                                              self.num_modalities)
         transforms, initial_patch_size = self.unlabeled_transforms()
         from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
         allowed = get_allowed_n_proc_DA()
-        processes = 0 if allowed == 0 else max(1, allowed // (2 * self.num_modalities))
-        loaders = []
-        for k, identifiers in enumerate(by_modality):
-            if not identifiers:
-                self.print_to_log_file(f"WARNING: modality {self.modalities[k]!r} has no unlabelled case: its dual "
-                                       f"consistency term is skipped.", also_print_to_console=True)
-                loaders.append(None)
-                continue
-            subset = type(dataset)(dataset.source_folder, identifiers)
-            augmenter = build_unlabeled_augmenter(
+        processes = workers_per_loader(allowed, 2 * self.num_modalities)
+
+        def augmenter(subset):
+            return build_unlabeled_augmenter(
                 subset, self.unlabeled_batch_size_per_rank(), initial_patch_size,
                 self.configuration_manager.patch_size, self.label_manager, transforms, num_processes=processes,
                 pin_memory=self.device.type == "cuda", sampling=self.unlabeled_sampling)
-            next(augmenter)
-            loaders.append(augmenter)
-        self.print_to_log_file("Unlabelled streams: " + ", ".join(
-            f"{m}: {len(ids)} cases" for m, ids in zip(self.modalities, by_modality, strict=True)))
-        return loaders
+
+        return unlabeled_loaders_per_modality(dataset, by_modality, self.modalities, augmenter,
+                                              self.print_to_log_file)
 
     def on_train_end(self):
         for loader in (self.dataloader_train, self.dataloader_val):
             if isinstance(loader, ModalityBatches):
                 loader._finish()
-        for loader in self.dataloader_unlabeled or []:
-            if loader is not None and hasattr(loader, "_finish"):
-                loader._finish()
+        finish_loaders(self.dataloader_unlabeled or [])
         self.dataloader_unlabeled = None
         nnUNetTrainer.on_train_end(self)
 
