@@ -42,13 +42,17 @@ NNUNET_SYNCS = {"host_copy.cpu": 1}
 #: representative computes too (DBDC's loss ablations).
 GROUPS = {
     "MemCifSSLTrainer": ["MemCifSSLTrainer_noCIF", "MemCifSSLTrainer_noMEM", "MemCifSSLTrainer_demo",
-                         "MemCifSupervisedTrainer", "MemCifSupervisedTrainer_demo"],
+                         "MemCifSupervisedTrainer", "MemCifSupervisedTrainer_demo",
+                         # the weight set by the gradient share: the switch is counted on in MeanTeacherTrainer_share0p1
+                         "MemCifSSLTrainer_share0p05", "MemCifSSLTrainer_share0p1", "MemCifSSLTrainer_share0p2"],
     "MemCifSSLTrainer_plain": [],  # MEM and CIF off
     "MemCifSSLTrainer_printedConsistency": [],  # the other reduction of the consistency loss
     "MMFMCMLTrainer": ["MMFMCMLTrainer_MMF_MCML", "MMFMCMLTrainer_MMF_MAE", "MMFMCMLTrainer_MMF",
                        "MMFMCMLSupervisedTrainer"],
     "MMFMCMLTrainer_baseline": [],  # MMF, MAE, MCML and the unlabelled stream off
     "MeanTeacherTrainer": [],
+    # the weight set by the gradient share (its controller updated from the logged share, on measuring steps)
+    "MeanTeacherTrainer_share0p1": ["MeanTeacherTrainer_share0p05", "MeanTeacherTrainer_share0p2"],
     "PlainSupervisedTrainer": [],
     "DBDCTrainer": ["DBDCTrainer_lossIpc", "DBDCTrainer_lossIpcFpc", "DBDCTrainer_lossIpcFpcMc",
                     "DBDCTrainer_lossIpcFpcMcPc", "DBDCTrainer_noMAW", "DBDCTrainer_mlmbEncoder",

@@ -33,6 +33,14 @@ from nnunet_mmssl.trainers.mmf_mcml import (
     MMFMCMLTrainer_MMF_MAE,
     MMFMCMLTrainer_MMF_MCML,
 )
+from nnunet_mmssl.trainers.share_variants import (
+    MeanTeacherTrainer_share0p05,
+    MeanTeacherTrainer_share0p1,
+    MeanTeacherTrainer_share0p2,
+    MemCifSSLTrainer_share0p05,
+    MemCifSSLTrainer_share0p1,
+    MemCifSSLTrainer_share0p2,
+)
 from nnunet_mmssl.trainers.smml import (
     ModalityDropoutTrainer,
     SMMLSSLTrainer,
@@ -58,3 +66,5 @@ __all__ += ["DBDCTrainer", "DBDCSupervisedTrainer", "DBDCTrainer_lossIpc", "DBDC
             "PooledUNetTrainer"]
 __all__ += ["ModalityDropoutTrainer", "SMMLSSLTrainer", "SMMLTrainer", "SMMLTrainer_dual", "SMMLTrainer_dualFRC",
             "SMMLTrainer_dualPBC", "SMMLTrainer_dualPBCFRC", "SMMLTrainer_single", "SMMLTrainer_singleSRN"]
+__all__ += ["MeanTeacherTrainer_share0p05", "MeanTeacherTrainer_share0p1", "MeanTeacherTrainer_share0p2",
+            "MemCifSSLTrainer_share0p05", "MemCifSSLTrainer_share0p1", "MemCifSSLTrainer_share0p2"]

@@ -51,6 +51,7 @@ from nnunet_mmssl.planners import (
 from nnunet_mmssl.safe_load import check_configuration_manager
 from nnunet_mmssl.semisup.gradient_share import difference_norm, global_norm, gradient_share
 from nnunet_mmssl.semisup.ramps import sigmoid_rampup
+from nnunet_mmssl.semisup.share_control import ShareController
 from nnunet_mmssl.trainers.checkpoint_io import (
     CHECKPOINT_KEY,
     SafeLoadingMixin,
@@ -84,6 +85,12 @@ def network_from_plans(configuration_manager, num_input_channels: int, num_outpu
     return network
 
 
+#: per-epoch log key added when the weight is set by the gradient share (the target, drawn with the shares)
+SHARE_LOG_KEYS = ("unsup_share_targets",)
+#: entry of the checkpoint's ``mmssl_state`` holding the share controller's state
+SHARE_STATE_KEY = "unsupervised_share_control"
+
+
 class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
     """nnUNetTrainer with an unlabelled stream, an unsupervised loss term, extra logs and checkpoint state.
 
@@ -105,6 +112,15 @@ class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
     #: measure the gradient share ``|grad(w L_unsup)| / |grad(L_sup)|`` every this many training iterations
     #: (one extra backward pass of the supervised loss then); 0 = never
     gradient_share_every: int = 20
+    #: steer the weight so that the measured gradient share equals this target (e.g. 0.1): the weight becomes
+    #: :class:`~nnunet_mmssl.semisup.share_control.ShareController`'s (starting at ``unsupervised_weight``, updated at
+    #: each measurement, times the ramp); None = off, the fixed ``unsupervised_weight``
+    unsupervised_share_target: float | None = None
+    #: the share controller's bounds of the weight (before the ramp)
+    share_weight_bounds: tuple[float, float] = (1e-4, 100.0)
+    #: the share controller's averaging of the measurements and its rate (see ShareController)
+    share_smoothing: float = 0.3
+    share_rate: float = 0.5
     #: per-epoch log keys added to nnU-Net's
     extra_log_keys: tuple[str, ...] = ("train_sup_losses", "train_unsup_losses", "unsup_weights",
                                        "train_objectives", "unsup_grad_shares")
@@ -118,7 +134,9 @@ class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's exact signature)
         super().__init__(plans, configuration, fold, dataset_json, device)
         install_user_error_hook()
-        register_log_keys(self.logger, self.extra_log_keys)
+        #: the weight's controller when :attr:`unsupervised_share_target` is set, else None
+        self.share_controller = self.make_share_controller()
+        register_log_keys(self.logger, self.extra_log_keys + (() if self.share_controller is None else SHARE_LOG_KEYS))
         self.dataloader_unlabeled = None
         #: training iterations taken in the current epoch (the ramp's position inside the epoch)
         self.iteration_in_epoch = 0
@@ -265,9 +283,31 @@ class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
         """
         if not self.use_unlabeled:
             return 0.0
+        weight = self.unsupervised_weight if self.share_controller is None else self.share_controller.weight
         if self.unsupervised_rampup_fraction == 0:
-            return float(self.unsupervised_weight)
-        return self.unsupervised_weight * sigmoid_rampup(self.training_progress(), self.unsupervised_rampup_fraction)
+            return float(weight)
+        return weight * sigmoid_rampup(self.training_progress(), self.unsupervised_rampup_fraction)
+
+    def make_share_controller(self) -> ShareController | None:
+        """The controller of the weight when :attr:`unsupervised_share_target` is set (None when it is not).
+
+        It starts at :attr:`unsupervised_weight` and needs the unlabelled stream and measurements
+        (:attr:`gradient_share_every` > 0); the weight it sets is multiplied by the ramp.
+
+        Raises:
+            ValueError: for a target without unlabelled stream or measurements, or an invalid setting.
+        """
+        target = self.unsupervised_share_target
+        if target is None:
+            return None
+        if not self.use_unlabeled or self.gradient_share_every <= 0:
+            raise ValueError(f"{type(self).__name__}: unsupervised_share_target {target!r} needs the unlabelled "
+                             f"stream (use_unlabeled True, is {self.use_unlabeled}) and gradient-share measurements "
+                             f"(gradient_share_every > 0, is {self.gradient_share_every}). Set both, or the target "
+                             f"to None.")
+        low, high = self.share_weight_bounds
+        return ShareController(target, self.unsupervised_weight, min_weight=low, max_weight=high,
+                               smoothing=self.share_smoothing, rate=self.share_rate)
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
@@ -381,9 +421,15 @@ class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
         monitor = sup_loss if self.monitor_loss is None else self.monitor_loss
         if not isinstance(share, torch.Tensor):  # a fill, not a copy from the host (that would synchronise too)
             share = torch.full((), share, dtype=torch.float32, device=loss.device)
+        if measure and self.share_controller is not None and self.is_ddp:  # every rank steers the same weight
+            share = share.detach().float().reshape(()).clone()
+            dist.all_reduce(share)
+            share = share / dist.get_world_size()
         values = torch.stack([monitor.detach().float(), sup_loss.detach().float(), unsup_loss.detach().float(),
                               loss.detach().float(), share.detach().float().reshape(())]).cpu()  # one host copy
         share = np.float64(values[4].numpy())
+        if measure and self.share_controller is not None:  # the host copy above: no extra synchronisation
+            self.share_controller.update(share, weight)
         return {"loss": values[0].numpy(), "sup_loss": values[1].numpy(), "unsup_loss": values[2].numpy(),
                 "objective": values[3].numpy(), "unsup_weight": np.float64(weight),
                 "grad_share": share if np.isfinite(share) else np.float64(np.nan)}
@@ -400,6 +446,8 @@ class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
         self.logger.log("train_objectives", float(np.mean(gathered["objective"])), self.current_epoch)
         self.logger.log("unsup_grad_shares", float(np.nanmean(shares)) if np.isfinite(shares).any() else float("nan"),
                         self.current_epoch)
+        if self.share_controller is not None:
+            self.logger.log("unsup_share_targets", float(self.share_controller.target), self.current_epoch)
 
     def on_epoch_end(self):
         share = self.logger.get_value("unsup_grad_shares", step=-1)
@@ -407,7 +455,9 @@ class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
             f"sup_loss {np.round(self.logger.get_value('train_sup_losses', step=-1), decimals=4)}, unsup_loss "
             f"{np.round(self.logger.get_value('train_unsup_losses', step=-1), decimals=6)}, unsup_weight "
             f"{np.round(self.logger.get_value('unsup_weights', step=-1), decimals=6)}, unsup_grad_share "
-            f"{'n/a' if not np.isfinite(share) else f'{share:.4g}'}")
+            f"{'n/a' if not np.isfinite(share) else f'{share:.4g}'}" + (
+                "" if self.share_controller is None else f" (target {self.share_controller.target:g}, weight before "
+                f"the ramp {self.share_controller.weight:.4g})"))
         super().on_epoch_end()
 
     # ------------------------------------------------------------------ checkpoints
@@ -436,6 +486,8 @@ class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
             return
         checkpoint = nnunet_checkpoint_entries(self)
         extra = self.checkpoint_extra_state()
+        if self.share_controller is not None:
+            extra = {**extra, SHARE_STATE_KEY: self.share_controller.state_dict()}
         if extra:
             check_plain_state(extra, CHECKPOINT_KEY)
             checkpoint[CHECKPOINT_KEY] = extra
@@ -448,6 +500,9 @@ class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
             raise TypeError("nnU-Net 2.8's load_checkpoint takes a checkpoint file name.")
         super().load_checkpoint(filename_or_checkpoint)
         extra = read_extra_state(filename_or_checkpoint)
+        share_state = extra.pop(SHARE_STATE_KEY, None) if extra else None
+        if share_state is not None and self.share_controller is not None:
+            self.share_controller.load_state_dict(share_state)
         if extra:
             self.load_checkpoint_extra_state(extra)
 
