@@ -1,10 +1,12 @@
 """Dual-branch U-Net with multi-stage fusion (MMF) and modality-aware enhancement (MAE), Meng et al. 2025.
 
 D. Meng, S. Li, H. Wu, G. Wang, X. Yan, "Semi-Supervised Multi-Modal Medical Image Segmentation for Complex
-Situations", MICCAI 2025, Sec. 2.1 and Fig. 1 (METHODS.md §2). Each modality group has its own nnU-Net
-``PlainConvEncoder`` and ``UNetDecoder`` (:class:`~nnunet_mmssl.architectures.multi_branch.MultiBranchUNet`); the two
-encoders run stage by stage so that they can exchange features:
+Situations", MICCAI 2025, Sec. 2.1 and Fig. 1 (METHODS.md §2). Each modality group has its own nnU-Net encoder (the
+plans' plain or residual one) and ``UNetDecoder`` (:class:`~nnunet_mmssl.architectures.multi_branch.MultiBranchUNet`);
+the two encoders run stage by stage so that they can exchange features:
 
+* **Encoders** are the plans' (plain, or residual with its stem convolution before stage 0,
+  :mod:`nnunet_mmssl.architectures.encoders`).
 * **MMF** (eq. 3) after every encoder stage s except the bottleneck: ``fused_s = MMF_s(f_s_a, f_s_b)``
   ``= sigmoid(conv2(conv1(cat(f_s_a, f_s_b))))`` with two plain convolutions (no norm, no nonlinearity); both encoders
   continue their next stage from ``f_s_k + fused_s``. This is our reading of "captures and aligns multi-modal features
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nnunet_mmssl.architectures.encoders import encoder_stem
 from nnunet_mmssl.architectures.multi_branch import MultiBranchUNet
 from nnunet_mmssl.building_blocks.multistage_fusion import ModalityAwareEnhancement, MultiModalFusion
 
@@ -85,7 +88,7 @@ class MMFMAEUNet(MultiBranchUNet):
             skips[k][s]: what encoder k passed on after stage s (``f_s_k + fused_s`` with MMF, ``f_s_k`` without, the
             raw bottleneck at the last stage).
         """
-        features = self.split_modalities(x)
+        features = [encoder_stem(encoder, f) for encoder, f in zip(self.encoders, self.split_modalities(x))]
         skips: list[list[torch.Tensor]] = [[] for _ in self.encoders]
         last = len(self.encoders[0].stages) - 1
         for s in range(last + 1):

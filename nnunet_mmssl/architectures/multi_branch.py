@@ -1,6 +1,7 @@
 """Multi-branch U-Nets: one nnU-Net encoder/decoder pair per modality group.
 
-The networks are built from the same recipe as nnU-Net's ``PlainConvUNet`` (the plans' arch kwargs) plus
+The networks are built from the same recipe as nnU-Net's ``PlainConvUNet`` or ``ResidualEncoderUNet`` (the plans' arch
+kwargs; each branch encoder is the planned one, :mod:`nnunet_mmssl.architectures.encoders`) plus
 ``modality_groups``: a list of channel-index lists, one per branch (default in the plans: first half / second half of
 the channels). ``forward(x)`` takes all channels concatenated, as nnU-Net feeds them, and returns raw logits -- the
 mean of the selected heads' logits, a list (highest resolution first) under deep supervision. Trainers that need
@@ -12,11 +13,17 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
-from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
-from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import nn
 
+from nnunet_mmssl.architectures.encoders import (
+    DEFAULT_BASE,
+    DEPTH_KEY,
+    SUPPORTED_BASES,
+    build_decoder,
+    build_encoder,
+    check_kind,
+    initialize_module,
+)
 from nnunet_mmssl.building_blocks import ComplementaryInformationFusion, build_mem
 
 
@@ -50,44 +57,59 @@ def mean_of_heads(outputs: Sequence[torch.Tensor | Sequence[torch.Tensor]]) -> t
 
 
 class MultiBranchUNet(nn.Module):
-    """One ``PlainConvEncoder`` + ``UNetDecoder`` per modality group, with a ``fuse`` hook between them.
+    """One plans encoder + ``UNetDecoder`` per modality group, with a ``fuse`` hook between them.
 
-    Subclasses override :meth:`fuse` to exchange information between branches; the base class is the plain
-    multi-branch baseline (no exchange). Each decoder's skips come from its own encoder.
+    Each branch's encoder is the one nnU-Net's planned U-Net builds (``base``: ``"plain"`` = ``PlainConvEncoder`` of
+    ``PlainConvUNet``, ``"resenc"`` = ``ResidualEncoder`` of ``ResidualEncoderUNet``, see
+    :mod:`nnunet_mmssl.architectures.encoders`) on its group's channels; each decoder is nnU-Net's ``UNetDecoder`` on
+    that encoder. Subclasses override :meth:`fuse` to exchange information between branches; the base class is the
+    plain multi-branch baseline (no exchange). Each decoder's skips come from its own encoder.
 
     Args:
         input_channels: total number of input channels (all modalities).
         num_classes: output channels per head.
         modality_groups: channel indices of each branch, e.g. ``[[0], [1]]``.
-        n_stages ... nonlin_first: nnU-Net's ``PlainConvUNet`` arch kwargs, used for every branch.
+        n_stages ... nonlin_first: nnU-Net's ``PlainConvUNet`` arch kwargs, used for every branch
+            (``n_conv_per_stage`` for the plain base).
+        base: ``"plain"`` (default: plans written before the residual encoder was supported) or ``"resenc"``.
+        n_blocks_per_stage, block, bottleneck_channels, stem_channels: the ``ResidualEncoderUNet`` arch kwargs
+            (``n_blocks_per_stage`` required for the residual base).
+
+    Raises:
+        ValueError: for an unknown ``base`` or when the base's depth per stage is missing.
     """
 
     def __init__(self, input_channels: int, num_classes: int, modality_groups: Sequence[Sequence[int]],
-                 n_stages: int, features_per_stage, conv_op, kernel_sizes, strides, n_conv_per_stage,
-                 n_conv_per_stage_decoder, conv_bias: bool = False, norm_op=None, norm_op_kwargs=None,
+                 n_stages: int, features_per_stage, conv_op, kernel_sizes, strides, n_conv_per_stage=None,
+                 n_conv_per_stage_decoder=None, conv_bias: bool = False, norm_op=None, norm_op_kwargs=None,
                  dropout_op=None, dropout_op_kwargs=None, nonlin=None, nonlin_kwargs=None,
-                 deep_supervision: bool = False, nonlin_first: bool = False):
+                 deep_supervision: bool = False, nonlin_first: bool = False, base: str = DEFAULT_BASE,
+                 n_blocks_per_stage=None, block=None, bottleneck_channels=None, stem_channels=None):
         super().__init__()
         self.input_channels = input_channels
         self.num_classes = num_classes
         self.modality_groups = validate_modality_groups(modality_groups, input_channels)
-        if isinstance(n_conv_per_stage, int):
-            n_conv_per_stage = [n_conv_per_stage] * n_stages
-        if isinstance(n_conv_per_stage_decoder, int):
-            n_conv_per_stage_decoder = [n_conv_per_stage_decoder] * (n_stages - 1)
+        self.base = check_kind(base)
+        arch = {"n_stages": n_stages, "features_per_stage": features_per_stage, "conv_op": conv_op,
+                "kernel_sizes": kernel_sizes, "strides": strides, "n_conv_per_stage": n_conv_per_stage,
+                "n_conv_per_stage_decoder": n_conv_per_stage_decoder, "conv_bias": conv_bias, "norm_op": norm_op,
+                "norm_op_kwargs": norm_op_kwargs, "dropout_op": dropout_op, "dropout_op_kwargs": dropout_op_kwargs,
+                "nonlin": nonlin, "nonlin_kwargs": nonlin_kwargs, "deep_supervision": deep_supervision,
+                "nonlin_first": nonlin_first, "n_blocks_per_stage": n_blocks_per_stage, "block": block,
+                "bottleneck_channels": bottleneck_channels, "stem_channels": stem_channels}
+        for key in (DEPTH_KEY[self.base], "n_conv_per_stage_decoder"):
+            if arch[key] is None:
+                raise ValueError(f"{type(self).__name__} with base {self.base!r} needs {key} (the plans' "
+                                 f"{SUPPORTED_BASES[self.base].rsplit('.', 1)[-1]} arch kwargs).")
+        if block is None:  # the residual encoder's default (BasicBlockD)
+            del arch["block"]
         self.conv_op = conv_op
         self.encoders = nn.ModuleList()
         self.decoders = nn.ModuleList()
         for group in self.modality_groups:
-            encoder = PlainConvEncoder(
-                input_channels=len(group), n_stages=n_stages, features_per_stage=features_per_stage,
-                conv_op=conv_op, kernel_sizes=kernel_sizes, strides=strides, n_conv_per_stage=n_conv_per_stage,
-                conv_bias=conv_bias, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, dropout_op=dropout_op,
-                dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs,
-                return_skips=True, nonlin_first=nonlin_first)
+            encoder = build_encoder(self.base, len(group), arch, return_skips=True)
             self.encoders.append(encoder)
-            self.decoders.append(UNetDecoder(encoder, num_classes, n_conv_per_stage_decoder, deep_supervision,
-                                             nonlin_first=nonlin_first))
+            self.decoders.append(build_decoder(self.base, encoder, num_classes, arch))
         self.bottleneck_channels = self.encoders[0].output_channels[-1]
         self.return_heads = False
         self.inference_heads: tuple[int, ...] | None = None
@@ -150,7 +172,8 @@ class MultiBranchUNet(nn.Module):
 
     @staticmethod
     def initialize(module: nn.Module) -> None:
-        InitWeights_He(1e-2)(module)
+        """nnU-Net's initialisation of the base (He; residual blocks' last norm zeroed), for ``network.apply``."""
+        initialize_module(module)
 
 
 class MemCifUNet(MultiBranchUNet):

@@ -19,12 +19,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-d", nargs="+", type=int, required=True, help="dataset id(s)")
     parser.add_argument("-c", nargs="+", default=["2d", "3d_fullres"], help="configurations (default: 2d 3d_fullres)")
     parser.add_argument("-np", type=int, default=2, help="processes for each step (default: 2)")
-    parser.add_argument("-pl", default="ExperimentPlanner", help="nnU-Net experiment planner (PlainConvUNet planners)")
-    parser.add_argument("-gpu_memory_target", type=float, default=None, help="as in nnUNetv2_plan_and_preprocess")
+    parser.add_argument("-pl", default="ExperimentPlanner",
+                        help="nnU-Net experiment planner: ExperimentPlanner (PlainConvUNet, plans nnUNetPlans, ours "
+                             "nnUNetMMSSLPlans) or a residual-encoder preset nnUNetPlannerResEncM/L/XL "
+                             "(ResidualEncoderUNet, plans nnUNetResEncUNetMPlans etc., ours "
+                             "nnUNetMMSSLResEncUNetMPlans etc.); default ExperimentPlanner")
+    parser.add_argument("-gpu_memory_target", type=float, default=None,
+                        help="as in nnUNetv2_plan_and_preprocess (default: the planner's; both plans files use it)")
     parser.add_argument("-overwrite_target_spacing", type=float, nargs=3, default=None, metavar="MM",
                         help="as in nnUNetv2_plan_and_preprocess: target spacing of 3d_fullres (and 2d) in the plans' "
                              "axis order, e.g. 2 2 2")
-    parser.add_argument("-overwrite_plans_name", default=None, help="plans identifier (default nnUNetPlans)")
+    parser.add_argument("-overwrite_plans_name", default=None,
+                        help="nnU-Net's plans identifier (default the planner's, e.g. nnUNetPlans); ours is derived "
+                             "from it: nnUNet<rest> -> nnUNetMMSSL<rest>, any other NAME -> NAME_MMSSL")
     parser.add_argument("--modality-groups", nargs="+", default=None, metavar="GROUP",
                         help="one argument per branch: channel names or indices separated by commas, e.g. "
                              "'FLAIR,T2' 'T1,T1ce' (default: first half / second half of the channels)")
@@ -32,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_fingerprint", action="store_true", help="reuse an existing fingerprint")
     parser.add_argument("--no_pp", action="store_true", help="plan only, do not preprocess")
     parser.add_argument("--no-mmssl-plans", action="store_true",
-                        help="do not write nnUNetMMSSLPlans (nnU-Net's planning budgeted for our trainers' memory)")
+                        help="do not write nnUNetMMSSLPlans (or nnUNetMMSSLResEncUNet*Plans: nnU-Net's planning "
+                             "budgeted for our trainers' memory)")
     parser.add_argument("--budget-trainers", nargs="+", default=None, metavar="TRAINER",
                         help="trainers whose whole step nnUNetMMSSLPlans must fit in the GPU memory target (default: "
                              "MeanTeacherTrainer MemCifSSLTrainer MMFMCMLTrainer, or DBDCTrainer for an unregistered "
@@ -43,7 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from nnunet_mmssl.planners.memory import MMSSL_PLANS_NAME
     from nnunet_mmssl.planners.plan_and_preprocess import plan_and_preprocess
 
     if args.np < 1:
@@ -55,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
             modality_groups=args.modality_groups, verify_dataset_integrity=args.verify_dataset_integrity,
             fingerprint=not args.no_fingerprint, preprocess=not args.no_pp, unlabeled=not args.no_unlabeled,
             overwrite_target_spacing=args.overwrite_target_spacing,
-            mmssl_plans_name=None if args.no_mmssl_plans else MMSSL_PLANS_NAME,
+            mmssl_plans=not args.no_mmssl_plans,
             budget_trainers=args.budget_trainers or None)
         print(f"Done: {plans_file}")
     return 0

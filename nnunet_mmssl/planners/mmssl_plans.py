@@ -6,19 +6,23 @@ cases (so nnU-Net's trainers see exactly the plans they always see), then adds o
     "mmssl": {"version": 1, "modality_groups": [[0], [1]], "channel_names": {"0": "FLAIR", "1": "T1"},
               "unlabeled_folder_suffix": "_unlabeled", "num_unlabeled": 6}
 
-Our trainers turn the configuration's ``PlainConvUNet`` architecture into their own network entry with
-:func:`multi_branch_architecture` (class path + the plain kwargs + modality groups + method switches) in their copy of
-the plans; nnU-Net saves that copy as the model folder's ``plans.json``, so ``nnUNetv2_predict`` rebuilds exactly the
-trained network from the plans alone. All functions here are pure: they return new dicts.
+Our trainers turn the configuration's ``PlainConvUNet`` or ``ResidualEncoderUNet`` architecture into their own network
+entry with :func:`multi_branch_architecture` (class path + the planned kwargs + the base's kind + modality groups +
+method switches) in their copy of the plans; nnU-Net saves that copy as the model folder's ``plans.json``, so
+``nnUNetv2_predict`` rebuilds exactly the trained network from the plans alone. All functions
+here are pure: they return new dicts.
 """
 
 import copy
 from collections.abc import Mapping, Sequence
 
+from nnunet_mmssl.architectures.encoders import BASE_KWARG, SUPPORTED_BASES, architecture_kind, base_kind
+
 MMSSL_KEY = "mmssl"
 MMSSL_PLANS_VERSION = 1
 UNLABELED_FOLDER_SUFFIX = "_unlabeled"
-PLAIN_UNET_CLASS = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+PLAIN_UNET_CLASS = SUPPORTED_BASES["plain"]
+RESENC_UNET_CLASS = SUPPORTED_BASES["resenc"]
 
 
 def default_modality_groups(num_channels: int, num_groups: int = 2) -> list[list[int]]:
@@ -109,7 +113,11 @@ def unlabeled_data_identifier(data_identifier: str, plans: Mapping | None = None
 
 def multi_branch_architecture(base_architecture: Mapping, network_class_name: str,
                               modality_groups: Sequence[Sequence[int]], extra_kwargs: Mapping | None = None) -> dict:
-    """Turn a configuration's ``PlainConvUNet`` architecture entry into one for a multi-branch network.
+    """Turn a configuration's ``PlainConvUNet`` or ``ResidualEncoderUNet`` entry into one for a multi-branch network.
+
+    The base's arch kwargs are kept as planned (for the residual encoder: ``n_blocks_per_stage``, ``stem_channels``
+    etc.) and its kind is recorded as ``base`` (``"plain"`` or ``"resenc"``,
+    :data:`~nnunet_mmssl.architectures.encoders.SUPPORTED_BASES`), so every branch encoder is the planned one.
 
     Args:
         base_architecture: the plans' ``configurations[c]["architecture"]`` (``network_class_name``,
@@ -122,14 +130,16 @@ def multi_branch_architecture(base_architecture: Mapping, network_class_name: st
         A new architecture entry; the input is not modified.
 
     Raises:
-        ValueError: if the base is not a PlainConvUNet (or an entry of ours for the same class).
+        ValueError: if the base is neither of the supported U-Nets (nor an entry of ours for the same class),
+            naming the class and the supported ones.
     """
     base_class = base_architecture["network_class_name"]
-    if base_class not in (PLAIN_UNET_CLASS, network_class_name):
-        raise ValueError(f"Our multi-branch networks are built from nnU-Net's PlainConvUNet plans, but this "
-                         f"configuration uses {base_class}. Plan with the default ExperimentPlanner "
-                         f"(nnUNetv2_mmssl_plan_and_preprocess without -pl) or use nnUNetPlans.")
     arch_kwargs = copy.deepcopy(dict(base_architecture["arch_kwargs"]))
+    if base_class == network_class_name:
+        kind = architecture_kind(arch_kwargs)
+    else:
+        kind = base_kind(base_class)
+    arch_kwargs[BASE_KWARG] = kind
     arch_kwargs["modality_groups"] = [list(map(int, g)) for g in modality_groups]
     arch_kwargs.update(copy.deepcopy(dict(extra_kwargs or {})))
     return {

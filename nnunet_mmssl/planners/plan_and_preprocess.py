@@ -8,7 +8,9 @@
 4. A second plans file, ``nnUNetMMSSLPlans``, made by :class:`~nnunet_mmssl.planners.memory.MMSSLExperimentPlanner`:
    nnU-Net's planning with the memory of our trainers' whole steps (dual-branch networks, unlabelled batch), so that
    ``-p nnUNetMMSSLPlans`` stays within the GPU memory target. Configurations whose preprocessing equals nnU-Net's
-   share its data folders; others are preprocessed too.
+   share its data folders; others are preprocessed too. With a residual-encoder planner (``-pl nnUNetPlannerResEncM``
+   etc.) both plans build the residual encoder and ours are ``nnUNetMMSSLResEncUNetMPlans`` etc.
+   (:func:`~nnunet_mmssl.planners.memory.mmssl_plans_identifier` of nnU-Net's plans identifier).
 5. ``priorsTr/`` (optional per-case priors for SMML's refinement network) is preprocessed like its images into
    ``<data_identifier>_priors/`` (:mod:`nnunet_mmssl.dataloading.priors`); checked before anything is written.
 """
@@ -17,8 +19,10 @@ import contextlib
 import os
 from collections.abc import Sequence
 
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunet_mmssl.architectures.encoders import base_kind
 from nnunet_mmssl.dataloading.image_checks import check_image_files
 from nnunet_mmssl.dataloading.priors import (
     PRIORS_FOLDER,
@@ -37,9 +41,11 @@ from nnunet_mmssl.dataloading.unlabeled_preprocessing import (
 from nnunet_mmssl.dataset_conversion.modality_layout import check_single_channel, read_layout
 from nnunet_mmssl.planners.memory import (
     DEFAULT_BUDGET_TRAINERS,
-    MMSSL_PLANS_NAME,
     UNREGISTERED_BUDGET_TRAINERS,
-    MMSSLExperimentPlanner,
+    find_planner_class,
+    mmssl_planner_class,
+    mmssl_plans_identifier,
+    planner_defaults,
     share_preprocessed_data,
 )
 from nnunet_mmssl.planners.mmssl_plans import MMSSL_KEY, add_mmssl_block, parse_modality_groups
@@ -126,7 +132,7 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
                         modality_groups: Sequence[str] | None = None, verify_dataset_integrity: bool = False,
                         fingerprint: bool = True, plan: bool = True, preprocess: bool = True,
                         unlabeled: bool = True, overwrite_target_spacing: Sequence[float] | None = None,
-                        mmssl_plans_name: str | None = MMSSL_PLANS_NAME,
+                        mmssl_plans: bool = True, mmssl_plans_name: str | None = None,
                         budget_trainers: Sequence[str] | None = None, progress=print) -> str:
     """Run the whole pipeline for one dataset; return the plans file path.
 
@@ -134,15 +140,21 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
         dataset_id: nnU-Net dataset id.
         configurations: configurations to preprocess (labelled and unlabelled).
         num_processes: worker processes for each step.
-        planner: nnU-Net experiment planner class name (PlainConvUNet planners only, e.g. ExperimentPlanner).
-        gpu_memory_target_in_gb: nnU-Net's ``-gpu_memory_target``.
-        plans_name: nnU-Net's ``-overwrite_plans_name``; default ``nnUNetPlans``.
+        planner: nnU-Net experiment planner class name: ``ExperimentPlanner`` (``PlainConvUNet``) or a
+            residual-encoder planner such as ``nnUNetPlannerResEncM``/``L``/``XL`` (``ResidualEncoderUNet``); a
+            planner of any other network is refused.
+        gpu_memory_target_in_gb: nnU-Net's ``-gpu_memory_target`` (None: the planner's own default).
+        plans_name: nnU-Net's ``-overwrite_plans_name``; default the planner's (``nnUNetPlans``,
+            ``nnUNetResEncUNetMPlans``, ...).
         modality_groups: one string per branch, channel names or indices separated by commas.
         verify_dataset_integrity, fingerprint, plan, preprocess: as in nnU-Net (skip steps already done).
         unlabeled: preprocess ``imagesUnlabeled/`` (error if it is empty or missing).
         overwrite_target_spacing: nnU-Net's ``-overwrite_target_spacing`` (z, y, x in mm, the plans' axis order;
             applies to 3d_fullres and, through it, to 2d), e.g. to train on coarser voxels than the images'.
-        mmssl_plans_name: name of the memory-budgeted plans for our trainers (None: do not make them).
+        mmssl_plans: make the memory-budgeted plans for our trainers, with ``planner``'s network
+            (:func:`~nnunet_mmssl.planners.memory.mmssl_planner_class`).
+        mmssl_plans_name: their name; None = :func:`~nnunet_mmssl.planners.memory.mmssl_plans_identifier` of
+            nnU-Net's plans (``nnUNetMMSSLPlans``, ``nnUNetMMSSLResEncUNetMPlans``, ...).
         budget_trainers: trainers whose steps those plans must fit (the largest decides); default
             :data:`~nnunet_mmssl.planners.memory.DEFAULT_BUDGET_TRAINERS`, or DBDCTrainer for an unregistered dataset.
         progress: callable taking a message.
@@ -155,6 +167,7 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
+    planner_class = find_planner_class(planner)
     dataset_name = maybe_convert_to_dataset_name(dataset_id)
     raw_folder = os.path.join(nnUNet_raw.require(), dataset_name)
     preprocessed_folder = os.path.join(nnUNet_preprocessed.require(), dataset_name)
@@ -192,9 +205,10 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
         progress(f"Fingerprint of {dataset_name} (labelled cases only)")
         extract_fingerprints([dataset_id], num_processes=num_processes,
                              check_dataset_integrity=verify_dataset_integrity, clean=True, verbose=False)
-    plans_identifier = plans_name or "nnUNetPlans"
+    plans_identifier = plans_name or planner_defaults(planner_class)[1]
     target_spacing = tuple(float(s) for s in overwrite_target_spacing) if overwrite_target_spacing else None
     if plan:
+        _check_planner_network(planner_class, dataset_id, gpu_memory_target_in_gb)
         progress(f"Planning with nnU-Net's {planner}")
         with _at_least_one_da_process():
             plans_identifier = plan_experiments([dataset_id], planner, gpu_memory_target_in_gb,
@@ -215,13 +229,15 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
              f"Unregistered modalities {list(layout.modalities)} (schemes {dict(layout.intensity_schemes)}) "
              f"written to {plans_file}")
     _maybe_write_small_dataset_splits(preprocessed_folder, raw_folder, dataset_json, progress, layout)
-    mmssl_plans, mmssl_own = None, []
-    if mmssl_plans_name:
-        mmssl_plans = _plan_memory_budgeted(dataset_id, preprocessed_folder, plans, dataset_json, mmssl_plans_name,
-                                            budget_trainers, gpu_memory_target_in_gb, target_spacing, groups,
-                                            num_unlabeled, plan, progress, plans if layout is not None else None)
-        mmssl_own = [c for c in configurations if c in mmssl_plans["configurations"] and
-                     PlansManager(mmssl_plans).get_configuration(c).data_identifier !=
+    budgeted, mmssl_own = None, []
+    if mmssl_plans:
+        mmssl_plans_name = mmssl_plans_name or mmssl_plans_identifier(plans_identifier)
+        budgeted = _plan_memory_budgeted(
+            dataset_id, preprocessed_folder, plans, dataset_json, mmssl_plans_name, budget_trainers,
+            gpu_memory_target_in_gb, target_spacing, groups, num_unlabeled, plan, progress,
+            plans if layout is not None else None, planner_class)
+        mmssl_own = [c for c in configurations if c in budgeted["configurations"] and
+                     PlansManager(budgeted).get_configuration(c).data_identifier !=
                      PlansManager(plans).get_configuration(c).data_identifier]
     if preprocess:
         progress(f"Preprocessing labelled cases for {list(configurations)}" +
@@ -239,10 +255,10 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("2d", 
             _preprocess_labelled(dataset_id, mmssl_plans_name, mmssl_own, num_processes, layout, preprocessed_folder,
                                  progress)
             if unlabeled:
-                preprocess_unlabeled(raw_folder, preprocessed_folder, mmssl_plans, mmssl_own, num_processes, progress,
+                preprocess_unlabeled(raw_folder, preprocessed_folder, budgeted, mmssl_own, num_processes, progress,
                                      check_images=False)
             if priors:
-                preprocess_priors(raw_folder, preprocessed_folder, mmssl_plans, mmssl_own, progress)
+                preprocess_priors(raw_folder, preprocessed_folder, budgeted, mmssl_own, progress)
     return plans_file
 
 
@@ -320,11 +336,27 @@ def _add_unregistered_block(plans: dict, preprocessed_folder: str, raw_folder: s
     return new
 
 
+def _check_planner_network(planner_class: type, dataset_id: int, gpu_memory_target_in_gb: float | None) -> None:
+    """Refuse, before anything is planned, a planner whose U-Net our networks are not built from (one line naming
+    the planner, its class and the supported ones)."""
+    import warnings
+
+    gpu = planner_defaults(planner_class)[0] if gpu_memory_target_in_gb is None else gpu_memory_target_in_gb
+    with warnings.catch_warnings():  # nnU-Net warns about a non-default target; it says so again when it plans
+        warnings.simplefilter("ignore")
+        unet = planner_class(dataset_id, gpu).UNet_class
+    try:
+        base_kind(f"{unet.__module__}.{unet.__name__}")
+    except ValueError as error:
+        raise ValueError(f"-pl {planner_class.__name__}: {error}") from None
+
+
 def _plan_memory_budgeted(dataset_id: int, preprocessed_folder: str, plans: dict, dataset_json: dict,
                           mmssl_plans_name: str, budget_trainers: Sequence[str], gpu_memory_target_in_gb,
                           target_spacing, groups, num_unlabeled: int, plan: bool, progress,
-                          unregistered_plans: dict | None = None) -> dict:
-    """Make (or, with ``plan=False``, load) the memory-budgeted plans; return them."""
+                          unregistered_plans: dict | None = None, planner_class: type | None = None) -> dict:
+    """Make (or, with ``plan=False``, load) the memory-budgeted plans with ``planner_class``'s network (default
+    nnU-Net's ``ExperimentPlanner``); return them."""
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
     mmssl_file = os.path.join(preprocessed_folder, mmssl_plans_name + ".json")
@@ -333,14 +365,15 @@ def _plan_memory_budgeted(dataset_id: int, preprocessed_folder: str, plans: dict
             raise FileNotFoundError(f"{mmssl_file} does not exist: plan first, or pass "
                                     f"--no-mmssl-plans.")
         return load_json(mmssl_file)
-    progress(f"Planning {mmssl_plans_name}: nnU-Net's planner with the memory of one step of "
-             f"{', '.join(budget_trainers)} (the largest decides patch and batch)")
+    budget_planner = mmssl_planner_class(planner_class or ExperimentPlanner)
+    progress(f"Planning {mmssl_plans_name}: nnU-Net's {budget_planner.planner_base().__name__} with the memory of "
+             f"one step of {', '.join(budget_trainers)} (the largest decides patch and batch)")
     from nnunet_mmssl.trainers.registry import resolve_trainer_class
 
     with _at_least_one_da_process():
-        planner = MMSSLExperimentPlanner(dataset_id, gpu_memory_target_in_gb or 8, plans_name=mmssl_plans_name,
-                                         overwrite_target_spacing=target_spacing, budget_trainers=budget_trainers,
-                                         modality_groups=groups, resolve_trainer=resolve_trainer_class)
+        planner = budget_planner(dataset_id, gpu_memory_target_in_gb, plans_name=mmssl_plans_name,
+                                 overwrite_target_spacing=target_spacing, budget_trainers=budget_trainers,
+                                 modality_groups=groups, resolve_trainer=resolve_trainer_class)
         planner.plan_experiment()
     mmssl_plans, _ = share_preprocessed_data(load_json(mmssl_file), plans)
     mmssl_plans = add_mmssl_block(mmssl_plans, dataset_json, groups, num_unlabeled)
