@@ -5,8 +5,9 @@
 ``nnUNetTrainer.__init__``'s signature exactly. Together they provide:
 
 * **Network as data.** ``__init__`` works on a deep copy of the plans in which the configuration's
-  ``PlainConvUNet`` entry becomes this trainer's network (:attr:`network_class_name`, the plain kwargs, the
-  modality groups of the plans' ``mmssl`` block, :meth:`network_kwargs`). nnU-Net stores that copy as the model
+  ``PlainConvUNet`` or ``ResidualEncoderUNet`` entry becomes this trainer's network (:attr:`network_class_name`, the
+  planned kwargs and the base's kind, so every branch encoder is the planned one, the modality groups of the plans'
+  ``mmssl`` block, :meth:`network_kwargs`). nnU-Net stores that copy as the model
   folder's ``plans.json``, so ``nnUNetv2_predict`` rebuilds the trained network from the plans alone.
 * **Unlabelled stream.** One training step = one labelled batch + one unlabelled batch (:attr:`unlabeled_batch_size`,
   default the labelled one) from ``<data_identifier>_unlabeled``, run through the network in a single forward pass
@@ -144,7 +145,7 @@ class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
         self._step_hook_optimizer = None
         #: loss to log as nnU-Net's ``train_losses`` (comparable with ``val_losses``); None = the supervised loss
         self.monitor_loss = None
-        #: nnU-Net's PlainConvUNet entry of the plans (the memory check's reference)
+        #: nnU-Net's U-Net entry of the plans, PlainConvUNet or ResidualEncoderUNet (the memory check's reference)
         self.plain_architecture = copy.deepcopy(self.configuration_manager.configuration["architecture"])
 
     @property
@@ -155,7 +156,7 @@ class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
 
     # ------------------------------------------------------------------ memory
     def training_architecture(self, base_architecture: dict, modality_groups: list[list[int]]) -> dict:
-        """The architecture entry of the network this trainer trains, from nnU-Net's PlainConvUNet entry."""
+        """The architecture entry of the network this trainer trains, from nnU-Net's U-Net entry (plain or ResEnc)."""
         return copy.deepcopy(dict(base_architecture))
 
     def samples_per_step(self, batch_size: float) -> float:
@@ -171,7 +172,7 @@ class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
         plans' ``mmssl`` block, else what nnU-Net planned for its own trainer (plain U-Net x batch size).
         Logs a warning with the fix when the step needs more than :attr:`memory_warning_factor` times the budget.
         """
-        from nnunet_mmssl.planners.memory import network_feature_map_size
+        from nnunet_mmssl.planners.memory import mmssl_plans_identifier, network_feature_map_size
 
         patch = self.configuration_manager.patch_size
         channels = self.num_input_channels
@@ -187,11 +188,16 @@ class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
             source = "what nnU-Net planned for nnUNetTrainer"
         ratio = need / budget
         if ratio > self.memory_warning_factor:
+            plans = self.plans_manager.plans
+            ours = plans.get("plans_name", "nnUNetPlans")
+            ours = ours if record else mmssl_plans_identifier(ours)
+            planner = plans.get("experiment_planner_used", "ExperimentPlanner")
+            option = "" if planner == "ExperimentPlanner" else f" -pl {planner}"
             self.print_to_log_file(
                 f"WARNING: one step of {type(self).__name__} stores {ratio:.1f}x the feature maps of {source} "
                 f"(batch {self.batch_size}, patch {list(patch)}): it may not fit the GPU this plan was made for. Plan "
-                f"with nnUNetv2_mmssl_plan_and_preprocess (writes nnUNetMMSSLPlans, budgeted for our trainers) and "
-                f"train with -p nnUNetMMSSLPlans, or lower the batch size.", also_print_to_console=True)
+                f"with nnUNetv2_mmssl_plan_and_preprocess{option} (writes {ours}, budgeted for our trainers) and "
+                f"train with -p {ours}, or lower the batch size.", also_print_to_console=True)
         return {"need": need, "budget": budget, "ratio": ratio, "source": source}
 
     def on_train_start(self):
