@@ -1,10 +1,11 @@
-"""Baselines on nnU-Net's own plain U-Net (METHODS.md §5): Mean Teacher and supervised-only.
+"""Baselines on nnU-Net's own U-Net (METHODS.md §5): Mean Teacher and supervised-only.
 
 :class:`MeanTeacherTrainer` is the Mean Teacher of Tarvainen & Valpola, "Mean teachers are better role models:
 Weight-averaged consistency targets improve semi-supervised deep learning results", NeurIPS 2017, as used as a
 baseline by the multi-modal papers (Meng et al. 2025 Table 1 "MT"; multi-modal images concatenated along the channel
 axis, which is what nnU-Net does anyway). The network is nnU-Net's default one from the plans (all channels as input;
-``build_network_architecture`` is not overridden).
+``build_network_architecture`` is not overridden): ``PlainConvUNet`` on ``nnUNetPlans``, ``ResidualEncoderUNet`` on the
+residual-encoder presets (``nnUNetResEncUNetM/L/XLPlans``), as for ``nnUNetTrainer``.
 
 One training step:
 
@@ -31,7 +32,7 @@ The teacher is training-only: it is stored under the checkpoint key ``mmssl_stat
 ``{"teacher": state_dict, "ema_step": int}`` and restored on ``--c``. Inference uses the *student* (nnU-Net's
 ``network_weights``), as SSL4MIS evaluates its mean-teacher models; the teacher is not exported.
 
-:class:`PlainSupervisedTrainer` is the supervised-only baseline on the same plain U-Net, with the same logs as our
+:class:`PlainSupervisedTrainer` is the supervised-only baseline on the same U-Net, with the same logs as our
 semi-supervised trainers (unsupervised loss and weight logged as 0).
 """
 
@@ -67,7 +68,7 @@ def mean_teacher_consistency(student_logits: torch.Tensor, teacher_logits: torch
 
 
 class MeanTeacherTrainer(SSLTrainerBase):
-    """Mean Teacher on nnU-Net's plain U-Net (see module docstring)."""
+    """Mean Teacher on nnU-Net's planned U-Net, plain or residual encoder (see module docstring)."""
 
     #: EMA decay of the teacher's weights
     ema_alpha: float = 0.99
@@ -137,7 +138,7 @@ class MeanTeacherTrainer(SSLTrainerBase):
 
 
 class PlainSupervisedTrainer(SSLTrainerBase):
-    """Supervised-only baseline on nnU-Net's plain U-Net: nnU-Net's Dice+CE on labelled data, our logs."""
+    """Supervised-only baseline on nnU-Net's planned U-Net: nnU-Net's Dice+CE on labelled data, our logs."""
 
     use_unlabeled = False
 
