@@ -15,7 +15,8 @@
   :func:`install_pretrained_weights_check` does the same for ``nnUNetv2_train -pretrained_weights FILE``: nnU-Net
   calls ``nnunetv2.run.run_training.load_pretrained_weights(network, FILE)`` and no trainer method sees ``FILE``, so
   our trainers (when constructed inside nnU-Net's ``run_training``) replace that module's reference with a wrapper that
-  checks ``FILE`` first and then calls nnU-Net's function, weights-only.
+  checks ``FILE`` first and then warm-starts our trainer's network from it (:mod:`nnunet_mmssl.trainers.warm_start`),
+  or calls nnU-Net's function, weights-only, for any other network.
 * **Safe reading.** nnU-Net loads the checkpoint its own way; :func:`read_extra_state` reads our entry with
   ``torch.load(weights_only=True)``, memory-mapped so that the tensors of nnU-Net's entries are not read again. Our
   files hold only tensors and plain containers (nnU-Net's numpy log values are written as Python numbers); numpy
@@ -39,6 +40,14 @@ from nnunet_mmssl.safe_load import (
     check_configuration_manager,
     safe_globals_context,
     weights_only_loads,
+)
+from nnunet_mmssl.trainers.user_errors import install_user_error_hook
+from nnunet_mmssl.trainers.warm_start import (
+    WarmStartError,
+    is_registered,
+    register_trainer,
+    trainer_of_network,
+    warm_start,
 )
 
 CHECKPOINT_KEY = "mmssl_state"
@@ -120,30 +129,47 @@ def atomic_torch_save(obj, filename: str) -> None:
 
 
 def install_pretrained_weights_check() -> bool:
-    """Make ``nnUNetv2_train -pretrained_weights FILE`` check ``FILE`` before nnU-Net unpickles it.
+    """Make ``nnUNetv2_train -pretrained_weights FILE`` check ``FILE`` first and warm-start our trainers from it.
 
     Replaces ``nnunetv2.run.run_training.load_pretrained_weights`` (the name ``maybe_load_checkpoint`` calls) by a
-    wrapper: :func:`~nnunet_mmssl.safe_load.check_checkpoint` (one-line refusal naming the file and the type), then
-    nnU-Net's function under :func:`~nnunet_mmssl.safe_load.weights_only_loads`. Only if nnU-Net's training module is
-    already imported (our trainers are then being built by it); once per process.
+    wrapper: :func:`~nnunet_mmssl.safe_load.check_checkpoint` (one-line refusal naming the file and the type); then,
+    for the network of a trainer of ours (:func:`~nnunet_mmssl.trainers.warm_start.trainer_of_network`), the warm
+    start of :func:`~nnunet_mmssl.trainers.warm_start.warm_start` (encoders/decoders from nnU-Net's U-Net, the table in
+    the log); for any other network nnU-Net's function under :func:`~nnunet_mmssl.safe_load.weights_only_loads`.
+    ``maybe_load_checkpoint`` is wrapped too, so that ``--c`` with ``-pretrained_weights`` is one line
+    (:class:`~nnunet_mmssl.trainers.warm_start.WarmStartError`) for our trainers; nnU-Net's own are unaffected. Only if
+    nnU-Net's training module is already imported (our trainers are then being built by it); once per process.
 
     Returns:
-        True if the wrapper is installed afterwards.
+        True if the wrappers are installed afterwards.
     """
     module = sys.modules.get("nnunetv2.run.run_training")
     if module is None or not hasattr(module, "load_pretrained_weights"):
         return False
     nnunet_function = module.load_pretrained_weights
-    if getattr(nnunet_function, "mmssl_checked", False):
-        return True
+    if not getattr(nnunet_function, "mmssl_checked", False):
+        def load_pretrained_weights(network, fname, verbose=False):
+            check_checkpoint(fname)
+            trainer = trainer_of_network(network)
+            if trainer is not None:
+                warm_start(trainer, fname)
+                return None
+            with weights_only_loads():
+                return nnunet_function(network, fname, verbose=verbose)
 
-    def load_pretrained_weights(network, fname, verbose=False):
-        check_checkpoint(fname)
-        with weights_only_loads():
-            return nnunet_function(network, fname, verbose=verbose)
+        load_pretrained_weights.mmssl_checked = True
+        module.load_pretrained_weights = load_pretrained_weights
+    nnunet_maybe_load = getattr(module, "maybe_load_checkpoint", None)
+    if nnunet_maybe_load is not None and not getattr(nnunet_maybe_load, "mmssl_checked", False):
+        def maybe_load_checkpoint(nnunet_trainer, continue_training, validation_only, pretrained_weights_file=None):
+            if continue_training and pretrained_weights_file is not None and is_registered(nnunet_trainer):
+                raise WarmStartError(f"{pretrained_weights_file}, -pretrained_weights cannot be combined with --c "
+                                     f"(nnU-Net's rule: pretrained weights only start a training). Drop --c to "
+                                     f"start from the checkpoint, or drop -pretrained_weights to resume.")
+            return nnunet_maybe_load(nnunet_trainer, continue_training, validation_only, pretrained_weights_file)
 
-    load_pretrained_weights.mmssl_checked = True
-    module.load_pretrained_weights = load_pretrained_weights
+        maybe_load_checkpoint.mmssl_checked = True
+        module.maybe_load_checkpoint = maybe_load_checkpoint
     return True
 
 
@@ -154,13 +180,18 @@ class SafeLoadingMixin:
       :func:`~nnunet_mmssl.safe_load.weights_only_loads`.
     * ``build_network_architecture``: the plans' network class and layer names checked by name before import
       (:func:`~nnunet_mmssl.safe_load.check_configuration_manager`), then nnU-Net's.
-    * construction installs :func:`install_pretrained_weights_check`.
+    * construction installs the one-line user errors of ``nnUNetv2_train``
+      (:func:`~nnunet_mmssl.trainers.user_errors.install_user_error_hook`), registers the trainer and installs
+      :func:`install_pretrained_weights_check` (``-pretrained_weights`` is a warm start,
+      :mod:`nnunet_mmssl.trainers.warm_start`).
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's exact signature)
         super().__init__(plans, configuration, fold, dataset_json, device)
+        register_trainer(self)
         install_pretrained_weights_check()
+        install_user_error_hook()
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if not isinstance(filename_or_checkpoint, str | os.PathLike):

@@ -14,9 +14,11 @@ import sys
 from nnunet_mmssl.dataloading.image_checks import ImageFileError
 from nnunet_mmssl.dataloading.unlabeled_preprocessing import UnlabeledDataError
 from nnunet_mmssl.safe_load import UnsafeModelError
+from nnunet_mmssl.trainers.warm_start import WarmStartError
 
 #: our exceptions that describe a user's input and say the fix
-USER_ERROR_TYPES: tuple[type[BaseException], ...] = (UnlabeledDataError, ImageFileError, UnsafeModelError)
+USER_ERROR_TYPES: tuple[type[BaseException], ...] = (UnlabeledDataError, ImageFileError, UnsafeModelError,
+                                                     WarmStartError)
 #: set to 1 to see the traceback of a user error too
 VERBOSE_VARIABLE = "NNUNET_MMSSL_VERBOSE"
 
