@@ -26,6 +26,12 @@ SHARED = ("All runs share the plans and the preprocessed data of nnUNetv2_mmssl_
           "information reaches a run except through the planning geometry. Everything else is per run: the labelled "
           "cases, the unlabelled stream (the dataset's unlabelled cases plus the pool cases not labelled in the run, "
           "their labels never read) and the training. The test set is the same for every run.")
+#: what every run shares with --cv, where the test cases are pool cases (replaces SHARED's last sentence)
+SHARED_CV = ("With --cv the test set rotates over the labelled pool: in fold f of a seed the fold's cases are the test "
+             "set, in neither the run's labelled cases nor its unlabelled stream (test images are not used as "
+             "unlabelled data); the labelled cases are drawn from the other folds. The shared plans and "
+             "preprocessing above were computed with every pool case, test folds included (for CT-normalised "
+             "channels their labels entered the intensity fingerprint).")
 SETTINGS_KEYS = ("dataset", "configuration", "plans", "epochs", "iterations", "val_iterations")
 
 
@@ -51,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compare SSL with SUP (added to the built-in twins, e.g. MeanTeacherTrainer="
                              "PlainSupervisedTrainer)")
     parser.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples (default 10000)")
+    parser.add_argument("--cv", type=int, default=None, metavar="K",
+                        help="rotate the test set over the labelled pool: K folds per seed, each fold the test set of "
+                             "runs labelling cases of the other folds, so every pool case is tested once per seed "
+                             "(imagesTs is not used). Default: the fixed test set imagesTs")
+    parser.add_argument("--init", nargs="+", default=["scratch"], metavar="scratch|supervised",
+                        help="how the SSL trainers (those with a supervised twin) start: scratch (default), "
+                             "supervised (fine-tuned from the twin's model of the same run: nnUNetv2_train "
+                             "-pretrained_weights; shown as <trainer>+ft), or both")
     parser.add_argument("-device", default="cpu", choices=["cpu", "cuda", "mps"])
     parser.add_argument("-np", "--num-processes", type=int, default=2,
                         help="processes for preprocessing the pool images as unlabelled cases (default 2)")
@@ -138,17 +152,19 @@ def run_study(args: argparse.Namespace) -> dict:
     from nnunet_mmssl.planners import unlabeled_data_identifier
     from nnunet_mmssl.study.report import write_report
     from nnunet_mmssl.study.runner import (
+        FINE_TUNED_LABEL,
         STUDY_UNLABELED_SUFFIX,
         StudyContext,
-        StudyJob,
         StudyRunner,
         atomic_write_json,
+        build_cv_test_folder,
         build_study_unlabeled_folder,
+        plan_jobs,
         resolve_trainer,
         worker_cores,
         write_study_trainers,
     )
-    from nnunet_mmssl.study.splits import assign_folds, parse_labeled, plan_runs
+    from nnunet_mmssl.study.splits import assign_folds, check_cv, parse_labeled, plan_cv_runs, plan_runs
 
     for value, name in ((args.epochs, "--epochs"), (args.iterations, "--iterations")):
         if value < 1:
@@ -157,8 +173,16 @@ def run_study(args: argparse.Namespace) -> dict:
         raise ValueError(f"--bootstrap {args.bootstrap}, too few resamples for a 95% interval. Use at least "
                          f"{MIN_BOOTSTRAP} (default 10000).")
     worker_cores(args.workers, args.device)
+    if args.cv is not None and args.cv < 2:
+        check_cv(args.cv, 2)
     classes = {t: resolve_trainer(t) for t in args.trainers}
     pairs = parse_pairs(args.pair, args.trainers)
+    plan_jobs([], args.trainers, {}, pairs, args.init)  # checks --init
+    if "supervised" in args.init:
+        orphans = [t for t, c in classes.items() if getattr(c, "use_unlabeled", False) and t not in pairs]
+        if orphans:
+            raise ValueError(f"--init supervised: {orphans[0]} has no supervised twin among -tr "
+                             f"{' '.join(args.trainers)}; add its twin to -tr (or --pair {orphans[0]}=SUP)")
     raw = find_dataset("nnUNet_raw", str(args.dataset))
     dataset_name = os.path.basename(raw)
     preprocessed = find_dataset("nnUNet_preprocessed", dataset_name)
@@ -181,18 +205,24 @@ def run_study(args: argparse.Namespace) -> dict:
                          f"{args.configuration} with nnUNetv2_mmssl_plan_and_preprocess -c {args.configuration}")
 
     pool_images = find_cases(os.path.join(raw, "imagesTr"), dataset_json, "Labelled case")
-    test_images = find_cases(os.path.join(raw, "imagesTs"), dataset_json, "Test case")
-    if not test_images:
-        raise ValueError(f"{os.path.join(raw, 'imagesTs')} holds no test cases; convert with --num-test N")
+    test_images = find_cases(os.path.join(raw, "imagesTs"), dataset_json, "Test case") if args.cv is None else {}
+    if args.cv is None and not test_images:
+        raise ValueError(f"{os.path.join(raw, 'imagesTs')} holds no test cases; convert with --num-test N, or test "
+                         f"on the labelled pool with --cv K")
     labels_ts = os.path.join(raw, "labelsTs")
-    if not os.path.isdir(labels_ts):
+    if args.cv is None and not os.path.isdir(labels_ts):
         raise ValueError(f"{labels_ts} not found: the test cases need labels (nnUNetv2_mmssl_convert writes them)")
     unlabeled_folder = os.path.join(preprocessed, unlabeled_data_identifier(data_identifier, plans))
     real_unlabeled: list[str] = []
     if find_cases(os.path.join(raw, UNLABELED_IMAGES_FOLDER), dataset_json, "Unlabelled case"):
         real_unlabeled = sorted(open_unlabeled_dataset(unlabeled_folder).identifiers)
-    sizes = parse_labeled(args.labeled, len(pool_images))
-    runs = plan_runs(pool_images, real_unlabeled, test_images, sizes, args.seeds)
+    if args.cv is None:
+        sizes = parse_labeled(args.labeled, len(pool_images))
+        runs = plan_runs(pool_images, real_unlabeled, test_images, sizes, args.seeds)
+    else:
+        most = check_cv(args.cv, len(pool_images))
+        sizes = parse_labeled(args.labeled, most, f"the pool outside the largest of the --cv {args.cv} test folds")
+        runs = plan_cv_runs(pool_images, real_unlabeled, sizes, args.seeds, args.cv)
 
     output = os.path.abspath(args.output)
     settings = {"dataset": dataset_name, "configuration": args.configuration, "plans": args.plans,
@@ -214,8 +244,10 @@ def run_study(args: argparse.Namespace) -> dict:
                                      progress=lambda m: print(m, flush=True))
     by_fold = {str(folds[r.name]): r.unlabeled for r in runs}
     ext_folder = os.path.join(output, "ext_trainers")
+    jobs = plan_jobs(runs, args.trainers, folds, pairs, args.init)
+    fine_tuned = sorted({j.trainer for j in jobs if j.init == "supervised"})
     write_study_trainers(ext_folder, args.trainers, args.epochs, args.iterations, args.val_iterations,
-                         study_folder_name, by_fold)
+                         study_folder_name, by_fold, fine_tuned)
     env = dict(os.environ, nnUNet_results=os.path.join(output, "nnUNet_results"), nnUNet_compile="false",
                PYTHONUNBUFFERED="1")  # the runs' progress lines are echoed as they come, not in 8 KB blocks
     others = [p for p in env.get(EXT_TRAINER_VARIABLE, "").split(os.pathsep) if p and p != ext_folder]
@@ -224,14 +256,25 @@ def run_study(args: argparse.Namespace) -> dict:
     context = StudyContext(dataset_name=dataset_name, raw_folder=raw, configuration=args.configuration,
                            plans=args.plans, device=args.device, output=output, env=env,
                            test_images=os.path.join(raw, "imagesTs"), test_labels=labels_ts)
-    jobs = [StudyJob(trainer, run, folds[run.name]) for run in sorted(runs, key=lambda r: (r.size, r.seed))
-            for trainer in args.trainers]
+    for run in {(r.seed, r.cv_fold): r for r in runs if r.cv_fold is not None}.values():
+        build_cv_test_folder(context.cv_test_folder(run), run.test, pool_images, os.path.join(raw, "labelsTr"),
+                             dataset_json["file_ending"])
     results = StudyRunner(context, progress=lambda m: print(m, flush=True), workers=args.workers).run_all(jobs)
-    report = write_report(output, results, pairs, {
+    comparisons = list(pairs.items())
+    if fine_tuned:
+        comparisons += [(t + FINE_TUNED_LABEL, pairs[t]) for t in fine_tuned]
+        comparisons += [(t + FINE_TUNED_LABEL, t) for t in fine_tuned if "scratch" in args.init]
+    extra = {} if list(args.init) == ["scratch"] else {"init": list(args.init)}
+    if args.cv is not None:
+        extra |= {"cv": args.cv, "cv_test_folds": {f"seed{r.seed}_{r.test_name}": list(r.test) for r in runs}}
+    report = write_report(output, results, comparisons, {
         **settings, "trainers": list(args.trainers), "labeled": list(args.labeled), "sizes": sizes,
-        "seeds": list(args.seeds), "pool_size": len(pool_images), "test_cases": sorted(test_images),
-        "n_dataset_unlabeled": len(real_unlabeled), "pairs": pairs, "shared_between_runs": SHARED,
-        "folds": folds, "device": args.device, "workers": args.workers}, n_resamples=args.bootstrap)
+        "seeds": list(args.seeds), "pool_size": len(pool_images),
+        "test_cases": sorted(pool_images if args.cv is not None else test_images),
+        "n_dataset_unlabeled": len(real_unlabeled), "pairs": pairs,
+        "shared_between_runs": SHARED if args.cv is None else SHARED.rsplit(". ", 1)[0] + ". " + SHARED_CV,
+        "folds": folds, "device": args.device, "workers": args.workers, **extra},
+        n_resamples=args.bootstrap)
     print("\n" + report["table_text"] + f"\n\nWritten to {output}: study_table.txt, study_results.json, "
           f"dice_vs_labeled.png", flush=True)
     return report

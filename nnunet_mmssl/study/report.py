@@ -17,20 +17,51 @@ SUPERVISED_TWINS = {"MemCifSSLTrainer": "MemCifSupervisedTrainer", "MeanTeacherT
 
 
 def summary_table(results: Sequence[Mapping]) -> list[dict]:
-    """One row per (trainer, size): each metric's mean and std (``ddof=0``) over seeds of the runs' test means.
+    """One row per (trainer, size): each metric's mean and std (``ddof=0``) over seeds of the seeds' test means.
 
-    A run whose mean of a metric is undefined (None) is left out of that metric's row and counted in ``n_missing``.
+    A seed's test mean is its run's mean over the test cases; with ``--cv`` (several runs per seed, one per test fold)
+    the mean over the test cases of all its runs (:func:`seed_cases`). A seed whose mean of a metric is undefined
+    (None) is left out of that metric's row and counted in ``n_missing``. ``n_test_cases`` counts the distinct test
+    cases of the row's runs.
     """
     rows = []
     for (trainer, size), runs in _by_trainer_and_size(results).items():
-        row = {"trainer": trainer, "size": size, "seeds": sorted(int(r["seed"]) for r in runs)}
+        by_seed: dict[int, list[Mapping]] = {}
+        for run in runs:
+            by_seed.setdefault(int(run["seed"]), []).append(run)
+        row = {"trainer": trainer, "size": size, "seeds": sorted(by_seed), "n_runs": len(runs),
+               "n_test_cases": len({case for r in runs for case in r.get("per_case", {})})}
         for metric in METRICS:
-            values = [r["mean"][metric] for r in runs if r["mean"].get(metric) is not None]
+            values = [v for v in (_seed_mean(mine, metric) for mine in by_seed.values()) if v is not None]
             row[metric] = {"mean": float(np.mean(values)) if values else None,
                            "std": float(np.std(values)) if values else None, "n": len(values),
-                           "n_missing": len(runs) - len(values)}
+                           "n_missing": len(by_seed) - len(values)}
         rows.append(row)
     return rows
+
+
+def _seed_mean(runs: Sequence[Mapping], metric: str) -> float | None:
+    """One seed's test mean of ``metric``: its run's mean, or over the test cases of its runs (``--cv``)."""
+    if len(runs) == 1:
+        return runs[0]["mean"].get(metric)
+    values = [v[metric] for v in seed_cases(runs).values() if v.get(metric) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def seed_cases(runs: Sequence[Mapping]) -> dict[str, Mapping]:
+    """Test case -> its metrics, over the runs of one (trainer, size, seed): with ``--cv`` one run per test fold.
+
+    Raises:
+        ValueError: a case tested by two of the runs (test folds must be disjoint).
+    """
+    cases: dict[str, Mapping] = {}
+    for run in runs:
+        for case, values in run.get("per_case", {}).items():
+            if case in cases:
+                raise ValueError(f"{run['trainer']}, {run['size']} labelled, seed {run['seed']}: test case {case} is "
+                                 f"in two runs; the test folds of a seed must be disjoint")
+            cases[case] = values
+    return cases
 
 
 def _by_trainer_and_size(results: Sequence[Mapping], keep=lambda result: True) -> dict[tuple[str, int], list]:
@@ -43,20 +74,26 @@ def _by_trainer_and_size(results: Sequence[Mapping], keep=lambda result: True) -
     return groups
 
 
-def paired_differences(results: Sequence[Mapping], pairs: Mapping[str, str], n_resamples: int = 10000,
-                       seed: int = 0) -> list[dict]:
+def paired_differences(results: Sequence[Mapping], pairs: Mapping[str, str] | Sequence[tuple[str, str]],
+                       n_resamples: int = 10000, seed: int = 0) -> list[dict]:
     """For each (SSL, supervised) pair with results and each size: SSL − supervised over common (seed, case) pairs.
 
     The interval resamples seeds and test cases independently (:func:`~.bootstrap.crossed_bootstrap`): every seed is
-    scored on the same test cases, so the (seed, case) pairs are not independent of each other.
+    scored on the same test cases, so the (seed, case) pairs are not independent of each other. With ``--cv`` a
+    seed's cases are those of all its test folds (:func:`seed_cases`): a pair is the same case and seed, each trainer
+    tested by its model of the fold holding the case. ``pairs`` is a mapping SSL -> supervised or a sequence of
+    (SSL, reference) pairs (e.g. ``("X+ft", "X")``).
 
     Returns:
         one dict per (pair, size, metric) with :func:`~.bootstrap.crossed_bootstrap`'s fields, ``ssl``,
         ``supervised``, ``size``, ``metric`` and ``seeds``.
     """
-    index = {(r["trainer"], int(r["size"]), int(r["seed"])): r for r in results}
+    grouped: dict[tuple[str, int, int], list[Mapping]] = {}
+    for r in results:
+        grouped.setdefault((r["trainer"], int(r["size"]), int(r["seed"])), []).append(r)
+    index = {key: seed_cases(runs) for key, runs in grouped.items()}
     out = []
-    for ssl, sup in pairs.items():
+    for ssl, sup in (pairs.items() if isinstance(pairs, Mapping) else pairs):
         sizes = sorted({s for (t, s, _) in index if t == ssl} & {s for (t, s, _) in index if t == sup})
         for size in sizes:
             seeds = sorted({d for (t, s, d) in index if t == ssl and s == size}
@@ -64,7 +101,7 @@ def paired_differences(results: Sequence[Mapping], pairs: Mapping[str, str], n_r
             for metric in METRICS:
                 a, b, rows, cols = [], [], [], []
                 for seed_ in seeds:
-                    x, y = index[(ssl, size, seed_)]["per_case"], index[(sup, size, seed_)]["per_case"]
+                    x, y = index[(ssl, size, seed_)], index[(sup, size, seed_)]
                     for case in sorted(set(x) & set(y)):
                         a.append(np.nan if x[case][metric] is None else x[case][metric])
                         b.append(np.nan if y[case][metric] is None else y[case][metric])
@@ -99,11 +136,12 @@ def format_table(rows: Sequence[Mapping], differences: Sequence[Mapping] = (),
                  signals: Sequence[Mapping] = ()) -> str:
     """The table as text: one line per (trainer, size), the Dice differences with their intervals, then what the
     unsupervised terms did at the end of training (``signals``, :func:`signal_table`)."""
-    header = f"{'trainer':<28} {'labelled':>8} {'seeds':>5} {'Dice':>15} {'HD95 mm':>17} {'sensitivity':>15}"
+    header = (f"{'trainer':<28} {'labelled':>8} {'seeds':>5} {'test cases':>10} {'Dice':>15} {'HD95 mm':>17} "
+              f"{'sensitivity':>15}")
     lines = [header, "-" * len(header)]
     for row in rows:
-        lines.append(f"{row['trainer']:<28} {row['size']:>8} {len(row['seeds']):>5} {_cell(row['dice']):>15} "
-                     f"{_cell(row['hd95'], 2):>17} {_cell(row['sensitivity']):>15}")
+        lines.append(f"{row['trainer']:<28} {row['size']:>8} {len(row['seeds']):>5} {row['n_test_cases']:>10} "
+                     f"{_cell(row['dice']):>15} {_cell(row['hd95'], 2):>17} {_cell(row['sensitivity']):>15}")
     dice = [d for d in differences if d["metric"] == "dice"]
     if dice:
         lines += ["", ("Paired difference SSL − supervised (Dice, mean over (seed, test case) pairs, "
@@ -160,8 +198,8 @@ def plot_dice(rows: Sequence[Mapping], path: str) -> dict:
     return series
 
 
-def write_report(output: str, results: Sequence[Mapping], pairs: Mapping[str, str], settings: Mapping,
-                 n_resamples: int = 10000, seed: int = 0) -> dict:
+def write_report(output: str, results: Sequence[Mapping], pairs: Mapping[str, str] | Sequence[tuple[str, str]],
+                 settings: Mapping, n_resamples: int = 10000, seed: int = 0) -> dict:
     """Write ``study_table.txt``, ``dice_vs_labeled.png`` and ``study_results.json`` into ``output``; return the
     JSON's content (``table`` rows, ``differences``, ``runs``, ``settings``, ``plot_series``, the file names)."""
     from nnunet_mmssl.study.runner import atomic_write_json, atomic_write_text

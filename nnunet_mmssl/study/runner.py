@@ -11,6 +11,12 @@
   different budgets never share a model folder.
 * **Resumable.** A run is done when its ``checkpoint_final.pth`` and its result file exist; a run with a final
   checkpoint but no result is predicted and scored again; an unfinished training continues (``--c``).
+* **Cross-validated test set** (``--cv``). A run's test images and labels are links to its fold's pool cases in
+  ``<output>/cv_test/seed<seed>_cv<fold>of<K>`` (:func:`build_cv_test_folder`).
+* **Warm start** (``--init supervised``). A fine-tuned SSL run (:attr:`StudyJob.init` ``"supervised"``) is the
+  generated trainer ``<trainer>__study_ft`` (its own model folder) started by ``nnUNetv2_train ...
+  -pretrained_weights`` from its supervised twin's ``checkpoint_final.pth`` of the same fold; it starts only once
+  the twin has trained (:meth:`StudyRunner.run_all`).
 * **Parallel runs** (``workers`` > 1). Runs are independent (own fold, model folder, prediction folder, result file),
   so several run at once. On the CPU the cores this process may use are dealt to the workers (:func:`worker_cores`):
   each run's nnU-Net processes are pinned to their worker's cores and see only those (nnU-Net sets its torch threads
@@ -22,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import queue
 import shutil
 import sys
 import threading
@@ -34,6 +39,12 @@ import torch
 from nnunet_mmssl.study.splits import RunSplit
 
 STUDY_SUFFIX = "__study"
+#: class-name suffix of an SSL trainer's fine-tuned runs (``--init supervised``): ``<trainer>__study_ft``
+FINE_TUNED_SUFFIX = "_ft"
+#: how results and tables name a fine-tuned SSL trainer: ``<trainer>+ft``
+FINE_TUNED_LABEL = "+ft"
+#: nnU-Net's checkpoints of an interrupted training (``--c`` continues from them)
+RESUMABLE_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 #: folder (beside nnU-Net's data folder) with the study's unlabelled cases: the pool's images + the unlabelled ones
 STUDY_UNLABELED_SUFFIX = "_study"
 TRAINER_MODULE = "mmssl_study_trainers"
@@ -69,7 +80,8 @@ def resolve_trainer(name: str) -> type:
 
 
 def study_trainer_class(base: type, epochs: int, iterations: int, val_iterations: int, unlabeled_folder: str,
-                        unlabeled_by_fold: Mapping[str, Sequence[str]], module: str | None = None) -> type:
+                        unlabeled_by_fold: Mapping[str, Sequence[str]], module: str | None = None,
+                        suffix: str = STUDY_SUFFIX) -> type:
     """``<base>__study``: ``base`` with the study's budget, no final validation, and its fold's unlabelled cases.
 
     Args:
@@ -79,6 +91,8 @@ def study_trainer_class(base: type, epochs: int, iterations: int, val_iterations
         unlabeled_folder: name of the study's unlabelled folder beside nnU-Net's data folder.
         unlabeled_by_fold: fold (as a string) -> identifiers of the unlabelled cases that fold may read.
         module: ``__module__`` of the class (the generated module), so that it pickles.
+        suffix: the class name's suffix (``__study``; ``__study_ft`` for the fine-tuned runs of ``--init
+            supervised``, the same class under a name of its own, so that its models have their own folder).
     """
     allowed = {str(k): tuple(v) for k, v in unlabeled_by_fold.items()}
     folder_name = unlabeled_folder  # the class body defines a method of that name
@@ -117,7 +131,7 @@ def study_trainer_class(base: type, epochs: int, iterations: int, val_iterations
                                    f"labelled in this run and the dataset's unlabelled cases)")
             return type(dataset)(dataset.source_folder, chosen)
 
-    Study.__name__ = Study.__qualname__ = base.__name__ + STUDY_SUFFIX
+    Study.__name__ = Study.__qualname__ = base.__name__ + suffix
     if module is not None:
         Study.__module__ = module
     return Study
@@ -136,8 +150,10 @@ UNLABELED_BY_FOLD = {by_fold!r}
 
 
 def write_study_trainers(folder: str, trainers: Sequence[str], epochs: int, iterations: int, val_iterations: int,
-                         unlabeled_folder: str, unlabeled_by_fold: Mapping[str, Sequence[str]]) -> str:
-    """Write the module defining ``<trainer>__study`` for each trainer into ``folder``; return its path."""
+                         unlabeled_folder: str, unlabeled_by_fold: Mapping[str, Sequence[str]],
+                         fine_tuned: Sequence[str] = ()) -> str:
+    """Write the module defining ``<trainer>__study`` for each trainer (and ``<trainer>__study_ft`` for each of
+    ``fine_tuned``) into ``folder``; return its path."""
     os.makedirs(folder, exist_ok=True)
     text = _MODULE_TEMPLATE.format(epochs=int(epochs), iterations=int(iterations), val_iterations=int(val_iterations),
                                    folder=unlabeled_folder,
@@ -146,6 +162,11 @@ def write_study_trainers(folder: str, trainers: Sequence[str], epochs: int, iter
         resolve_trainer(trainer)
         text += (f"{trainer}{STUDY_SUFFIX} = study_trainer_class(resolve_trainer({trainer!r}), EPOCHS, ITERATIONS, "
                  f"VAL_ITERATIONS, UNLABELED_FOLDER, UNLABELED_BY_FOLD, __name__)\n")
+    for trainer in fine_tuned:
+        resolve_trainer(trainer)
+        suffix = STUDY_SUFFIX + FINE_TUNED_SUFFIX
+        text += (f"{trainer}{suffix} = study_trainer_class(resolve_trainer({trainer!r}), EPOCHS, ITERATIONS, "
+                 f"VAL_ITERATIONS, UNLABELED_FOLDER, UNLABELED_BY_FOLD, __name__, {suffix!r})\n")
     path = os.path.join(folder, TRAINER_MODULE + ".py")
     atomic_write_text(path, text)
     return path
@@ -224,15 +245,69 @@ def build_study_unlabeled_folder(final: str, pool_images: Mapping[str, Sequence[
 # ---------------------------------------------------------------------------------------------- runs
 @dataclasses.dataclass(frozen=True)
 class StudyJob:
-    """One (trainer, size, seed) run."""
+    """One (trainer, size, seed[, test fold]) run.
+
+    Attributes:
+        trainer: the trainer's name.
+        split: the run's cases.
+        fold: its fold of ``splits_final.json``.
+        init: ``"scratch"`` (nnU-Net's initialisation) or ``"supervised"`` (fine-tuned from ``twin``'s model of the
+            same fold: ``nnUNetv2_train -pretrained_weights``).
+        twin: with ``init="supervised"``, the supervised twin's trainer name.
+    """
 
     trainer: str
     split: RunSplit
     fold: int
+    init: str = "scratch"
+    twin: str | None = None
+
+    def __post_init__(self):
+        if self.init not in ("scratch", "supervised") or (self.init == "supervised") != (self.twin is not None):
+            raise ValueError(f"StudyJob {self.trainer}: init {self.init!r} with twin {self.twin!r}; use init "
+                             f"'scratch' without a twin or 'supervised' with one")
+
+    @property
+    def label(self) -> str:
+        """How results and tables name the trainer: its name, ``+ft`` appended when fine-tuned."""
+        return self.trainer + (FINE_TUNED_LABEL if self.init == "supervised" else "")
+
+    @property
+    def trainer_class(self) -> str:
+        """The generated trainer nnU-Net runs: ``<trainer>__study`` (``__study_ft`` when fine-tuned)."""
+        return self.trainer + STUDY_SUFFIX + (FINE_TUNED_SUFFIX if self.init == "supervised" else "")
 
     @property
     def name(self) -> str:
-        return f"{self.trainer}/{self.split.name}"
+        return f"{self.label}/{self.split.name}"
+
+    @property
+    def twin_job(self) -> StudyJob | None:
+        """The supervised twin's run of the same split and fold, which a fine-tuned run starts from."""
+        return None if self.twin is None else StudyJob(self.twin, self.split, self.fold)
+
+
+def plan_jobs(runs: Sequence[RunSplit], trainers: Sequence[str], folds: Mapping[str, int],
+              pairs: Mapping[str, str], init: Sequence[str] = ("scratch",)) -> list[StudyJob]:
+    """The study's jobs: per run (sizes, then seeds, then test folds ascending) the trainers in their order, then
+    with ``"supervised"`` in ``init`` each SSL trainer (a key of ``pairs``) fine-tuned from its twin -- after the
+    twin, whose from-scratch run is always a job. Without ``"scratch"`` in ``init`` the SSL trainers run only
+    fine-tuned (the others, twins included, from scratch).
+
+    Raises:
+        ValueError: an ``init`` value other than ``scratch`` and ``supervised``, or none.
+    """
+    bad = [v for v in init if v not in ("scratch", "supervised")]
+    if bad or not init:
+        raise ValueError(f"--init {' '.join(map(str, bad or init))}: not an initialisation; use --init scratch "
+                         f"(default), --init supervised, or both")
+    scratch = [t for t in trainers if "scratch" in init or t not in pairs or t in pairs.values()]
+    fine_tuned = [t for t in trainers if t in pairs] if "supervised" in init else []
+    jobs = []
+    for run in sorted(runs, key=lambda r: (r.size, r.seed, -1 if r.cv_fold is None else r.cv_fold)):
+        jobs += [StudyJob(t, run, folds[run.name]) for t in scratch]
+        jobs += [StudyJob(t, run, folds[run.name], "supervised", pairs[t]) for t in fine_tuned]
+    return jobs
 
 
 @dataclasses.dataclass
@@ -251,16 +326,56 @@ class StudyContext:
 
     def model_folder(self, job: StudyJob) -> str:
         return os.path.join(self.env["nnUNet_results"], self.dataset_name,
-                            f"{job.trainer}{STUDY_SUFFIX}__{self.plans}__{self.configuration}", f"fold_{job.fold}")
+                            f"{job.trainer_class}__{self.plans}__{self.configuration}", f"fold_{job.fold}")
 
     def prediction_folder(self, job: StudyJob) -> str:
-        return os.path.join(self.output, "predictions", job.trainer, job.split.name)
+        return os.path.join(self.output, "predictions", job.label, job.split.name)
 
     def result_file(self, job: StudyJob) -> str:
-        return os.path.join(self.output, "runs", job.trainer, job.split.name + ".json")
+        return os.path.join(self.output, "runs", job.label, job.split.name + ".json")
 
     def log_file(self, job: StudyJob, what: str) -> str:
-        return os.path.join(self.output, "logs", f"{what}_{job.trainer}_{job.split.name}.log")
+        return os.path.join(self.output, "logs", f"{what}_{job.label}_{job.split.name}.log")
+
+    def cv_test_folder(self, split: RunSplit) -> str:
+        """With ``--cv``: the folder of the split's test fold (``imagesTs``, ``labelsTs``: links into the pool)."""
+        return os.path.join(self.output, "cv_test", f"seed{split.seed}_{split.test_name}")
+
+    def test_folders(self, job: StudyJob) -> tuple[str, str]:
+        """(images, labels) the job is tested on: imagesTs/labelsTs, or with ``--cv`` its fold's."""
+        if job.split.cv_fold is None:
+            return self.test_images, self.test_labels
+        folder = self.cv_test_folder(job.split)
+        return os.path.join(folder, "imagesTs"), os.path.join(folder, "labelsTs")
+
+
+def build_cv_test_folder(folder: str, cases: Sequence[str], images: Mapping[str, Sequence[str]], labels_folder: str,
+                         file_ending: str) -> str:
+    """``folder/imagesTs`` and ``folder/labelsTs``: symbolic links to the images and labels of ``cases`` of the
+    labelled pool (written under a temporary name, then renamed; kept when they already hold exactly these cases).
+
+    Raises:
+        ValueError: a case without its label file.
+    """
+    wanted_images = {os.path.basename(f): f for case in cases for f in images[case]}
+    wanted_labels = {case + file_ending: os.path.join(labels_folder, case + file_ending) for case in cases}
+    missing = [f for f in wanted_labels.values() if not os.path.isfile(f)]
+    if missing:
+        raise ValueError(f"{missing[0]}: label of a pool case not found; every imagesTr case needs its label in "
+                         f"labelsTr. Reconvert the dataset.")
+    present = [sorted(os.listdir(os.path.join(folder, sub))) if os.path.isdir(os.path.join(folder, sub)) else None
+               for sub in ("imagesTs", "labelsTs")]
+    if present == [sorted(wanted_images), sorted(wanted_labels)]:
+        return folder
+    tmp = f"{folder}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub, wanted in (("imagesTs", wanted_images), ("labelsTs", wanted_labels)):
+        os.makedirs(os.path.join(tmp, sub))
+        for name, target in wanted.items():
+            os.symlink(os.path.abspath(target), os.path.join(tmp, sub, name))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
 
 
 def run_state(context: StudyContext, job: StudyJob) -> str:
@@ -392,18 +507,39 @@ class StudyRunner:
     def train(self, job: StudyJob) -> None:
         c = self.context
         check_study_checkpoints(c.model_folder(job))  # what --c resumes from, before nnU-Net unpickles it
-        cmd = pinned_command(_TRAIN, [c.dataset_name, c.configuration, str(job.fold), "-tr",
-                                      job.trainer + STUDY_SUFFIX, "-p", c.plans, "-device", c.device, "--c"],
-                             self.cores)
+        cmd = pinned_command(_TRAIN, [c.dataset_name, c.configuration, str(job.fold), "-tr", job.trainer_class,
+                                      "-p", c.plans, "-device", c.device, *self.start_arguments(job)], self.cores)
         _run(cmd, self._env(), c.log_file(job, "train"), self._echo_prefix(job))
+
+    def start_arguments(self, job: StudyJob) -> list[str]:
+        """``--c`` (continue an interrupted training; nnU-Net starts afresh where there is no checkpoint), or for a
+        fine-tuned run not started yet ``-pretrained_weights`` with its twin's final checkpoint (nnU-Net refuses
+        both at once).
+
+        Raises:
+            RuntimeError: the twin has no final checkpoint (its run failed or was not part of the study).
+            UnsafeModelError: the twin's checkpoint holds anything but tensors and plain data.
+        """
+        folder = self.context.model_folder(job)
+        if job.init != "supervised" or any(os.path.isfile(os.path.join(folder, n)) for n in RESUMABLE_CHECKPOINTS):
+            return ["--c"]
+        weights = os.path.join(self.context.model_folder(job.twin_job), "checkpoint_final.pth")
+        if not os.path.isfile(weights):
+            raise RuntimeError(f"{job.name} starts from its supervised twin's model, but {weights} does not exist; "
+                               f"the twin's run {job.twin_job.name} must train first")
+        from nnunet_mmssl.safe_load import check_checkpoint
+
+        check_checkpoint(weights)  # nnU-Net's load_pretrained_weights opens it with weights_only=False
+        return ["-pretrained_weights", weights]
 
     def predict(self, job: StudyJob) -> str:
         c = self.context
         check_study_checkpoints(c.model_folder(job), plans=True)  # nnUNetv2_predict reads weights_only=False
         out = c.prediction_folder(job)
         shutil.rmtree(out, ignore_errors=True)
-        cmd = pinned_command(_PREDICT, ["-i", c.test_images, "-o", out, "-d", c.dataset_name, "-c", c.configuration,
-                                        "-f", str(job.fold), "-tr", job.trainer + STUDY_SUFFIX, "-p", c.plans,
+        images = c.test_folders(job)[0]
+        cmd = pinned_command(_PREDICT, ["-i", images, "-o", out, "-d", c.dataset_name, "-c", c.configuration,
+                                        "-f", str(job.fold), "-tr", job.trainer_class, "-p", c.plans,
                                         "-device", c.device, "-npp", "1", "-nps", "1", "--disable_tta"], self.cores)
         _run(cmd, self._env(), c.log_file(job, "predict"), self._echo_prefix(job))
         return out
@@ -411,7 +547,7 @@ class StudyRunner:
     def evaluate(self, job: StudyJob, prediction_folder: str) -> dict:
         from nnunet_mmssl.evaluation import evaluate_folders
 
-        return evaluate_folders(self.context.test_labels, prediction_folder,
+        return evaluate_folders(self.context.test_folders(job)[1], prediction_folder,
                                 output_file=os.path.join(prediction_folder, "summary_mmssl.json"))
 
     def signals(self, job: StudyJob) -> dict | None:
@@ -433,16 +569,23 @@ class StudyRunner:
 
         mean = {m: (float(np.mean(v)) if (v := [x[m] for x in cases.values() if x[m] is not None]) else None)
                 for m in METRICS}
-        result = {"trainer": job.trainer, "size": job.split.size, "seed": job.split.seed, "fold": job.fold,
+        result = {"trainer": job.label, "size": job.split.size, "seed": job.split.seed, "fold": job.fold,
                   "labeled": list(job.split.labeled), "n_hidden_pool_cases": len(job.split.hidden),
                   "n_unlabeled": len(job.split.unlabeled), "seconds": time.perf_counter() - start,
                   "mean": mean, "per_case": cases, "training": self.signals(job)}
+        if job.split.cv_fold is not None:
+            result.update(cv_fold=job.split.cv_fold, cv_folds=job.split.cv_folds, test_cases=list(job.split.test))
+        if job.init == "supervised":
+            result.update(init="supervised", base_trainer=job.trainer, pretrained_from=job.twin)
         atomic_write_json(self.context.result_file(job), result)
         return result
 
     def run_all(self, jobs: Sequence[StudyJob]) -> list[dict]:
         """Every job (``workers`` at a time, started in order); finished ones are read back, not repeated. Prints
         progress with the time left. Returns the results in the order of ``jobs``.
+
+        A fine-tuned job whose twin trains in this call starts only after the twin's run has ended (a worker with
+        nothing else to start waits), so it never reads a checkpoint being written.
 
         Raises:
             RuntimeError (or the step's own error): a run failed; the runs already going are finished first and no
@@ -462,20 +605,31 @@ class StudyRunner:
         workers = len(self.slots)
         self.progress(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to do"
                       + (f", {workers} at a time" if workers > 1 and todo else ""))
-        lock, pending = threading.Lock(), queue.Queue()
-        for item in todo:
-            pending.put(item)
-        counter = {"started": 0, "finished": 0}
+        lock = threading.Condition()
+        pending = list(todo)
+        training = {job.name for _, job in todo if run_state(self.context, job) == "todo"}
+        counter = {"started": 0, "finished": 0, "running": 0}
         errors: list[BaseException] = []
+
+        def ready(job: StudyJob) -> bool:
+            return job.twin_job is None or job.twin_job.name not in training
 
         def worker(cores: tuple[int, ...] | None) -> None:
             self._local.cores = cores
             while True:
                 with lock:
-                    if errors or pending.empty():
-                        return
-                    index, job = pending.get()
+                    while True:
+                        if errors or not pending:
+                            return
+                        item = next((p for p in pending if ready(p[1])), None)
+                        if item is not None or counter["running"] == 0:
+                            break  # nothing ready and nothing running: the first job reports its missing twin
+                        lock.wait()
+                    item = item or pending[0]
+                    pending.remove(item)
+                    index, job = item
                     counter["started"] += 1
+                    counter["running"] += 1
                     state = run_state(self.context, job)
                     where = "" if cores is None else f", cores {','.join(map(str, cores))}"
                     self.progress(f"[{counter['started']}/{len(todo)}] {job.name} (fold {job.fold}{where}"
@@ -485,8 +639,13 @@ class StudyRunner:
                 except BaseException as error:  # noqa: BLE001 (re-raised by run_all once the other runs end)
                     with lock:
                         errors.append(error)
+                        counter["running"] -= 1
+                        lock.notify_all()
                     return
                 with lock:
+                    training.discard(job.name)
+                    counter["running"] -= 1
+                    lock.notify_all()
                     results[index] = result
                     durations.append(result["seconds"])
                     counter["finished"] += 1
