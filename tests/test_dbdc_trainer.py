@@ -385,11 +385,13 @@ def test_validation_dice_per_modality_feeds_maw(cls):
         assert trainer.modality_weights.tolist() == [1.0, 1.0]
 
 
-def test_dbdc_needs_nnunets_plain_unet_plans():
+def test_dbdc_needs_nnunets_plain_or_resenc_unet_plans():
     plans = unregistered_plans()
     plans["configurations"]["2d"]["architecture"]["network_class_name"] = \
-        "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
-    with pytest.raises(ValueError, match="PlainConvUNet.*ResidualEncoderUNet"):
+        "dynamic_network_architectures.architectures.unet.ResidualUNet"
+    with pytest.raises(ValueError, match="DBDCTrainer: .*PlainConvUNet or .*ResidualEncoderUNet plans, but this "
+                                         "configuration uses dynamic_network_architectures.architectures.unet."
+                                         "ResidualUNet"):
         DBDCTrainer(plans, "2d", 0, copy.deepcopy(UNREGISTERED_JSON), torch.device("cpu"))
     trainer = make()
     with pytest.raises(DBDCDataError, match="modalities \\['T1', 'T2'\\]"):

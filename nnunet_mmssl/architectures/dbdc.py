@@ -1,10 +1,13 @@
 """DBDC's modality all-in-one U-Net (Chen et al., Fig. 2) and a modality guard for plain U-Nets.
 
-:class:`DBDCUNet` is nnU-Net's ``PlainConvUNet`` (same arch kwargs from the plans, all convolutions shared by every
-modality) with
+:class:`DBDCUNet` is nnU-Net's ``PlainConvUNet`` and :class:`DBDCResEncUNet` nnU-Net's ``ResidualEncoderUNet`` (the
+residual-encoder presets, ``nnUNetPlannerResEncM/L/XL``) -- the same arch kwargs from the plans, all convolutions
+shared by every modality -- with
 
 * the modality-level modulation bank (MLMB, eqs. 1-3): every norm becomes a
   :class:`~nnunet_mmssl.building_blocks.norm_bank.ModalityNormBank` inside ``norm_bank_scope`` (the paper's Table IV);
+  in the residual encoder that is every norm of its stem, of both convolutions of each residual block and of a
+  block's 1x1 projection on the skip path (the stem counts as encoder);
 * the projector of the prototype bank (MLPB, eq. 4ff.): the outputs of the ``projector_scales`` highest-resolution
   decoder stages, upsampled to full resolution and concatenated, go through three 1x1 convolutions to
   ``embedding_dim`` channels, L2-normalised per voxel (returned only when ``return_embeddings`` is set: training);
@@ -16,23 +19,28 @@ indices (a batch may mix modalities) or an int; None uses :attr:`inference_modal
 raises :class:`~nnunet_mmssl.building_blocks.norm_bank.ModalityNotSetError` with the fix -- so ``nnUNetv2_predict``
 fails with that message instead of guessing.
 
-:class:`ModalityGuardedUNet` wraps nnU-Net's plain U-Net (the paper's pooled "UNet" rows) with the same modality
-check: its weights are shared by all modalities, but its input must be normalised with the input's modality's
-scheme, which only our predictor does.
+:class:`ModalityGuardedUNet` (:class:`ModalityGuardedResEncUNet`) wraps nnU-Net's plain (residual-encoder) U-Net
+(the paper's pooled "UNet" rows) with the same modality check: its weights are shared by all modalities, but its
+input must be normalised with the input's modality's scheme, which only our predictor does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import nn
 
+from nnunet_mmssl.architectures.encoders import BASE_KWARG, PLAIN, RESENC, base_kind, check_kind
 from nnunet_mmssl.building_blocks.norm_bank import (
     ModalityContext,
+    ModalityNormBank,
     ModalityNotSetError,
     modality_not_set_message,
     replace_norms_with_banks,
@@ -112,36 +120,27 @@ class ModalitySelection:
         return index
 
 
-class DBDCUNet(ModalitySelection, PlainConvUNet):
-    """nnU-Net's PlainConvUNet with per-modality norm banks, a pixel-embedding projector and feature dropout.
+def _check_base(network: nn.Module, base: str, own: str) -> None:
+    """Refuse a ``base`` arch kwarg that names the other U-Net than the class's own (plans edited by hand)."""
+    if check_kind(base) != own:
+        raise ValueError(f"{type(network).__name__} is built on nnU-Net's {own} U-Net, but its arch kwargs say "
+                         f"{BASE_KWARG}={base!r}. Use the class of that base (the trainer picks it from the plans).")
 
-    Args:
-        input_channels ... nonlin_first: nnU-Net's ``PlainConvUNet`` arch kwargs (from the plans).
-        modalities: modality names, in bank order.
-        norm_bank_scope: ``"all"`` (paper), ``"encoder+bottleneck"``, ``"encoder"`` or ``"none"`` (Table IV).
-        norm_bank_kind: ``"batch"`` (paper, running statistics per modality) or ``"instance"``.
-        norm_bank_momentum: running-statistics momentum (paper: alpha = 0.99 -> 0.01).
-        use_projector: build the MLPB projector (False for the "w/o MLPB" variants).
-        embedding_dim: D (paper 64).
-        projector_scales: decoder stages (from the highest resolution) concatenated for the embeddings.
-        feature_dropout: channel-dropout probability of the bottleneck under feature perturbation.
-    """
 
-    def __init__(self, input_channels: int, n_stages: int, features_per_stage, conv_op, kernel_sizes, strides,
-                 n_conv_per_stage, num_classes: int, n_conv_per_stage_decoder, conv_bias: bool = False,
-                 norm_op=None, norm_op_kwargs=None, dropout_op=None, dropout_op_kwargs=None, nonlin=None,
-                 nonlin_kwargs=None, deep_supervision: bool = False, nonlin_first: bool = False,
-                 modalities: Sequence[str] = ("image",), norm_bank_scope: str = "all",
-                 norm_bank_kind: str = "batch", norm_bank_momentum: float = 0.01, use_projector: bool = True,
-                 embedding_dim: int = 64, projector_scales: int = 3, feature_dropout: float = 0.5):
-        super().__init__(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
-                         n_conv_per_stage, num_classes, n_conv_per_stage_decoder, conv_bias, norm_op, norm_op_kwargs,
-                         dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs, deep_supervision, nonlin_first)
+class _DBDCNetwork(ModalitySelection):
+    """DBDC's additions to an nnU-Net U-Net (``self.encoder``, ``self.decoder`` built by the U-Net's ``__init__``):
+    the norm banks, the projector, feature dropout and the forward that drives them."""
+
+    def _init_dbdc(self, conv_op, encoder_stages: list[nn.Module], modalities: Sequence[str], norm_bank_scope: str,
+                   norm_bank_kind: str, norm_bank_momentum: float, use_projector: bool, embedding_dim: int,
+                   projector_scales: int, feature_dropout: float) -> None:
+        """Everything after the U-Net's own ``__init__``; ``encoder_stages``: the encoder's modules holding norms,
+        in order, the last one the bottleneck."""
         self._init_modalities(modalities)
         self.conv_dim = 2 if conv_op in (nn.Conv2d,) or getattr(conv_op, "__name__", "") == "Conv2d" else 3
         self.modality_context = ModalityContext()
         self.norm_bank_counts = replace_norms_with_banks(
-            self.encoder.stages, self.decoder.stages, len(self.modalities), self.conv_dim, self.modality_context,
+            encoder_stages, self.decoder.stages, len(self.modalities), self.conv_dim, self.modality_context,
             norm_bank_scope, norm_bank_kind, norm_bank_momentum)
         self.norm_bank_scope = norm_bank_scope
         self.feature_dropout = float(feature_dropout)
@@ -235,6 +234,90 @@ class DBDCUNet(ModalitySelection, PlainConvUNet):
         return logits
 
 
+class DBDCUNet(_DBDCNetwork, PlainConvUNet):
+    """nnU-Net's PlainConvUNet with per-modality norm banks, a pixel-embedding projector and feature dropout.
+
+    Args:
+        input_channels ... nonlin_first: nnU-Net's ``PlainConvUNet`` arch kwargs (from the plans).
+        modalities: modality names, in bank order.
+        norm_bank_scope: ``"all"`` (paper), ``"encoder+bottleneck"``, ``"encoder"`` or ``"none"`` (Table IV).
+        norm_bank_kind: ``"batch"`` (paper, running statistics per modality) or ``"instance"``.
+        norm_bank_momentum: running-statistics momentum (paper: alpha = 0.99 -> 0.01).
+        use_projector: build the MLPB projector (False for the "w/o MLPB" variants).
+        embedding_dim: D (paper 64).
+        projector_scales: decoder stages (from the highest resolution) concatenated for the embeddings.
+        feature_dropout: channel-dropout probability of the bottleneck under feature perturbation.
+        base: ``"plain"`` (the plans' record of the base U-Net, absent in older plans; another value is refused).
+    """
+
+    def __init__(self, input_channels: int, n_stages: int, features_per_stage, conv_op, kernel_sizes, strides,
+                 n_conv_per_stage, num_classes: int, n_conv_per_stage_decoder, conv_bias: bool = False,
+                 norm_op=None, norm_op_kwargs=None, dropout_op=None, dropout_op_kwargs=None, nonlin=None,
+                 nonlin_kwargs=None, deep_supervision: bool = False, nonlin_first: bool = False,
+                 modalities: Sequence[str] = ("image",), norm_bank_scope: str = "all",
+                 norm_bank_kind: str = "batch", norm_bank_momentum: float = 0.01, use_projector: bool = True,
+                 embedding_dim: int = 64, projector_scales: int = 3, feature_dropout: float = 0.5,
+                 base: str = PLAIN):
+        _check_base(self, base, PLAIN)
+        super().__init__(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
+                         n_conv_per_stage, num_classes, n_conv_per_stage_decoder, conv_bias, norm_op, norm_op_kwargs,
+                         dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs, deep_supervision, nonlin_first)
+        self._init_dbdc(conv_op, list(self.encoder.stages), modalities, norm_bank_scope, norm_bank_kind,
+                        norm_bank_momentum, use_projector, embedding_dim, projector_scales, feature_dropout)
+
+
+def _zero_last_bank_before_add(module: nn.Module) -> None:
+    """nnU-Net's ``init_last_bn_before_add_to_0`` for residual blocks whose norms are banks: every modality's norm
+    of a block's last convolution starts at weight 0, bias 0 (the block starts as its skip path, as in nnU-Net)."""
+    if isinstance(module, BasicBlockD):
+        last = module.conv2
+    elif isinstance(module, BottleneckD):
+        last = module.conv3
+    else:
+        return
+    norms = last.norm.norms if isinstance(last.norm, ModalityNormBank) else [last.norm]
+    for norm in norms:
+        nn.init.constant_(norm.weight, 0)
+        nn.init.constant_(norm.bias, 0)
+
+
+class DBDCResEncUNet(_DBDCNetwork, ResidualEncoderUNet):
+    """nnU-Net's ResidualEncoderUNet (the ResEnc presets) with DBDC's norm banks, projector and feature dropout.
+
+    The banks replace every norm of the residual encoder (stem, both convolutions of each residual block, the 1x1
+    projection of a block's skip path) and of the decoder, inside ``norm_bank_scope`` as for :class:`DBDCUNet`; the
+    stem belongs to the encoder. Initialised as nnU-Net initialises the ResEnc U-Net (He, and each residual block's
+    last norm at zero), in every modality's norm.
+
+    Args:
+        input_channels ... stem_channels: nnU-Net's ``ResidualEncoderUNet`` arch kwargs (from the plans).
+        modalities ... feature_dropout: as :class:`DBDCUNet`.
+        base: ``"resenc"`` (recorded in the plans like our other networks' base; another value is refused).
+    """
+
+    def __init__(self, input_channels: int, n_stages: int, features_per_stage, conv_op, kernel_sizes, strides,
+                 n_blocks_per_stage, num_classes: int, n_conv_per_stage_decoder, conv_bias: bool = False,
+                 norm_op=None, norm_op_kwargs=None, dropout_op=None, dropout_op_kwargs=None, nonlin=None,
+                 nonlin_kwargs=None, deep_supervision: bool = False, block=BasicBlockD, bottleneck_channels=None,
+                 stem_channels: int | None = None, modalities: Sequence[str] = ("image",),
+                 norm_bank_scope: str = "all", norm_bank_kind: str = "batch", norm_bank_momentum: float = 0.01,
+                 use_projector: bool = True, embedding_dim: int = 64, projector_scales: int = 3,
+                 feature_dropout: float = 0.5, base: str = RESENC):
+        _check_base(self, base, RESENC)
+        super().__init__(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
+                         n_blocks_per_stage, num_classes, n_conv_per_stage_decoder, conv_bias, norm_op,
+                         norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs, deep_supervision,
+                         block, bottleneck_channels, stem_channels)
+        stem = [self.encoder.stem] if self.encoder.stem is not None else []
+        self._init_dbdc(conv_op, stem + list(self.encoder.stages), modalities, norm_bank_scope, norm_bank_kind,
+                        norm_bank_momentum, use_projector, embedding_dim, projector_scales, feature_dropout)
+
+    @staticmethod
+    def initialize(module):
+        InitWeights_He(1e-2)(module)
+        _zero_last_bank_before_add(module)
+
+
 class ModalityGuardedUNet(ModalitySelection, PlainConvUNet):
     """nnU-Net's PlainConvUNet, unchanged, that refuses to predict without being told the input's modality.
 
@@ -242,7 +325,8 @@ class ModalityGuardedUNet(ModalitySelection, PlainConvUNet):
     (which would normalise every image with one scheme) fail with the fix instead of predicting silently wrong.
     """
 
-    def __init__(self, *args, modalities: Sequence[str] = ("image",), **kwargs):
+    def __init__(self, *args, modalities: Sequence[str] = ("image",), base: str = PLAIN, **kwargs):
+        _check_base(self, base, PLAIN)
         super().__init__(*args, **kwargs)
         self._init_modalities(modalities)
         #: check the modality in eval mode; the trainer switches it off (its data are already normalised per case)
@@ -252,3 +336,51 @@ class ModalityGuardedUNet(ModalitySelection, PlainConvUNet):
         if self.guard_enabled and not self.training:
             self.batch_modality(x, modality)
         return super().forward(x)
+
+
+class ModalityGuardedResEncUNet(ModalitySelection, ResidualEncoderUNet):
+    """nnU-Net's ResidualEncoderUNet, unchanged, with :class:`ModalityGuardedUNet`'s modality guard."""
+
+    def __init__(self, *args, modalities: Sequence[str] = ("image",), base: str = RESENC, **kwargs):
+        _check_base(self, base, RESENC)
+        super().__init__(*args, **kwargs)
+        self._init_modalities(modalities)
+        #: check the modality in eval mode; the trainer switches it off (its data are already normalised per case)
+        self.guard_enabled = True
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor | int | None = None):
+        if self.guard_enabled and not self.training:
+            self.batch_modality(x, modality)
+        return super().forward(x)
+
+
+#: DBDC's network for each base U-Net of nnU-Net's plans (``"plain"``: PlainConvUNet, ``"resenc"``: ResEnc presets)
+DBDC_NETWORKS = {PLAIN: "nnunet_mmssl.architectures.dbdc.DBDCUNet",
+                 RESENC: "nnunet_mmssl.architectures.dbdc.DBDCResEncUNet"}
+#: the pooled U-Net's guarded network for each base
+GUARDED_NETWORKS = {PLAIN: "nnunet_mmssl.architectures.dbdc.ModalityGuardedUNet",
+                    RESENC: "nnunet_mmssl.architectures.dbdc.ModalityGuardedResEncUNet"}
+
+
+def architecture_on_base(base_architecture: Mapping, networks: Mapping[str, str], extra_kwargs: Mapping,
+                         owner: str) -> dict:
+    """A configuration's architecture entry turned into ours: the network of ``networks`` for the plans' base U-Net
+    (nnU-Net's ``PlainConvUNet`` or ``ResidualEncoderUNet``, or an entry of ours already), the planned kwargs kept,
+    the base's kind recorded as ``base``, plus ``extra_kwargs``. The input is not modified.
+
+    Raises:
+        ValueError: another network class, naming ``owner``, the class and the supported ones.
+    """
+    name = base_architecture["network_class_name"]
+    ours = {class_name: kind for kind, class_name in networks.items()}
+    if name in ours:
+        kind = ours[name]
+    else:
+        try:
+            kind = base_kind(name)
+        except ValueError as error:
+            raise ValueError(f"{owner}: {error}") from None
+    architecture = copy.deepcopy(dict(base_architecture))
+    architecture["network_class_name"] = networks[kind]
+    architecture["arch_kwargs"] = {**architecture["arch_kwargs"], BASE_KWARG: kind, **copy.deepcopy(dict(extra_kwargs))}
+    return architecture

@@ -1,8 +1,10 @@
 """SMML's masked dual-branch network (Liang et al. 2025, smml_liang2025.txt; METHODS.md section 4).
 
-Per branch: one small encoder per modality (nnU-Net's ``PlainConvEncoder`` of the plans with every stage's width
-scaled by :attr:`encoder_width` -- default ``1/sqrt(K)``, so that K encoders cost about the convolutions of one
-nnU-Net encoder, as a convolution's cost grows with the square of its width), the features of masked-out modalities
+Per branch: one small encoder per modality (the encoder of the plans' U-Net -- nnU-Net's ``PlainConvEncoder``, or on
+the residual-encoder (ResEnc) plans its ``ResidualEncoder``: stem, the planned residual blocks per stage -- with every
+stage's width, and the stem's, scaled by :attr:`encoder_width` -- default ``1/sqrt(K)``, so that K encoders cost
+about the convolutions of one nnU-Net encoder, as a convolution's cost grows with the square of its width; the plans'
+``base`` arch kwarg says which, absent = plain, as in older plans), the features of masked-out modalities
 zeroed at every scale (``F^k * M^k``), one fusion per scale (:class:`MaskedConvFusion`: concat -> 1x1 -> 3x3 -> 1x1
 to nnU-Net's width of that stage) and nnU-Net's ``UNetDecoder`` of the plans on the fused features. Two independent
 branches.
@@ -23,10 +25,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
-from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
-from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import nn
+
+from nnunet_mmssl.architectures.encoders import (
+    PLAIN,
+    build_decoder,
+    build_encoder,
+    check_kind,
+    initialize_module,
+)
 
 
 def scaled_widths(features_per_stage: Sequence[int], width: float, multiple: int = 4) -> list[int]:
@@ -56,30 +63,42 @@ class MaskedConvFusion(nn.Module):
 
 
 class SMMLBranch(nn.Module):
-    """K modality encoders + one fusion per scale + nnU-Net's decoder."""
+    """K modality encoders + one fusion per scale + nnU-Net's decoder.
 
-    def __init__(self, num_modalities: int, num_classes: int, n_stages: int, features_per_stage, conv_op,
-                 kernel_sizes, strides, n_conv_per_stage, n_conv_per_stage_decoder, conv_bias, norm_op,
-                 norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs, deep_supervision: bool,
-                 nonlin_first: bool, encoder_width: float):
+    Args:
+        num_modalities: K.
+        num_classes: output channels.
+        kind: the plans' base U-Net, ``"plain"`` or ``"resenc"`` (:mod:`nnunet_mmssl.architectures.encoders`).
+        arch: that U-Net's arch kwargs (ops as classes), full widths.
+        encoder_width: width factor of the modality encoders.
+    """
+
+    def __init__(self, num_modalities: int, num_classes: int, kind: str, arch: dict, encoder_width: float):
         super().__init__()
+        features_per_stage = list(arch["features_per_stage"])
         widths = scaled_widths(features_per_stage, encoder_width)
-        self.encoders = nn.ModuleList(
-            PlainConvEncoder(1, n_stages, widths, conv_op, kernel_sizes, strides, n_conv_per_stage, conv_bias,
-                             norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs,
-                             return_skips=True, nonlin_first=nonlin_first)
-            for _ in range(num_modalities))
+        narrow = {**arch, "features_per_stage": widths}
+        for key in ("stem_channels", "bottleneck_channels"):  # the residual encoder's other widths, scaled alike
+            value = arch.get(key)
+            if value is not None:
+                narrow[key] = scaled_widths([value], encoder_width)[0] if isinstance(value, int) else \
+                    scaled_widths(value, encoder_width)
+        self.encoders = nn.ModuleList(build_encoder(kind, 1, narrow, return_skips=True)
+                                      for _ in range(num_modalities))
+        conv_op, norm_op, norm_op_kwargs = arch["conv_op"], arch.get("norm_op"), arch.get("norm_op_kwargs")
+        nonlin, nonlin_kwargs = arch.get("nonlin"), arch.get("nonlin_kwargs")
         self.fusions = nn.ModuleList(
             MaskedConvFusion(num_modalities * w, f, conv_op, norm_op, norm_op_kwargs, nonlin, nonlin_kwargs)
             for w, f in zip(widths, features_per_stage, strict=True))
         template = self.encoders[0]
         # the decoder is nnU-Net's for an encoder of the plans' full widths (a description, not a module)
-        full = SimpleNamespace(output_channels=list(features_per_stage), strides=template.strides,
-                               kernel_sizes=template.kernel_sizes, conv_op=conv_op, conv_bias=conv_bias,
-                               norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, dropout_op=dropout_op,
-                               dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
-        self.decoder = UNetDecoder(full, num_classes, n_conv_per_stage_decoder, deep_supervision,
-                                   nonlin_first=nonlin_first)
+        full = SimpleNamespace(output_channels=features_per_stage, strides=template.strides,
+                               kernel_sizes=template.kernel_sizes, conv_op=conv_op,
+                               conv_bias=arch.get("conv_bias", False), norm_op=norm_op,
+                               norm_op_kwargs=norm_op_kwargs, dropout_op=arch.get("dropout_op"),
+                               dropout_op_kwargs=arch.get("dropout_op_kwargs"), nonlin=nonlin,
+                               nonlin_kwargs=nonlin_kwargs)
+        self.decoder = build_decoder(kind, full, num_classes, arch)
         self.encoder_widths = widths
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[list[torch.Tensor] | torch.Tensor,
@@ -100,40 +119,59 @@ class SMMLBranch(nn.Module):
 
 
 class SMMLNet(nn.Module):
-    """Two :class:`SMMLBranch` es on the plans' PlainConvUNet kwargs (see module docstring).
+    """Two :class:`SMMLBranch` es on the plans' PlainConvUNet or ResidualEncoderUNet kwargs (see module docstring).
 
     Args:
         input_channels: K modalities (channels), K >= 2.
         num_classes: output channels.
-        n_stages ... nonlin_first: nnU-Net's ``PlainConvUNet`` arch kwargs.
+        n_stages ... nonlin_first: nnU-Net's ``PlainConvUNet`` arch kwargs (``n_conv_per_stage`` unused on ResEnc).
         encoder_width: width factor of each modality encoder; None = ``1/sqrt(K)``.
         feature_stage: fusion stage whose features the feature-level loss reads (0 = full resolution).
         num_branches: 2 (SMML) or 1 (the paper's single masked branch baseline).
+        base: the plans' U-Net, ``"plain"`` (default, older plans) or ``"resenc"``.
+        n_blocks_per_stage, block, bottleneck_channels, stem_channels: nnU-Net's ``ResidualEncoderUNet`` arch kwargs
+            (``base="resenc"``); the modality encoders get the planned blocks per stage, widths scaled.
     """
 
     def __init__(self, input_channels: int, num_classes: int, n_stages: int, features_per_stage, conv_op,
-                 kernel_sizes, strides, n_conv_per_stage, n_conv_per_stage_decoder, conv_bias: bool = False,
-                 norm_op=None, norm_op_kwargs=None, dropout_op=None, dropout_op_kwargs=None, nonlin=None,
-                 nonlin_kwargs=None, deep_supervision: bool = False, nonlin_first: bool = False,
-                 encoder_width: float | None = None, feature_stage: int = 1, num_branches: int = 2):
+                 kernel_sizes, strides, n_conv_per_stage=None, n_conv_per_stage_decoder=None,
+                 conv_bias: bool = False, norm_op=None, norm_op_kwargs=None, dropout_op=None, dropout_op_kwargs=None,
+                 nonlin=None, nonlin_kwargs=None, deep_supervision: bool = False, nonlin_first: bool = False,
+                 encoder_width: float | None = None, feature_stage: int = 1, num_branches: int = 2,
+                 base: str = PLAIN, n_blocks_per_stage=None, block=None, bottleneck_channels=None,
+                 stem_channels: int | None = None):
         super().__init__()
         if input_channels < 2:
             raise ValueError(f"SMML needs at least 2 modalities (input channels), got {input_channels}.")
+        kind = check_kind(base)
+        depth_name, depth = ("n_conv_per_stage", n_conv_per_stage) if kind == PLAIN else \
+            ("n_blocks_per_stage", n_blocks_per_stage)
+        if depth is None or n_conv_per_stage_decoder is None:
+            raise ValueError(f"SMMLNet on the {kind} U-Net needs the plans' {depth_name} and n_conv_per_stage_decoder "
+                             f"arch kwargs.")
         if isinstance(features_per_stage, int):
             features_per_stage = [features_per_stage] * n_stages
-        if isinstance(n_conv_per_stage, int):
-            n_conv_per_stage = [n_conv_per_stage] * n_stages
+        if isinstance(depth, int):
+            depth = [depth] * n_stages
         if isinstance(n_conv_per_stage_decoder, int):
             n_conv_per_stage_decoder = [n_conv_per_stage_decoder] * (n_stages - 1)
+        arch = {"n_stages": n_stages, "features_per_stage": list(features_per_stage), "conv_op": conv_op,
+                "kernel_sizes": kernel_sizes, "strides": strides, depth_name: depth,
+                "n_conv_per_stage_decoder": n_conv_per_stage_decoder, "conv_bias": conv_bias, "norm_op": norm_op,
+                "norm_op_kwargs": norm_op_kwargs, "dropout_op": dropout_op, "dropout_op_kwargs": dropout_op_kwargs,
+                "nonlin": nonlin, "nonlin_kwargs": nonlin_kwargs, "deep_supervision": deep_supervision}
+        if kind == PLAIN:
+            arch["nonlin_first"] = nonlin_first
+        else:
+            arch.update({k: v for k, v in (("block", block), ("bottleneck_channels", bottleneck_channels),
+                                           ("stem_channels", stem_channels)) if v is not None})
+        self.base = kind
         self.num_modalities = int(input_channels)
         self.num_classes = num_classes
         self.encoder_width = float(encoder_width) if encoder_width else 1.0 / math.sqrt(self.num_modalities)
         self.feature_stage = int(min(max(feature_stage, 0), n_stages - 1))
         self.branches = nn.ModuleList(
-            SMMLBranch(self.num_modalities, num_classes, n_stages, list(features_per_stage), conv_op, kernel_sizes,
-                       strides, n_conv_per_stage, n_conv_per_stage_decoder, conv_bias, norm_op, norm_op_kwargs,
-                       dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs, deep_supervision, nonlin_first,
-                       self.encoder_width)
+            SMMLBranch(self.num_modalities, num_classes, kind, arch, self.encoder_width)
             for _ in range(int(num_branches)))
         if num_branches not in (1, 2):
             raise ValueError(f"num_branches must be 1 or 2, got {num_branches}")
@@ -207,7 +245,8 @@ class SMMLNet(nn.Module):
 
     @staticmethod
     def initialize(module):
-        InitWeights_He(1e-2)(module)
+        """nnU-Net's initialisation of its U-Nets: He; on the residual encoders each block's last norm at zero."""
+        initialize_module(module)
 
 
 def random_modality_masks(batch_size: int, num_modalities: int, generator: torch.Generator | None = None,

@@ -4,9 +4,10 @@ One U-Net for any number K of *unregistered* modalities (CT of some patients, MR
 single-channel image of one modality (recorded at conversion, normalised by its modality at preprocessing, see
 :mod:`nnunet_mmssl.planners.modality_normalization`).
 
-* **Network** (:class:`~nnunet_mmssl.architectures.dbdc.DBDCUNet`): nnU-Net's planned PlainConvUNet, all convolutions
-  shared, every norm a bank of K norms selected per sample by its modality (MLMB, eqs. 1-3), plus the projector of
-  the prototype bank.
+* **Network** (:class:`~nnunet_mmssl.architectures.dbdc.DBDCUNet`, on ResEnc plans
+  :class:`~nnunet_mmssl.architectures.dbdc.DBDCResEncUNet`): nnU-Net's planned PlainConvUNet (ResidualEncoderUNet,
+  its stem and residual blocks as planned), all convolutions shared, every norm a bank of K norms selected per
+  sample by its modality (MLMB, eqs. 1-3), plus the projector of the prototype bank.
 * **One step** = for each modality k one labelled batch (nnU-Net's planned batch size, its loader restricted to the
   modality's cases) and one unlabelled batch of that modality; all of them go through the network in one forward pass
   with a per-sample modality vector: each bank normalises each modality's samples with their own pooled batch
@@ -53,7 +54,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_mmssl.architectures.dbdc import DBDCUNet
+from nnunet_mmssl.architectures.dbdc import DBDC_NETWORKS, DBDCResEncUNet, DBDCUNet, architecture_on_base
 from nnunet_mmssl.building_blocks.norm_bank import running_statistics_frozen
 from nnunet_mmssl.dataloading.per_modality import (
     DBDCDataError,
@@ -72,7 +73,6 @@ from nnunet_mmssl.evaluation.per_modality import write_summary_per_modality
 from nnunet_mmssl.losses.prototypes import MPCL_TERMS, PrototypeBank, mpcl_loss
 from nnunet_mmssl.losses.targets import class_map_from_target, regions_to_classes  # noqa: F401 (re-exported)
 from nnunet_mmssl.planners import get_mmssl_block
-from nnunet_mmssl.planners.mmssl_plans import PLAIN_UNET_CLASS
 from nnunet_mmssl.semisup.modality_weighting import ModalityWeighting
 from nnunet_mmssl.trainers.base import SSLTrainerBase, network_from_plans
 
@@ -90,6 +90,8 @@ class DBDCTrainer(SSLTrainerBase):
     """Chen et al.'s DBDC on nnU-Net (see module docstring); settings are class attributes."""
 
     network_class_name: str = "nnunet_mmssl.architectures.dbdc.DBDCUNet"
+    #: the network for each base U-Net of the plans (the plain one is :attr:`network_class_name`)
+    network_class_names: dict = DBDC_NETWORKS
     # --- MLMB
     #: where norms are per modality: "all" (paper), "encoder+bottleneck", "encoder", "none" (Table IV)
     norm_bank_scope: str = "all"
@@ -158,14 +160,11 @@ class DBDCTrainer(SSLTrainerBase):
                 "projector_scales": self.projector_scales, "feature_dropout": self.feature_dropout}
 
     def training_architecture(self, base_architecture: dict, modality_groups=None) -> dict:
-        """DBDCUNet's architecture entry: the plain U-Net's kwargs + :meth:`network_kwargs`."""
-        if base_architecture["network_class_name"] not in (PLAIN_UNET_CLASS, self.network_class_name):
-            raise ValueError(f"DBDC is built from nnU-Net's PlainConvUNet plans, but this configuration uses "
-                             f"{base_architecture['network_class_name']}. Plan with the default ExperimentPlanner.")
-        arch = copy.deepcopy(dict(base_architecture))
-        arch["network_class_name"] = self.network_class_name
-        arch["arch_kwargs"] = {**arch["arch_kwargs"], **self.network_kwargs()}
-        return arch
+        """DBDC's architecture entry: :class:`DBDCUNet` on nnU-Net's PlainConvUNet plans, :class:`DBDCResEncUNet` on
+        its ResidualEncoderUNet (ResEnc) plans, the planned kwargs + ``base`` + :meth:`network_kwargs`; any other
+        class is refused naming it and the supported ones."""
+        return architecture_on_base(base_architecture, self.network_class_names, self.network_kwargs(),
+                                    type(self).__name__)
 
     def plans_with_network(self, plans: dict, configuration: str, dataset_json: dict) -> dict:
         new_plans = copy.deepcopy(plans)
@@ -177,7 +176,7 @@ class DBDCTrainer(SSLTrainerBase):
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
         return network_from_plans(configuration_manager, num_input_channels, num_output_channels,
-                                  enable_deep_supervision, DBDCUNet, "DBDCUNet",
+                                  enable_deep_supervision, (DBDCUNet, DBDCResEncUNet), "DBDCUNet or DBDCResEncUNet",
                                   "the model folder's plans.json (written by DBDCTrainer)")
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:

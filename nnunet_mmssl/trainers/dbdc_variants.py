@@ -9,8 +9,11 @@ All train on the same split and plans as :class:`~nnunet_mmssl.trainers.dbdc.DBD
 * Table IV (where the norms are per modality): ``DBDCTrainer_mlmbNone``, ``DBDCTrainer_mlmbEncoder``,
   ``DBDCTrainer_mlmbEncoderBottleneck``; everywhere is DBDCTrainer.
 * ``DBDCSupervisedTrainer``: the same network and losses on the labelled cases only (no unlabelled stream).
-* ``PooledUNetTrainer``: nnU-Net's trainer and plain U-Net on all modalities pooled (the paper's "UNet" rows),
-  its network wrapped in a modality guard so that prediction needs ``--modality`` as DBDC's does.
+* ``PooledUNetTrainer``: nnU-Net's trainer and U-Net of the plans (plain, or ResEnc's residual-encoder U-Net) on all
+  modalities pooled (the paper's "UNet" rows), its network wrapped in a modality guard so that prediction needs
+  ``--modality`` as DBDC's does.
+
+Every variant builds its network on the plans' U-Net, like DBDCTrainer (``DBDCUNet`` or ``DBDCResEncUNet``).
 """
 
 import copy
@@ -21,7 +24,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_mmssl.planners.mmssl_plans import PLAIN_UNET_CLASS
+from nnunet_mmssl.architectures.dbdc import GUARDED_NETWORKS, architecture_on_base
 from nnunet_mmssl.planners.modality_normalization import MODALITY_PROPERTY
 from nnunet_mmssl.safe_load import check_configuration_manager
 from nnunet_mmssl.trainers.checkpoint_io import SafeLoadingMixin
@@ -101,25 +104,23 @@ class DBDCSupervisedTrainer(DBDCTrainer):
 class PooledUNetTrainer(SafeLoadingMixin, nnUNetTrainer):
     """nnU-Net's nnUNetTrainer on all modalities pooled (each case normalised by its modality at preprocessing).
 
-    Its network is nnU-Net's plain U-Net inside :class:`~nnunet_mmssl.architectures.dbdc.ModalityGuardedUNet` (the
-    same weights and forward; the guard only refuses to predict without a modality, which nnUNetv2_predict cannot
-    give). The final validation also writes ``summary_per_modality.json``.
+    Its network is nnU-Net's U-Net of the plans inside :class:`~nnunet_mmssl.architectures.dbdc.ModalityGuardedUNet`
+    (:class:`~nnunet_mmssl.architectures.dbdc.ModalityGuardedResEncUNet` on ResEnc plans; the same weights and
+    forward; the guard only refuses to predict without a modality, which nnUNetv2_predict cannot give). The final
+    validation also writes ``summary_per_modality.json``.
     """
 
     network_class_name = "nnunet_mmssl.architectures.dbdc.ModalityGuardedUNet"
+    #: the guarded network for each base U-Net of the plans (PlainConvUNet, ResEnc's ResidualEncoderUNet)
+    network_class_names: dict = GUARDED_NETWORKS
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's exact signature)
         self.modalities = plan_modalities(plans, dataset_json)
         plans = copy.deepcopy(plans)
         architecture = PlansManager(plans).get_configuration(configuration).configuration["architecture"]
-        if architecture["network_class_name"] not in (PLAIN_UNET_CLASS, self.network_class_name):
-            raise ValueError(f"PooledUNetTrainer wraps nnU-Net's PlainConvUNet, but the plans use "
-                             f"{architecture['network_class_name']}.")
-        architecture = copy.deepcopy(architecture)
-        architecture["network_class_name"] = self.network_class_name
-        architecture["arch_kwargs"] = {**architecture["arch_kwargs"], "modalities": list(self.modalities)}
-        plans["configurations"][configuration]["architecture"] = architecture
+        plans["configurations"][configuration]["architecture"] = architecture_on_base(
+            architecture, self.network_class_names, {"modalities": list(self.modalities)}, type(self).__name__)
         super().__init__(plans, configuration, fold, dataset_json, device)
 
     @staticmethod

@@ -6,6 +6,9 @@ narrow modality encoders, per-scale fusion and one decoder each; every training 
 modality masks (one per branch, :func:`branch_masks`), each masking one or more modalities and keeping at least one
 (the paper's "randomly mask one or more modalities in each branch": the 2^K - 2 non-empty proper subsets;
 :attr:`SMMLTrainer.mask_full_set` also allows the full set).
+On nnU-Net's residual-encoder (ResEnc) plans the narrow modality encoders are narrowed residual encoders (the planned
+stem and residual blocks per stage, the same width factor) and the decoders nnU-Net's decoder of that U-Net; the SRNs
+stay small plain U-Nets (:meth:`SMMLTrainer._build_refiners` says why).
 
 Loss per branch (eq. 13): nnU-Net's deep-supervised Dice+CE on the initial prediction + the task loss on the refined
 prediction + PBC (eqs. 1-3, tau 6) + FRC (eqs. 4-9) + the refinement KL (eq. 11). The objective is the sum of the
@@ -36,10 +39,10 @@ import os
 
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
-from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch.nn.parallel import DistributedDataParallel
 
+from nnunet_mmssl.architectures.encoders import BASE_KWARG, architecture_kind, base_kind
 from nnunet_mmssl.architectures.smml import SMMLNet, random_modality_masks
 from nnunet_mmssl.dataloading.priors import (
     PRIORS_FOLDER,
@@ -50,7 +53,6 @@ from nnunet_mmssl.dataloading.priors import (
 )
 from nnunet_mmssl.losses.smml import class_entropy_weights, frc_loss, pbc_loss, refinement_kl
 from nnunet_mmssl.losses.targets import class_map_from_target, regions_to_classes
-from nnunet_mmssl.planners.mmssl_plans import PLAIN_UNET_CLASS
 from nnunet_mmssl.trainers.base import SSLTrainerBase, network_from_plans
 
 #: nnU-Net's gradient clipping norm (its ``train_step``)
@@ -138,12 +140,20 @@ class SMMLTrainer(SSLTrainerBase):
                 "num_branches": 2 if self.dual_branch else 1}
 
     def training_architecture(self, base_architecture: dict, modality_groups=None) -> dict:
-        if base_architecture["network_class_name"] not in (PLAIN_UNET_CLASS, self.network_class_name):
-            raise ValueError(f"SMML is built from nnU-Net's PlainConvUNet plans, but this configuration uses "
-                             f"{base_architecture['network_class_name']}. Plan with the default ExperimentPlanner.")
+        """SMMLNet's architecture entry on the plans' U-Net (PlainConvUNet or ResEnc's ResidualEncoderUNet, recorded
+        as ``base``): the planned kwargs + :meth:`network_kwargs`; any other class is refused naming it and the
+        supported ones."""
+        name = base_architecture["network_class_name"]
         arch = copy.deepcopy(dict(base_architecture))
+        if name == self.network_class_name:
+            kind = architecture_kind(arch["arch_kwargs"])
+        else:
+            try:
+                kind = base_kind(name)
+            except ValueError as error:
+                raise ValueError(f"{type(self).__name__}: {error}") from None
         arch["network_class_name"] = self.network_class_name
-        arch["arch_kwargs"] = {**arch["arch_kwargs"], **self.network_kwargs()}
+        arch["arch_kwargs"] = {**arch["arch_kwargs"], BASE_KWARG: kind, **self.network_kwargs()}
         return arch
 
     @staticmethod
@@ -163,12 +173,13 @@ class SMMLTrainer(SSLTrainerBase):
 
     # ------------------------------------------------------------------ set-up
     def _build_refiners(self) -> SMMLRefiners:
+        """The SRNs: small plain U-Nets (also on ResEnc plans: they refine the prediction's probabilities in training
+        only, with their own fixed widths :attr:`srn_features`, so they follow neither the plans' widths nor their
+        encoder; the same SRN on both keeps the ResEnc and plain runs comparable), with the plans' first kernels and
+        strides, conv and norm ops."""
         kwargs = self.configuration_manager.network_arch_init_kwargs
-        imported = get_network_from_plans(  # resolve the plans' ops once through nnU-Net
-            PLAIN_UNET_CLASS, {k: v for k, v in kwargs.items() if k not in self.network_kwargs()},
-            self.configuration_manager.network_arch_init_kwargs_req_import, 1, 1, allow_init=False,
-            deep_supervision=False)
-        conv_op = type(imported.encoder.stages[0][0].convs[0].conv)
+        encoder = self.network_module.branches[0].encoders[0]  # the plans' ops, as nnU-Net imported them
+        conv_op, norm_op = encoder.conv_op, encoder.norm_op
         stages = min(len(self.srn_features), len(kwargs["strides"]))
         outputs = self.label_manager.num_segmentation_heads
         inputs = outputs + (self.num_input_channels if self.priors_enabled else 0)
@@ -176,7 +187,7 @@ class SMMLTrainer(SSLTrainerBase):
         for _ in range(2 if self.dual_branch else 1):
             net = PlainConvUNet(inputs, stages, list(self.srn_features[:stages]), conv_op,
                                 list(kwargs["kernel_sizes"][:stages]), list(kwargs["strides"][:stages]), 2, outputs,
-                                1, True, type(imported.encoder.stages[0][0].convs[0].norm),
+                                1, True, norm_op,
                                 {"eps": 1e-5, "affine": True}, None, None, torch.nn.LeakyReLU, {"inplace": True},
                                 deep_supervision=False)
             net.apply(net.initialize)
