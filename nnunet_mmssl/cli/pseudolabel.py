@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-probabilities", action="store_true",
                         help="keep nnU-Net's CASE.npz/.pkl probabilities in OUT/probabilities")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--snapshots", action="store_true",
+                        help="also write OUT/snapshots: a PNG montage per ranked case (slices through the predicted "
+                             "foreground and the most uncertain region: image, label contours, entropy) and "
+                             "index.html listing the cases in ranking order")
     parser.add_argument("-step_size", type=float, default=0.5)
     parser.add_argument("--disable_tta", action="store_true")
     parser.add_argument("-npp", type=int, default=2,
@@ -94,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
                            disagreement=not args.no_disagreement, keep_probabilities=args.keep_probabilities,
                            overwrite=args.overwrite, step_size=args.step_size, use_mirroring=not args.disable_tta,
                            num_processes_preprocessing=args.npp, num_processes_export=args.nps)
+        if args.snapshots:
+            from nnunet_mmssl.semisup.snapshots import INDEX, SNAPSHOTS_FOLDER, write_snapshots
+
+            write_snapshots(os.path.abspath(args.o), args.i)
+            print(f"{PROG}: snapshots: {os.path.join(os.path.abspath(args.o), SNAPSHOTS_FOLDER, INDEX)}")
         print(f"{PROG}: wrote {len(rows)} case(s) to {os.path.abspath(args.o)}; annotate first: "
               f"{', '.join(r['case'] for r in rows[:5])} (see ranking.csv and README.txt)")
         return 0

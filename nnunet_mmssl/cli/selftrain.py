@@ -30,10 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher", default="nnUNetTrainer", help="teacher trainer when no -m (default nnUNetTrainer)")
     parser.add_argument("-tr", "--student", default="nnUNetTrainer",
                         help="student trainer: nnUNetTrainer (default) or any trainer of nnunet_mmssl")
-    parser.add_argument("--rounds", type=int, default=1, help="rounds R; round r's student labels round r+1 (default 1)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds R; round r's student labels round r+1 (default 1)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help=f"normalised entropy (H / log C; regions: mean binary entropy / log 2) above which a "
-                             f"pseudo-label voxel gets the ignore label (default {DEFAULT_THRESHOLD:g}; 1 ignores none)")
+                             f"pseudo-label voxel gets the ignore label (default {DEFAULT_THRESHOLD:g}; 1 ignores "
+                             f"none)")
     parser.add_argument("--derived-id", type=int, default=None,
                         help="dataset id of round 1's derived dataset; round r uses id + r - 1 (default: the next "
                              "free ids after the highest in nnUNet_raw)")

@@ -371,8 +371,9 @@ class SelfTraining:
         with open(json_file) as handle:
             self.source_json = json.load(handle)
         if "dataset" in self.source_json:
-            raise SelfTrainError(f"{json_file}, lists its files explicitly (a 'dataset' entry); self-training needs "
-                                 f"the imagesTr/labelsTr/imagesUnlabeled layout. Convert it with nnUNetv2_mmssl_convert")
+            raise SelfTrainError(f"{json_file}, lists its files explicitly (a 'dataset' entry); self-training "
+                                 f"needs the imagesTr/labelsTr/imagesUnlabeled layout. Convert it with "
+                                 f"nnUNetv2_mmssl_convert")
         if read_layout(self.source_json.get("mmssl"), json_file) is not None:
             raise SelfTrainError(f"{json_file}, is an unregistered dataset (a modality per case): not supported by "
                                  f"self-training yet. Use a registered multi-channel dataset")
