@@ -133,6 +133,19 @@ def _index_html(rows: list[dict], files: dict[str, str], sizes: dict[str, tuple[
     return "\n".join(lines) + "\n"
 
 
+def _softmax_top(model_folder: str | None) -> float | None:
+    """log C for the model's C classes (its dataset.json), or None when it cannot be read (the case's maximum is
+    used then)."""
+    from nnunet_mmssl.semisup.uncertainty import max_entropy
+
+    try:
+        with open(os.path.join(model_folder, "dataset.json")) as handle:
+            labels = json.load(handle)["labels"]
+        return max_entropy(len([k for k in labels if k != "ignore"]), False)
+    except (OSError, TypeError, KeyError, ValueError):
+        return None
+
+
 def write_snapshots(output_folder: str, input_folder: str | None = None, count: int = 3) -> list[dict]:
     """Write ``OUT/snapshots`` (a PNG per ranked case and ``index.html``) for a pseudo-label output folder.
 
@@ -166,7 +179,7 @@ def write_snapshots(output_folder: str, input_folder: str | None = None, count: 
     if not rows:
         raise ValueError(f"{ranking}, lists no case. Run nnUNetv2_mmssl_pseudolabel again")
     ending = rows[0]["label"][len("labels/" + rows[0]["case"]):]
-    top = max_entropy(2, True) if settings.get("sigmoid_regions") else None
+    top = max_entropy(2, True) if settings.get("sigmoid_regions") else _softmax_top(settings.get("model_folder"))
 
     final = os.path.join(output_folder, SNAPSHOTS_FOLDER)
     tmp = os.path.join(output_folder, f".{SNAPSHOTS_FOLDER}.partial-{os.getpid()}")
