@@ -370,3 +370,79 @@ def test_sigterm_ends_the_benchmark_by_systemexit_but_forked_pool_workers_by_def
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == "0"  # the forked child has the default SIGTERM again
+
+
+# ---------------------------------------------------------------- -pl: rows on another planner's plans (ResEnc)
+def test_planner_sets_the_plans_of_every_row(bench, capsys):
+    args = bench.parse_args([])
+    assert (args.planner, args.plans) == ("ExperimentPlanner", "nnUNetPlans")
+    args = bench.parse_args(["-pl", "nnUNetPlannerResEncM"])
+    assert (args.planner, args.plans) == ("nnUNetPlannerResEncM", "nnUNetResEncUNetMPlans")
+    assert bench.parse_args(["-pl", "nnUNetPlannerResEncM", "-p", "MyPlans"]).plans == "MyPlans"
+    worker = bench.parse_args(bench.worker_argv(args, "D", "2d", "MemCifSSLTrainer", "/tmp/o")[2:])
+    assert worker.plans == "nnUNetResEncUNetMPlans"  # the children build every trainer on those plans
+    for argv in (["-pl", "NoSuchPlanner"], ["-pl", "NoSuchPlanner", "-p", "nnUNetPlans"]):
+        with pytest.raises(SystemExit) as stop:
+            bench.parse_args(argv)
+        assert stop.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]  # argparse: usage, then one error line
+        assert ": error: -pl NoSuchPlanner: no nnU-Net experiment planner of that name" in last
+
+
+def test_phantom_planned_with_the_planner_and_rebuilt_when_it_changes(bench, tmp_path, monkeypatch):
+    import nnunet_mmssl.dataset_conversion as conversion
+    import nnunet_mmssl.dataset_conversion.phantom as phantom
+    import nnunet_mmssl.planners.plan_and_preprocess as planning
+
+    planned = []
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    monkeypatch.setattr(phantom, "make_phantom_cases", lambda folder, **kwargs: folder)
+    monkeypatch.setattr(conversion, "convert_dataset", lambda *args, **kwargs: None)
+    monkeypatch.setattr(planning, "plan_and_preprocess",
+                        lambda dataset_id, configurations, **kwargs: planned.append(kwargs["planner"]))
+    (tmp_path / "logs").mkdir()
+    default = bench.parse_args(["-c", "2d"])
+    resenc = bench.parse_args(["-c", "2d", "-pl", "nnUNetPlannerResEncM"])
+    marker = tmp_path / bench.PHANTOM_MARKER
+    for args, expected in ((default, ["ExperimentPlanner"]), (default, []), (resenc, ["nnUNetPlannerResEncM"]),
+                           (resenc, []), (default, ["ExperimentPlanner"])):
+        planned.clear()
+        assert bench.prepare_phantom(args, str(tmp_path)) == "Dataset979_MMSSLBenchPhantom"
+        assert planned == expected  # [] = reused
+        recipe = json.loads(marker.read_text())
+        assert recipe.get("planner") == (None if args is default else "nnUNetPlannerResEncM")
+
+
+def test_unregistered_phantom_planned_in_a_child_with_the_planner(bench, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench.cases.subprocess, "call", lambda argv, **kwargs: calls.append(argv) or 0)
+    log = str(tmp_path / "plan.log")
+    bench.plan_in_child(978, ["2d"], 1, log, planner="nnUNetPlannerResEncM")
+    bench.plan_in_child(978, ["2d"], 1, log)
+    assert calls[0][-2:] == ["-pl", "nnUNetPlannerResEncM"] and "-pl" not in calls[1]
+
+
+@pytest.mark.parametrize("extra, title", [([], "configuration 2d (1 timed"),
+                                          (["-pl", "nnUNetPlannerResEncM"],
+                                           "configuration 2d on nnUNetResEncUNetMPlans (1 timed")])
+def test_table_title_names_plans_other_than_nnunets_default(bench, tmp_path, monkeypatch, capsys, extra, title):
+    seen = []
+
+    def fake_run_one(args, env, dataset, configuration, trainer, workdir, round_index):
+        seen.append(args.plans)
+        return {**_row(trainer, 0.5, 1e9, 100.0, 10.0, None), "wall_s": 1.0}
+
+    monkeypatch.setattr(bench.parent, "prepare_phantom", lambda args, workdir: "Dataset979_X")
+    monkeypatch.setattr(bench.parent, "run_one", fake_run_one)
+    monkeypatch.setattr(bench.cli, "exit_on_sigterm", lambda: None)
+    saved = dict(os.environ)
+    try:
+        assert bench.main(["-c", "2d", "-tr", "nnUNetTrainer", "MemCifSSLTrainer", "--iterations", "1",
+                           "--workdir", str(tmp_path / "w"), "--interleaved-rounds", "0", *extra]) == 0
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("configuration ")] == [
+        next(line for line in lines if line.startswith(title))]
+    assert set(seen) == {"nnUNetResEncUNetMPlans" if extra else "nnUNetPlans"}

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from trainer_bench.rows import DEFAULT_PLANNER
+
 PHANTOM_ID = 979
 PHANTOM_NAME = "MMSSLBenchPhantom"
 PHANTOM_MARKER = "benchmark_phantom.json"
@@ -43,7 +45,8 @@ def benchmark_environment(args: argparse.Namespace, workdir: str) -> dict:
 
 
 def plan_in_child(dataset_id: int, configurations: Sequence[str], num_processes: int, log_file: str,
-                  gpu_memory_target: float | None = None, timeout: float = 3600.0) -> None:
+                  gpu_memory_target: float | None = None, timeout: float = 3600.0,
+                  planner: str = DEFAULT_PLANNER) -> None:
     """``nnUNetv2_mmssl_plan_and_preprocess`` in a child process (environment: this process's), output in
     ``log_file``. Planning the unregistered phantom in the benchmark's own process was seen to hang on a futex (a
     lock held by a thread of an earlier import); a fresh process does not inherit it.
@@ -55,6 +58,8 @@ def plan_in_child(dataset_id: int, configurations: Sequence[str], num_processes:
     argv = [sys.executable, "-c", script, "-d", str(dataset_id), "-c", *configurations, "-np", str(num_processes)]
     if gpu_memory_target is not None:
         argv += ["-gpu_memory_target", str(gpu_memory_target)]
+    if planner != DEFAULT_PLANNER:
+        argv += ["-pl", planner]
     with open(log_file, "w") as log:
         try:
             code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
@@ -79,7 +84,7 @@ def prepare_unregistered_phantom(args: argparse.Namespace, workdir: str) -> str:
     geometry = unregistered_geometry(args.unregistered_shape)
     recipe = {"kind": "unregistered", "labelled": labelled, "unlabelled": unlabelled, "test": num_test,
               "configurations": sorted(args.configurations), "gpu_memory_target": args.gpu_memory_target,
-              "shape": args.unregistered_shape}
+              "shape": args.unregistered_shape, **_planner_recipe(args)}
     name = f"Dataset{UNREGISTERED_PHANTOM_ID:03d}_{UNREGISTERED_PHANTOM_NAME}"
     marker = os.path.join(workdir, UNREGISTERED_PHANTOM_MARKER)
     if _reuse_phantom(marker, recipe):
@@ -87,7 +92,7 @@ def prepare_unregistered_phantom(args: argparse.Namespace, workdir: str) -> str:
         return name
     print(f"building the unregistered phantom dataset in {workdir}: per modality (CT-like, MR-like; different "
           f"cases) {labelled} labelled + {unlabelled} unlabelled + {num_test} test; planning "
-          f"{' '.join(args.configurations)} in a child process", flush=True)
+          f"{' '.join(args.configurations)}{_planner_words(args)} in a child process", flush=True)
     sources = make_unregistered_phantom_sources(os.path.join(workdir, "phantom_unregistered"),
                                                 num_labeled=labelled + num_test, num_unlabeled=unlabelled, seed=0,
                                                 geometry=geometry)
@@ -96,7 +101,8 @@ def prepare_unregistered_phantom(args: argparse.Namespace, workdir: str) -> str:
                          num_labeled=labelled, num_test=num_test, seed=0, labels={"background": 0, "lesion": 1},
                          label_maps={"CT": {5: 1}}, overwrite=True)
     plan_in_child(UNREGISTERED_PHANTOM_ID, list(args.configurations), max(1, args.num_processes),
-                  os.path.join(workdir, "logs", "plan_and_preprocess_unregistered.log"), args.gpu_memory_target)
+                  os.path.join(workdir, "logs", "plan_and_preprocess_unregistered.log"), args.gpu_memory_target,
+                  planner=getattr(args, "planner", DEFAULT_PLANNER))
     with open(marker, "w") as handle:
         json.dump(recipe, handle)
     return name
@@ -112,6 +118,19 @@ def unregistered_geometry(shape: Sequence[int] | None) -> dict | None:
     mr = tuple(max(8, round(s / 1.2)) for s in shape)
     return {"CT": (tuple(int(s) for s in shape), (1.0, 1.0, 1.0), table["CT"][2]),
             "MR": (mr, (1.2, 1.2, 1.2), table["MR"][2])}
+
+
+def _planner_recipe(args: argparse.Namespace) -> dict:
+    """The planner's entry of a phantom's recipe: none for nnU-Net's default planner (the recipes of phantoms built
+    before ``-pl`` existed stay valid), else ``{"planner": name}`` (a phantom of another planner is rebuilt)."""
+    planner = getattr(args, "planner", DEFAULT_PLANNER)
+    return {} if planner == DEFAULT_PLANNER else {"planner": planner}
+
+
+def _planner_words(args: argparse.Namespace) -> str:
+    """`` with PLANNER`` for the build message, empty for nnU-Net's default planner."""
+    planner = getattr(args, "planner", DEFAULT_PLANNER)
+    return "" if planner == DEFAULT_PLANNER else f" with {planner}"
 
 
 def _reuse_phantom(marker: str, recipe: dict) -> bool:
@@ -140,14 +159,15 @@ def prepare_phantom(args: argparse.Namespace, workdir: str) -> str:
     num_test = max(1, args.predict_cases)
     recipe = {"shape": list(args.phantom_shape), "spacing": list(args.phantom_spacing), "labelled": labelled,
               "unlabelled": unlabelled, "test": num_test, "configurations": sorted(args.configurations),
-              "gpu_memory_target": args.gpu_memory_target}
+              "gpu_memory_target": args.gpu_memory_target, **_planner_recipe(args)}
     name = f"Dataset{PHANTOM_ID:03d}_{PHANTOM_NAME}"
     marker = os.path.join(workdir, PHANTOM_MARKER)
     if _reuse_phantom(marker, recipe):
         print(f"reusing the phantom dataset in {workdir}", flush=True)
         return name
     print(f"building the phantom dataset in {workdir}: {labelled} labelled + {unlabelled} unlabelled + {num_test} "
-          f"test cases of {tuple(args.phantom_shape)} voxels; planning {' '.join(args.configurations)}", flush=True)
+          f"test cases of {tuple(args.phantom_shape)} voxels; planning {' '.join(args.configurations)}"
+          f"{_planner_words(args)}", flush=True)
     sources = make_phantom_cases(os.path.join(workdir, "phantom"), num_labeled=labelled + num_test,
                                  num_unlabeled=unlabelled, shape=tuple(args.phantom_shape),
                                  spacing=tuple(args.phantom_spacing), seed=0)
@@ -158,6 +178,7 @@ def prepare_phantom(args: argparse.Namespace, workdir: str) -> str:
     with open(log, "w") as handle:
         plan_and_preprocess(PHANTOM_ID, list(args.configurations), num_processes=max(1, args.num_processes),
                             gpu_memory_target_in_gb=args.gpu_memory_target,
+                            planner=getattr(args, "planner", DEFAULT_PLANNER),
                             progress=lambda message: handle.write(message + "\n"))
     with open(marker, "w") as handle:
         json.dump(recipe, handle)

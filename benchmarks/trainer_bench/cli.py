@@ -12,9 +12,11 @@ from collections.abc import Sequence
 from trainer_bench.parent import RESULT_MARKER, exit_on_sigterm, run_parent
 from trainer_bench.rows import (
     DEFAULT_CONFIGURATIONS,
+    DEFAULT_PLANNER,
     DEFAULT_TRAINERS,
     PHANTOM_KINDS,
     UNREGISTERED_TRAINER_PREFIXES,
+    planner_plans,
     resolve_phantom_kind,
 )
 from trainer_bench.worker import run_interleaved_worker, run_worker
@@ -35,7 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"configurations (default {' '.join(DEFAULT_CONFIGURATIONS)})")
     parser.add_argument("-tr", "--trainers", nargs="+", default=list(DEFAULT_TRAINERS),
                         help=f"trainers (default {' '.join(DEFAULT_TRAINERS)})")
-    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    parser.add_argument("-p", "--plans", default=None,
+                        help="plans identifier (default: the planner's, nnUNetPlans for ExperimentPlanner)")
+    parser.add_argument("-pl", "--planner", default=DEFAULT_PLANNER,
+                        help="nnU-Net experiment planner of the phantom and of the default -p: ExperimentPlanner "
+                             "(PlainConvUNet, nnUNetPlans; default) or a residual-encoder preset such as "
+                             "nnUNetPlannerResEncM (ResidualEncoderUNet, nnUNetResEncUNetMPlans); with -d the dataset "
+                             "must have been planned with it")
     parser.add_argument("--mmssl-plans", default=None, metavar="PLANS",
                         help="plans identifier for our trainers (e.g. nnUNetMMSSLPlans, the memory-budgeted plans); "
                              "nnU-Net's trainers keep -p")
@@ -112,6 +120,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if needing:
             parser.error(f"{', '.join(needing)} train on one modality per case: use --phantom-kind unregistered "
                          f"(or auto)")
+    if args.plans is None or (args.phantom and args.planner != DEFAULT_PLANNER):  # the phantom is planned with it
+        try:
+            planned = planner_plans(args.planner)
+        except ValueError as error:
+            parser.error(str(error))
+        args.plans = args.plans or planned
     if args.iterations < 1 or args.warmup < 0 or args.predict_cases < 0:
         parser.error("--iterations must be >= 1, --warmup and --predict-cases >= 0")
     if args.rounds < 1 or args.interleaved_rounds < 0 or args.interleaved_steps < 1:

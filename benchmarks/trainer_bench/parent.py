@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from trainer_bench.cases import benchmark_environment, prepare_phantom
 from trainer_bench.report import add_ratios, format_header, format_table, machine_info, merge_interleaved, merge_rounds
-from trainer_bench.rows import rotated
+from trainer_bench.rows import DEFAULT_PLANS, rotated
 
 #: the entry point the children run (with ``--worker``) and the report's command names
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmark_trainers.py")
@@ -200,8 +200,9 @@ def run_parent(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         rounds = f" x {args.rounds} rounds" if args.rounds > 1 else ""
         interleaved = (f"; eff.ilv: {args.interleaved_rounds} x {args.interleaved_steps} interleaved steps on fixed "
                        f"batches" if args.interleaved_rounds > 0 else "")
-        title = (f"configuration {configuration} ({args.iterations} timed iterations{rounds} after {args.warmup} "
-                 f"warm-up{interleaved}; prediction of {args.predict_cases} case(s), mirroring "
+        plans = "" if args.plans == DEFAULT_PLANS else f" on {args.plans}"
+        title = (f"configuration {configuration}{plans} ({args.iterations} timed iterations{rounds} after "
+                 f"{args.warmup} warm-up{interleaved}; prediction of {args.predict_cases} case(s), mirroring "
                  f"{'on' if args.mirror else 'off'})")
         report += ["", title, format_table(rows, baselines[configuration])]
         plans_used = sorted({row.get("plans") for row in rows if row.get("plans")})

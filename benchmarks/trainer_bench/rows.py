@@ -1,8 +1,10 @@
 """Which rows the benchmark measures: the trainers, the configurations, the baseline and how each trainer is built.
 
-A row is one (configuration, trainer) pair, measured on the plans :func:`build_trainer` picks for it. Another set of
-rows (e.g. every trainer on nnU-Net's residual-encoder plans) belongs here too: its trainer names, its plans and its
-baseline row.
+A row is one (configuration, trainer) pair, measured on the plans :func:`build_trainer` picks for it. The rows of a
+run share one plans identifier (``-p``; ``--mmssl-plans`` for our trainers), by default the plans of nnU-Net's planner
+``-pl`` (:func:`planner_plans`): ``ExperimentPlanner`` -> ``nnUNetPlans`` (PlainConvUNet), ``nnUNetPlannerResEncM``
+-> ``nnUNetResEncUNetMPlans`` (ResidualEncoderUNet), so ``-pl nnUNetPlannerResEncM`` gives every trainer's row on
+nnU-Net's ResEnc M plans with its ratios to ``nnUNetTrainer`` on the same plans.
 """
 
 from __future__ import annotations
@@ -18,6 +20,23 @@ DEFAULT_CONFIGURATIONS = ("2d", "3d_fullres")
 #: trainers that need an unregistered dataset (one modality per case)
 UNREGISTERED_TRAINER_PREFIXES = ("DBDC", "PooledUNet")
 PHANTOM_KINDS = ("auto", "registered", "unregistered")
+#: nnU-Net's default planner and its plans
+DEFAULT_PLANNER = "ExperimentPlanner"
+DEFAULT_PLANS = "nnUNetPlans"
+
+
+def planner_plans(planner: str) -> str:
+    """The plans identifier nnU-Net's planner ``planner`` writes by default: ``nnUNetPlans`` for ``ExperimentPlanner``,
+    ``nnUNetResEncUNetMPlans`` for ``nnUNetPlannerResEncM`` etc.
+
+    Raises:
+        ValueError: no nnU-Net planner of that name (the message names the usual ones).
+    """
+    if planner == DEFAULT_PLANNER:
+        return DEFAULT_PLANS
+    from nnunet_mmssl.planners.memory import find_planner_class, planner_defaults
+
+    return planner_defaults(find_planner_class(planner))[1]
 
 
 def resolve_phantom_kind(kind: str, trainers: Sequence[str]) -> str:
