@@ -246,3 +246,12 @@ def test_share_target_without_measurements_is_refused(folders):
     never = type("MeanTeacherTrainer_share0p1_never", (MeanTeacherTrainer_share0p1,), {"gradient_share_every": 0})
     with pytest.raises(ValueError, match="unsupervised_share_target 0.1 needs .* gradient_share_every > 0, is 0"):
         harness.make_trainer(never, seed=0, initialize=False)
+
+
+def test_study_pairs_the_share_trainers_with_their_parents_twins():
+    from nnunet_mmssl.cli.study import parse_pairs
+
+    trainers = ["PlainSupervisedTrainer", "MeanTeacherTrainer_share0p05", "MemCifSupervisedTrainer",
+                "MemCifSSLTrainer_share0p2"]
+    assert parse_pairs([], trainers) == {"MeanTeacherTrainer_share0p05": "PlainSupervisedTrainer",
+                                         "MemCifSSLTrainer_share0p2": "MemCifSupervisedTrainer"}

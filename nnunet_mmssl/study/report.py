@@ -14,6 +14,9 @@ METRICS = ("dice", "hd95", "sensitivity")
 SUPERVISED_TWINS = {"MemCifSSLTrainer": "MemCifSupervisedTrainer", "MeanTeacherTrainer": "PlainSupervisedTrainer",
                     "MMFMCMLTrainer": "MMFMCMLSupervisedTrainer", "SMMLSSLTrainer": "SMMLTrainer",
                     "DBDCTrainer": "DBDCSupervisedTrainer"}
+# the weight set by the gradient share (nnunet_mmssl.trainers.share_variants): the parent's twin
+SUPERVISED_TWINS.update({f"{ssl}_share{target}": SUPERVISED_TWINS[ssl]
+                         for ssl in ("MeanTeacherTrainer", "MemCifSSLTrainer") for target in ("0p05", "0p1", "0p2")})
 
 
 def summary_table(results: Sequence[Mapping]) -> list[dict]:
