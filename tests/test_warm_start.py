@@ -353,7 +353,7 @@ def test_nnunet_train_console_warm_starts_our_trainer(checkpoints, tmp_path, mon
                 pass
     ''')
     env = console_environment(tmp_path, "ws_trainers.py", trainer_source)
-    src = make_phantom_cases(tmp_path / "phantom", num_labeled=4, num_unlabeled=2, shape=(4, 32, 32),
+    src = make_phantom_cases(tmp_path / "phantom", num_labeled=4, num_unlabeled=2, shape=(8, 32, 32),
                              spacing=(2.0, 1.0, 1.0), seed=3)
     run_console(["nnUNetv2_mmssl_convert", "-i", str(src / "labeled"), str(src / "unlabeled"), "--modality",
                  "MRA=MRA.nii.gz", "--modality", "MRB=MRB.nii.gz", "--label", "seg.nii.gz", "--num-labeled", "4",
