@@ -1,0 +1,49 @@
+"""Hand-computed values for the arithmetic that mutation testing (``benchmarks/mutation/mutate.py``) showed untested.
+
+Each test closes a surviving mutant of the "before" run (named in the comment); settings are asymmetric so that a
+swapped argument, a moved threshold or a changed constant gives another number.
+"""
+
+import torch
+
+from nnunet_mmssl.losses.targets import class_map_from_target, regions_to_classes
+
+
+# ------------------------------------------------------------------------------------------------ losses/targets.py
+def test_labels_become_classes_without_a_mask():
+    target = torch.tensor([[[[0.0, 1.0, 2.0], [3.0, 1.0, 0.0]]]])  # (B=1, 1, 2, 3), float as nnU-Net loads it
+    classes, valid = class_map_from_target(target, has_regions=False, ignore_label=None)
+    assert valid is None and classes.dtype == torch.long
+    assert classes.tolist() == [[[0, 1, 2], [3, 1, 0]]]
+
+
+def test_the_ignore_label_becomes_background_and_leaves_the_mask():
+    target = torch.tensor([[[[0.0, 3.0, 2.0], [3.0, 1.0, 0.0]]]])
+    classes, valid = class_map_from_target(target, has_regions=False, ignore_label=3)
+    assert classes.tolist() == [[[0, 0, 2], [0, 1, 0]]]
+    assert valid.tolist() == [[[True, False, True], [False, True, True]]]
+
+
+def _regions() -> torch.Tensor:
+    """(B=2, R=2, 2, 2): region 1 top row, region 2 right column, soft values around the 0.5 threshold."""
+    first = torch.tensor([[[0.9, 0.6], [0.4, 0.0]], [[0.0, 0.0], [0.0, 1.0]]])  # (R, 2, 2), sample 0
+    second = torch.tensor([[[1.0, 1.0], [0.0, 0.0]], [[0.0, 0.45], [0.55, 0.0]]])  # sample 1
+    return torch.stack([first, second])
+
+
+def test_regions_become_the_index_of_the_last_region_containing_the_voxel():
+    # sample 0: (0,0) region 1 only -> 1; (0,1) 0.6 in region 1 -> 1; (1,0) 0.4 is not > 0.5 -> 0; (1,1) region 2 -> 2
+    # sample 1: (0,0) region 1 -> 1; (0,1) 0.45 not in region 2 -> 1; (1,0) 0.55 in region 2 -> 2; (1,1) none -> 0
+    classes, valid = class_map_from_target(_regions(), has_regions=True, ignore_label=None)
+    assert valid is None
+    assert classes.tolist() == [[[1, 1], [0, 2]], [[1, 1], [2, 0]]]
+    overlap = torch.ones(1, 3, 1, 1, 1, dtype=torch.bool)  # 3D, a voxel in all three regions: the last one wins
+    assert regions_to_classes(overlap).tolist() == [[[[3]]]]
+    assert regions_to_classes(torch.zeros(1, 3, 1, 1, 1, dtype=torch.bool)).tolist() == [[[[0]]]]
+
+
+def test_with_an_ignore_label_the_last_region_channel_is_the_ignore_mask():
+    mask = torch.tensor([[[0.0, 1.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]])[:, None]  # (B, 1, 2, 2), 1 = ignored
+    classes, valid = class_map_from_target(torch.cat([_regions(), mask], 1), has_regions=True, ignore_label=7)
+    assert classes.tolist() == [[[1, 1], [0, 2]], [[1, 1], [2, 0]]]  # the mask channel is not a region
+    assert valid.tolist() == [[[True, False], [True, True]], [[False, True], [True, True]]]
