@@ -53,5 +53,9 @@ def test_multi_branch_architecture():
     # idempotent on our own entry
     again = multi_branch_architecture(arch, "a.b.Net", [[0], [1]], {"use_mem": False})
     assert again == arch
-    with pytest.raises(ValueError, match="ResidualEncoderUNet"):
-        multi_branch_architecture({**BASE_ARCH, "network_class_name": "x.ResidualEncoderUNet"}, "a.b.Net", [[0], [1]])
+    assert arch["arch_kwargs"]["base"] == "plain"
+    # nnU-Net's residual-encoder U-Net is a supported base (tests/test_resenc.py); any other class is refused by name
+    resenc = {**BASE_ARCH, "network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"}
+    assert multi_branch_architecture(resenc, "a.b.Net", [[0], [1]])["arch_kwargs"]["base"] == "resenc"
+    with pytest.raises(ValueError, match=r"PlainConvUNet or .*ResidualEncoderUNet plans, but .* uses x\.OtherUNet"):
+        multi_branch_architecture({**BASE_ARCH, "network_class_name": "x.OtherUNet"}, "a.b.Net", [[0], [1]])
