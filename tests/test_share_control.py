@@ -255,3 +255,47 @@ def test_study_pairs_the_share_trainers_with_their_parents_twins():
                 "MemCifSSLTrainer_share0p2"]
     assert parse_pairs([], trainers) == {"MeanTeacherTrainer_share0p05": "PlainSupervisedTrainer",
                                          "MemCifSSLTrainer_share0p2": "MemCifSupervisedTrainer"}
+
+
+def _ddp_worker(rank: int, port: int, root: str) -> None:
+    """One rank of a 2-process gloo run of MeanTeacherTrainer_share0p1 (each rank its own data)."""
+    import os
+    from datetime import timedelta
+
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), nnUNet_n_proc_DA="0", nnUNet_compile="false")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=120))
+    nnunet_trainer_module.DDP = lambda module, device_ids=None, **kwargs: nn.parallel.DistributedDataParallel(
+        module, **kwargs)  # nnU-Net's DDP call without its CUDA-only device_ids
+    harness.set_folders(root)
+    torch.manual_seed(1000 + rank)
+    trainer = MeanTeacherTrainer_share0p1(harness.plans(), "2d", 0, harness.DATASET_JSON.copy(), torch.device("cpu"))
+    trainer.device, trainer.grad_scaler = torch.device("cpu"), None
+    trainer.print_to_log_file = lambda *args, **kwargs: None
+    trainer.initialize()
+    trainer.gradient_share_every = 1
+    outputs = harness.run_steps(trainer, harness.batches(trainer, seed=rank, count=3), seed=50 + rank)
+    torch.save({"is_ddp": trainer.is_ddp, "controller": trainer.share_controller.state_dict(),
+                "weights": [float(o["unsup_weight"]) for o in outputs],
+                "sup_losses": [float(o["sup_loss"]) for o in outputs]}, os.path.join(root, f"rank{rank}.pth"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_steer_the_same_weight(tmp_path):
+    """Each rank measures its own share; the ranks' mean steers one weight, so their weights never differ."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    zero, one = (torch.load(tmp_path / f"rank{r}.pth", weights_only=False) for r in range(2))
+    assert zero["is_ddp"] and one["is_ddp"] and zero["sup_losses"] != one["sup_losses"]  # different data
+    assert zero["controller"]["updates"] == 3 and zero["controller"] == one["controller"]
+    assert zero["weights"] == one["weights"] and zero["weights"][2] > zero["weights"][0]
