@@ -26,9 +26,9 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet, Resi
 from plans_fixtures import DATASET_JSON
 
 import nnunet_mmssl.trainers as trainers
-from nnunet_mmssl.architectures.dbdc import DBDCUNet
 from nnunet_mmssl.architectures.multi_branch import MultiBranchUNet
 from nnunet_mmssl.architectures.smml import SMMLNet
+from nnunet_mmssl.building_blocks.norm_bank import ModalityNormBank
 from nnunet_mmssl.trainers.warm_start import WarmStartError
 
 UNREGISTERED_JSON = {"channel_names": {"0": "CT+MR"}, "labels": {"background": 0, "organ": 1}, "numTraining": 4,
@@ -141,7 +141,7 @@ def expected_tensors(network, source: dict, before: dict) -> dict[str, torch.Ten
             for rel in network.decoders[k].state_dict():  # nnU-Net's decoder holds its encoder: the same tensors
                 expected[f"decoders.{k}.{rel}"] = expected[f"encoders.{k}.{rel[8:]}"] if rel.startswith("encoder.") \
                     else source[f"decoder.{rel}"]
-    elif isinstance(network, DBDCUNet):
+    elif has_banks(network):
         for key in network.state_dict():
             bank = re.fullmatch(r"(.*)\.norms\.\d+\.(weight|bias)", key)
             if bank:
@@ -154,7 +154,7 @@ def expected_tensors(network, source: dict, before: dict) -> dict[str, torch.Ten
                 expected[f"branches.{b}.decoder.{rel}"] = source[f"decoder.{rel}"]
             for k, encoder in enumerate(branch.encoders):
                 for rel in encoder.state_dict():  # the tiny plans' narrow encoders share stage 0's width (4)
-                    if rel.startswith("stages.0."):
+                    if rel.startswith(("stem.", "stages.0.")):
                         value = source[f"encoder.{rel}"]
                         expected[f"branches.{b}.encoders.{k}.{rel}"] = value[:, [k]] if rel in FIRST_CONV else value
     elif isinstance(network, (PlainConvUNet, ResidualEncoderUNet)):
@@ -163,6 +163,11 @@ def expected_tensors(network, source: dict, before: dict) -> dict[str, torch.Ten
     else:
         raise AssertionError(f"no expectation for {type(network).__name__}: add its family here")
     return expected
+
+
+def has_banks(network) -> bool:
+    """DBDC's networks (plain or ResEnc): norms replaced by per-modality banks."""
+    return any(isinstance(m, ModalityNormBank) for m in network.modules())
 
 
 def assert_warm_started(network, source: dict, before: dict) -> dict:
@@ -202,7 +207,7 @@ def test_every_trainer_warm_starts_from_nnunets_checkpoint(name, checkpoints):
         fusion = {n for n, m in network.named_children() if n not in ("encoders", "decoders")
                   and any(True for _ in m.parameters())}
         assert {("initial", n) for n in fusion} <= groups and fusion == {g for s, g in groups if s == "initial"}
-    elif isinstance(network, DBDCUNet):
+    elif has_banks(network):
         assert any("<- encoder (every modality's norm <- the one norm)" in line for line in log)
         assert any(row[:3] == ["initial", row[1], "encoder"] and "running_mean" in " ".join(row) for row in rows)
         if network.projector is not None:
@@ -217,17 +222,30 @@ def test_every_trainer_warm_starts_from_nnunets_checkpoint(name, checkpoints):
         assert groups == {("loaded", "encoder"), ("loaded", "decoder")}
 
 
-def test_resenc_checkpoint_warm_starts_a_resenc_multi_branch_network(tmp_path):
-    """ResEnc plans: the multi-branch encoders are nnU-Net's residual encoders; their stem's first convolution is
-    sliced, every residual block (and its skip projection) loaded."""
-    trainer_harness.set_folders(str(tmp_path / "nnunet"))
-    path = tmp_path / "resenc.pth"
-    source = train_nnunet(path, False, steps=1, architecture=RESENC_ARCH)
-    trainer = make(trainers.MemCifSSLTrainer, False, architecture=RESENC_ARCH)
+@pytest.fixture(scope="module")
+def resenc_checkpoints(tmp_path_factory):
+    """nnUNetTrainer checkpoints of tiny ResEnc plans (registered and unregistered), one step each."""
+    root = tmp_path_factory.mktemp("warm_resenc")
+    trainer_harness.set_folders(str(root / "nnunet"))
+    result = {}
+    for unregistered in (False, True):
+        path = root / f"resenc_{int(unregistered)}.pth"
+        result[unregistered] = (path, train_nnunet(path, unregistered, steps=1, architecture=RESENC_ARCH))
+    return result
+
+
+@pytest.mark.parametrize("name", ["MemCifSSLTrainer", "MMFMCMLTrainer", "MeanTeacherTrainer", "DBDCTrainer",
+                                  "SMMLTrainer"])
+def test_resenc_checkpoint_warm_starts_resenc_networks(name, resenc_checkpoints):
+    """ResEnc plans: every encoder is nnU-Net's residual encoder; the stem's first convolution is sliced, every
+    residual block (and its skip projection) loaded, DBDC's banks inside the blocks from the one norm."""
+    path, source = resenc_checkpoints[_unregistered(name)]
+    trainer = make(getattr(trainers, name), _unregistered(name), architecture=RESENC_ARCH)
     before = warm_start(trainer, path)
     expected = assert_warm_started(bare(trainer), source, before)
-    assert "encoders.0.stem.convs.0.conv.weight" in expected
-    assert any(".skip." in key for key in expected), "the residual blocks' skip projections are loaded too"
+    assert any(".stem.convs.0.conv.weight" in key for key in expected)
+    if name != "SMMLTrainer":  # SMML's narrow residual encoders take the stem and stage 0 only
+        assert any(".skip." in key for key in expected), "the residual blocks' skip projections are loaded too"
 
 
 def test_supervised_twin_checkpoint_loads_whole(tmp_path):
