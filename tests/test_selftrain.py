@@ -247,6 +247,10 @@ def test_a_rerun_skips_finished_stages_and_refuses_other_settings(env):
     assert FakeSelfTraining.calls == []
     with pytest.raises(SelfTrainError, match=r"other settings \(threshold: 0.5\).*same settings"):
         _run(env, threshold=0.3)
+    # another work folder may not take over (and rewrite) this run's derived dataset
+    with pytest.raises(SelfTrainError, match=r"Dataset910_SrcSelfTrainR1, belongs to the self-training run in "
+                                             r".*work\. Continue that run"):
+        FakeSelfTraining("900", "2d", str(env / "other"), derived_id=910, device="cpu")
 
 
 def test_model_folder_as_teacher(env):
@@ -310,7 +314,7 @@ def test_selftrain_end_to_end_on_the_phantom(tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_preprocessed", str(pre))
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "elsewhere"))
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    src = make_phantom_cases(tmp_path / "phantom", num_labeled=3, num_unlabeled=2, shape=(6, 32, 32),
+    src = make_phantom_cases(tmp_path / "phantom", num_labeled=3, num_unlabeled=2, shape=(8, 32, 32),
                              spacing=(2.0, 1.0, 1.0), seed=3)
     convert_dataset([str(src / "labeled"), str(src / "unlabeled")], PHANTOM_MODALITY_GLOBS, PHANTOM_LABEL_GLOB,
                     str(raw), 903, "Self", num_labeled=2, num_test=1, seed=0, labels={"background": 0, "lesion": 1})

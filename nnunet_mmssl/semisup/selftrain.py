@@ -421,9 +421,16 @@ class SelfTraining:
                                          f"Choose a free id (the derived datasets use {derived_id}.."
                                          f"{derived_id + self.rounds - 1})")
                 manifest = os.path.join(self.raw_root, name, MANIFEST)
-                if name.startswith(f"Dataset{k:03d}_") and not os.path.isfile(manifest):
+                if not name.startswith(f"Dataset{k:03d}_"):
+                    continue
+                if not os.path.isfile(manifest):
                     raise SelfTrainError(f"{os.path.join(self.raw_root, name)}, exists and is not a self-training "
                                          f"dataset (no {MANIFEST}). Choose another --derived-id")
+                with open(manifest) as handle:
+                    owner = json.load(handle).get("work_folder")
+                if owner != self.output:
+                    raise SelfTrainError(f"{os.path.join(self.raw_root, name)}, belongs to the self-training run in "
+                                         f"{owner}. Continue that run (-o {owner}) or choose another --derived-id")
         return derived_id
 
     def derived_name(self, round_: int, base: int | None = None) -> str:
@@ -483,11 +490,21 @@ class SelfTraining:
 
     def pseudolabel(self, model_folder: str, folds: Sequence[str], input_folder: str, output: str) -> None:
         """:func:`~nnunet_mmssl.semisup.pseudolabel.pseudolabel` of the unlabelled pool (no head disagreement)."""
+        from nnunet_mmssl._ext_trainer_hook import EXT_TRAINER_VARIABLE
         from nnunet_mmssl.semisup.pseudolabel import pseudolabel
 
-        pseudolabel(model_folder, input_folder, output, folds=list(folds), device=self.device, disagreement=False,
-                    overwrite=True, use_mirroring=self.use_mirroring, num_processes_preprocessing=0,
-                    num_processes_export=1)
+        # nnU-Net's predictor looks the trainer up by name (ours with --epochs live in <work>/ext_trainers)
+        previous = os.environ.get(EXT_TRAINER_VARIABLE)
+        os.environ[EXT_TRAINER_VARIABLE] = self._environment()[EXT_TRAINER_VARIABLE]
+        try:
+            pseudolabel(model_folder, input_folder, output, folds=list(folds), device=self.device,
+                        disagreement=False, overwrite=True, use_mirroring=self.use_mirroring,
+                        num_processes_preprocessing=0, num_processes_export=1)
+        finally:
+            if previous is None:
+                os.environ.pop(EXT_TRAINER_VARIABLE, None)
+            else:
+                os.environ[EXT_TRAINER_VARIABLE] = previous
 
     def preprocess(self, dataset_name: str, log: str, unlabeled: bool) -> None:
         """Copy the source's plans to the derived dataset and run ``nnUNetv2_preprocess`` with them (and our
@@ -608,8 +625,7 @@ class SelfTraining:
             write_budget_trainers(os.path.join(self.output, "ext_trainers"),
                                   [self.student_trainer] + ([] if self.model_folder else [self.teacher_trainer]),
                                   self.epochs, self.iterations, self.val_iterations)
-        if self.model_folder is None or "teacher" not in done:
-            self.source_plans()  # the plans must exist before anything trains
+        self.source_plans()  # the plans must exist before anything trains
         logs = os.path.join(self.output, "logs")
         os.makedirs(logs, exist_ok=True)
 
@@ -658,8 +674,9 @@ class SelfTraining:
                 manifest = build_derived_dataset(
                     final, self.source_raw, self.source_json, self.labelled, pseudo, self.pool, outputs, sigmoid,
                     self.threshold, {"source_dataset": self.source_name, "source_id": self.source_id,
-                                     "model_folder": teacher, "folds": list(folds), "round": round_,
-                                     "test_cases_excluded": self.test_cases, "sigmoid_regions": sigmoid},
+                                     "work_folder": self.output, "model_folder": teacher, "folds": list(folds),
+                                     "round": round_, "test_cases_excluded": self.test_cases,
+                                     "sigmoid_regions": sigmoid},
                     unlabeled_images=student_unlabeled)
                 fraction = float(np.mean([c["ignored_fraction"] for c in manifest["pseudo_labels"].values()]))
                 finish(f"{key}/dataset", {"dataset": name, "mean_ignored_fraction": fraction})
