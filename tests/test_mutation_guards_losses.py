@@ -4,9 +4,30 @@ Each test closes a surviving mutant of the "before" run (named in the comment); 
 swapped argument, a moved threshold or a changed constant gives another number.
 """
 
+import math
+
+import pytest
 import torch
 
+from nnunet_mmssl.losses.consistency import cross_modal_consistency_loss, probabilities
 from nnunet_mmssl.losses.targets import class_map_from_target, regions_to_classes
+
+
+# -------------------------------------------------------------------------------------------- losses/consistency.py
+def test_probabilities_default_to_a_softmax_over_classes():
+    # survivor: use_sigmoid=False -> True as the default of probabilities()
+    logits = torch.tensor([math.log(3.0), 0.0]).view(1, 2, 1, 1)
+    assert probabilities(logits).flatten().tolist() == pytest.approx([0.75, 0.25])
+    assert probabilities(logits, use_sigmoid=True).flatten().tolist() == pytest.approx([0.75, 0.5])
+
+
+def test_printed_reduction_takes_one_reference_voxel_and_refuses_zero():
+    # survivors: reference_voxels <= 0 -> < 0 (zero accepted, the loss silently 0) and -> <= 1 (one refused)
+    a, b = torch.zeros(2, 2, 3, 3), torch.zeros(2, 2, 3, 3)
+    b[:, 0] = math.log(3.0)  # p = (0.75, 0.25) against (0.5, 0.5): sum over classes of the squares = 0.125
+    assert cross_modal_consistency_loss(a, b, reduction="printed", reference_voxels=1).item() == pytest.approx(0.125)
+    with pytest.raises(ValueError, match="reference_voxels must be > 0, got 0"):
+        cross_modal_consistency_loss(a, b, reduction="printed", reference_voxels=0)
 
 
 # ------------------------------------------------------------------------------------------------ losses/targets.py
