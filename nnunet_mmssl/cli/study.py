@@ -6,7 +6,9 @@ On a dataset converted by ``nnUNetv2_mmssl_convert`` and preprocessed by ``nnUNe
 predicted with ``nnUNetv2_predict`` on the test set and scored with ``nnunet_mmssl.evaluation.evaluate_folders``.
 Writes a table (mean ± std over seeds), the paired difference of each SSL trainer against its supervised twin with a
 bootstrap interval, a plot of Dice vs labelled cases, and all of it as JSON. A killed study continues where it
-stopped. See :mod:`nnunet_mmssl.study` for the design.
+stopped. With ``--cv K`` the test set rotates over the labelled pool instead (every pool case tested once per seed,
+never seen by the model testing it); with ``--init supervised`` each SSL trainer is (also) fine-tuned from its
+supervised twin's model of the same run. See :mod:`nnunet_mmssl.study` for the design.
 """
 
 from __future__ import annotations
