@@ -212,6 +212,10 @@ def test_trainer_steers_logs_plots_and_resumes_the_weight(folders, trainer_class
     assert shares[0] < TARGET / 10  # both trainers start far below a 10 % share at their paper weights
     assert all(b > a for a, b in zip(controller_weights, controller_weights[1:]))  # so the weight rises
     assert shares[-1] > 5 * shares[0] and first.share_controller.updates == 5
+    replay = ShareController(TARGET, trainer_class.unsupervised_weight)  # fed the measured share, the applied weight
+    for share, weight in zip(shares, applied):
+        replay.update(share, weight)
+    assert replay.state_dict() == first.share_controller.state_dict()
 
     first.on_train_epoch_end(outputs)  # logged per epoch: the applied weight, the measured share, the target
     log = first.logger.local_logger.my_fantastic_logging
