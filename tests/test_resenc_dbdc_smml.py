@@ -235,6 +235,36 @@ def test_trainer_trains_two_steps_and_predicts_from_the_model_folder(name, confi
     assert torch.equal(predicted, own.half())  # nnU-Net 2.8 accumulates the window's logits in float16
 
 
+def _forced_autocast_step(name: str, dtype) -> tuple[float, bool]:
+    """A fresh trainer (same weights, batch and draws), one ``train_step``; with ``dtype`` its forward and losses
+    under forced CPU autocast with nnU-Net's GradScaler (as nnU-Net's step on CUDA). Returns (objective, stepped)."""
+    trainer = make(name)
+    if dtype is not None:
+        trainer.grad_scaler = torch.amp.GradScaler("cpu")
+        compute_losses = trainer.compute_losses
+
+        def autocast_losses(*args, **kwargs):
+            with torch.autocast("cpu", dtype=dtype):
+                return compute_losses(*args, **kwargs)
+
+        trainer.compute_losses = autocast_losses
+    trainer.on_train_epoch_start()
+    batch = _batch(trainer, torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    output = trainer.train_step(batch)
+    return float(output["objective"]), trainer._optimizer_stepped
+
+
+@pytest.mark.parametrize("name", ["DBDCTrainer", pytest.param("SMMLTrainer", marks=pytest.mark.slow)])
+def test_whole_step_under_forced_float16_autocast_is_finite_and_close_to_float32(name):
+    """The residual blocks' additions in float16 (DBDC: on the banks' outputs): the GradScaler steps, the objective
+    is within test_amp's whole-step tolerance of float32's."""
+    reference, _ = _forced_autocast_step(name, None)
+    objective, stepped = _forced_autocast_step(name, torch.float16)
+    assert stepped and math.isfinite(objective)
+    assert abs(objective - reference) <= 5e-3 * abs(reference), (objective, reference)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # DBDC's banks on the residual U-Net
 
