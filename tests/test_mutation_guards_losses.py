@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nnunet_mmssl.losses.consistency import cross_modal_consistency_loss, probabilities
+from nnunet_mmssl.losses.smml import class_entropy_weights, class_prototypes
 from nnunet_mmssl.losses.targets import class_map_from_target, regions_to_classes
 
 
@@ -68,3 +69,34 @@ def test_with_an_ignore_label_the_last_region_channel_is_the_ignore_mask():
     classes, valid = class_map_from_target(torch.cat([_regions(), mask], 1), has_regions=True, ignore_label=7)
     assert classes.tolist() == [[[1, 1], [0, 2]], [[1, 1], [2, 0]]]  # the mask channel is not a region
     assert valid.tolist() == [[[True, False], [True, True]], [[False, True], [True, True]]]
+
+
+# --------------------------------------------------------------------------------------------------- losses/smml.py
+def test_a_class_with_one_voxel_has_that_voxels_features_as_prototype():
+    # survivor: counts.clamp_min(1) -> clamp_min(2) (a one-voxel class halved)
+    features = torch.tensor([[[1.0, 3.0, 5.0], [2.0, 4.0, -6.0]]])  # (B=1, D=2, 3 voxels)
+    prototypes, present = class_prototypes(features, torch.tensor([[0, 0, 1]]), 3)
+    assert prototypes[0].tolist() == [[2.0, 3.0], [5.0, -6.0], [0.0, 0.0]]
+    assert present.tolist() == [[True, True, False]]
+
+
+def test_prototypes_of_3d_features_at_a_lower_resolution_use_nearest_classes():
+    classes = torch.zeros(1, 4, 4, 4, dtype=torch.long)
+    classes[0, 0, 0, 0] = 1  # nearest neighbour to a 2 x 2 x 2 grid keeps voxels (0 or 2, 0 or 2, 0 or 2)
+    classes[0, 1, 1, 1] = 1  # dropped by the resize
+    features = torch.arange(16.0).view(1, 2, 2, 2, 2)
+    prototypes, present = class_prototypes(features, classes, 2)
+    assert prototypes[0, 1].tolist() == [0.0, 8.0]  # the voxel (0, 0, 0) of both feature channels
+    assert prototypes[0, 0].tolist() == pytest.approx([4.0, 12.0])  # mean of the other seven: (28 / 7, 84 / 7)
+    assert present.tolist() == [[True, True]]
+
+
+def test_entropy_weights_of_3d_outputs_are_one_number_per_class():
+    # survivor: flatten(2) -> flatten(-2) (the same in 2D; in 3D a weight per slice instead of per class)
+    logits = torch.zeros(2, 2, 2, 3, 2)
+    logits[:, 0, 0] = math.log(3.0)  # first slice: p = (0.75, 0.25); second slice uniform
+    weights = class_entropy_weights(logits, logits)
+    h = 0.5 * math.log(2)  # -0.5 ln 0.5
+    expected = [(-0.75 * math.log(0.75) + h) / 2, (-0.25 * math.log(0.25) + h) / 2]
+    assert weights.shape == (2, 2)
+    assert weights[0].tolist() == pytest.approx(expected) and weights[1].tolist() == pytest.approx(expected)
