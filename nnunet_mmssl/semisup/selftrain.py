@@ -43,8 +43,11 @@ PROG = "nnUNetv2_mmssl_selftrain"
 MANIFEST = "selftrain.json"
 #: the state file of the work folder
 STATE_FILE = "selftrain_state.json"
-#: default normalised-entropy threshold above which a pseudo-label voxel carries the ignore label (measured on the
-#: phantom, see README "Self-training")
+#: default normalised-entropy threshold above which a pseudo-label voxel carries the ignore label. Measured on the
+#: phantom (8 unlabelled cases, a 2d nnUNetTrainer teacher of 3 x 25 iterations, pseudo-label Dice 0.90): it is the
+#: knee of the error rate of the voxels a threshold adds to the ignored ones -- 25-27 % of them are wrong in the bands
+#: (0.5, 0.7] and (0.7, 0.9], 12 % in (0.3, 0.5], 7 % in (0.1, 0.3]. At 0.5, 262 voxels (0.12 %) are ignored, 29 %
+#: of them wrong, removing 76 of the 145 wrong voxels (52 %); 0.03 % of the kept voxels are wrong.
 DEFAULT_THRESHOLD = 0.5
 BUDGET_SUFFIX = "__selftrain"
 TRAINER_MODULE = "mmssl_selftrain_trainers"
