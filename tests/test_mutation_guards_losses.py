@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nnunet_mmssl.losses.consistency import cross_modal_consistency_loss, probabilities
+from nnunet_mmssl.losses.prototypes import prototype_contrast_loss, sinkhorn_knopp
 from nnunet_mmssl.losses.smml import class_entropy_weights, class_prototypes
 from nnunet_mmssl.losses.targets import class_map_from_target, regions_to_classes
 
@@ -100,3 +101,29 @@ def test_entropy_weights_of_3d_outputs_are_one_number_per_class():
     expected = [(-0.75 * math.log(0.75) + h) / 2, (-0.25 * math.log(0.25) + h) / 2]
     assert weights.shape == (2, 2)
     assert weights[0].tolist() == pytest.approx(expected) and weights[1].tolist() == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------------------------- losses/prototypes.py
+@pytest.mark.parametrize("masked", [False, True])
+def test_sinkhorn_divides_the_scores_by_epsilon(masked):
+    # survivor: (q - q.max()) / epsilon -> * epsilon (the existing hand computation uses epsilon = 1)
+    # epsilon 0.5, scores = ln [[2, 1], [1, 1]]: exp((scores - ln 2) / 0.5) = [[1, 1/4], [1/4, 1/4]]
+    # rows to 1/2: [[2/5, 1/10], [1/4, 1/4]]; columns to 1/2 and times N = 2: [[8/13, 2/7], [5/13, 5/7]]
+    scores = torch.log(torch.tensor([[2.0, 1.0], [1.0, 1.0]]))
+    mask = torch.ones(2, dtype=torch.bool) if masked else None
+    q = sinkhorn_knopp(scores, epsilon=0.5, iterations=1, mask=mask)
+    torch.testing.assert_close(q, torch.tensor([[8 / 13, 2 / 7], [5 / 13, 5 / 7]]))
+
+
+@pytest.mark.parametrize("channel_axis", [False, True])
+def test_labels_and_valid_mask_may_carry_nnunets_channel_axis(channel_axis):
+    # survivors: labels.shape[1] == 1 -> != 1 and valid.shape[1] == 1 -> == 0 / == 2 (the (B, 1, *S) forms)
+    # two voxels, tau = 0.1: logits (1, -1) with class 0 -> ln(1 + e^-2); (2, 5) with class 1 -> ln(1 + e^-3)
+    similarity = torch.tensor([[[[0.1, 0.2]], [[-0.1, 0.5]]]])  # (B=1, C=2, 1, 2)
+    labels, valid = torch.tensor([[[0, 1]]]), torch.tensor([[[True, False]]])  # (B, 1, 2)
+    if channel_axis:
+        labels, valid = labels[:, None], valid[:, None]  # (B, 1, 1, 2), as nnU-Net's targets
+    both = (math.log1p(math.exp(-2)) + math.log1p(math.exp(-3))) / 2
+    assert prototype_contrast_loss(similarity, labels).item() == pytest.approx(both, abs=1e-6)
+    first_only = math.log1p(math.exp(-2))
+    assert prototype_contrast_loss(similarity, labels, valid).item() == pytest.approx(first_only, abs=1e-6)
