@@ -248,7 +248,7 @@ def test_trainer_steers_logs_plots_and_resumes_the_weight(folders, trainer_class
 
 def test_share_target_without_measurements_is_refused(folders):
     never = type("MeanTeacherTrainer_share0p1_never", (MeanTeacherTrainer_share0p1,), {"gradient_share_every": 0})
-    with pytest.raises(ValueError, match="unsupervised_share_target 0.1 needs .* gradient_share_every > 0, is 0"):
+    with pytest.raises(ValueError, match=r"unsupervised_share_target 0.1 needs .*\(gradient_share_every > 0, is 0\)"):
         harness.make_trainer(never, seed=0, initialize=False)
 
 
