@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nnunet_mmssl.losses.consistency import cross_modal_consistency_loss, probabilities
-from nnunet_mmssl.losses.prototypes import prototype_contrast_loss, sinkhorn_knopp
+from nnunet_mmssl.losses.prototypes import MPCLLoss, mpcl_loss, prototype_contrast_loss, sinkhorn_knopp
 from nnunet_mmssl.losses.smml import class_entropy_weights, class_prototypes
 from nnunet_mmssl.losses.targets import class_map_from_target, regions_to_classes
 
@@ -127,3 +127,15 @@ def test_labels_and_valid_mask_may_carry_nnunets_channel_axis(channel_axis):
     assert prototype_contrast_loss(similarity, labels).item() == pytest.approx(both, abs=1e-6)
     first_only = math.log1p(math.exp(-2))
     assert prototype_contrast_loss(similarity, labels, valid).item() == pytest.approx(first_only, abs=1e-6)
+
+
+def test_mpcl_default_temperature_is_the_papers_0_1():
+    # survivor: MPCLLoss(temperature=0.1 -> 1.1) as the default
+    # one voxel (0.6, 0.8) of class 1, prototypes e1 and e2: similarities (0.6, 0.8) / 0.1 -> ln(1 + e^-2)
+    embeddings = torch.tensor([0.6, 0.8]).view(1, 2, 1, 1)
+    prototypes = torch.eye(2).view(1, 2, 2)  # (K=1, C=2, D=2)
+    labels = torch.ones(1, 1, 1, dtype=torch.long)
+    expected = math.log1p(math.exp(-2))
+    loss, _ = MPCLLoss(terms=("pc",))(embeddings, labels, prototypes, 0)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert mpcl_loss(embeddings, labels, prototypes, 0, terms=("pc",))[0].item() == pytest.approx(expected, abs=1e-6)
