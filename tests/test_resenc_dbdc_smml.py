@@ -75,8 +75,12 @@ ALL_NAMES = DBDC_NAMES + ["PooledUNetTrainer"] + SMML_NAMES
 #: scopes -- test_bank_scopes_on_the_residual_unet --, without the projector, other loss switches) are slow
 FAST = [("DBDCTrainer", "2d"), ("DBDCTrainer", "3d_fullres"), ("PooledUNetTrainer", "2d"), ("SMMLTrainer", "2d"),
         ("SMMLTrainer", "3d_fullres"), ("SMMLTrainer_single", "2d")]
+#: slow: a network switch each (no projector, no banks, SMML's dual branches, the supervised twins) in 2d; the other
+#: loss-switch variants build the same networks and are covered on the plain plans (the suite's time budget)
+SLOW = [("DBDCTrainer_noMLPB_noMAW", "2d"), ("DBDCTrainer_mlmbNone", "2d"), ("DBDCSupervisedTrainer", "2d"),
+        ("PooledUNetTrainer", "3d_fullres"), ("SMMLTrainer_dual", "2d"), ("SMMLSSLTrainer", "2d")]
 CASES = [pytest.param(name, configuration, marks=() if (name, configuration) in FAST else pytest.mark.slow)
-         for name in ALL_NAMES for configuration in ("2d", "3d_fullres")]
+         for name in ALL_NAMES for configuration in ("2d", "3d_fullres") if (name, configuration) in FAST + SLOW]
 
 
 def _unregistered(name: str) -> bool:
