@@ -61,3 +61,14 @@ def test_full_lists_drop_the_missing_channels_files_before_the_placeholders():
     full = [["x0.nii", "x1.nii", "x2.nii"]]  # K entries: the missing channel's entry is ignored
     assert predictor._lists_with_placeholders(full) == [["x1.nii", "x1.nii", "x2.nii"]]
     assert predictor._lists_with_placeholders([["y1.nii", "y2.nii"]]) == [["y1.nii", "y1.nii", "y2.nii"]]
+
+
+def test_a_folder_with_other_files_gives_the_cases_lists(tmp_path):
+    # survivor: find_cases(..., ignore_other_endings=True -> False) (a notes file next to the images is refused)
+    for name in ("p_0000.nii.gz", "p_0002.nii.gz", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")  # only the names are listed here, nothing is read
+    predictor = _predictor(_Recorder())
+    predictor.dataset_json["file_ending"] = ".nii.gz"
+    predictor.set_missing_channels(["B"])
+    first, third = str(tmp_path / "p_0000.nii.gz"), str(tmp_path / "p_0002.nii.gz")
+    assert predictor._lists_with_placeholders(str(tmp_path)) == [[first, first, third]]

@@ -119,8 +119,8 @@ def test_sinkhorn_divides_the_scores_by_epsilon(masked):
 def test_labels_and_valid_mask_may_carry_nnunets_channel_axis(channel_axis):
     # survivors: labels.shape[1] == 1 -> != 1 and valid.shape[1] == 1 -> == 0 / == 2 (the (B, 1, *S) forms)
     # two voxels, tau = 0.1: logits (1, -1) with class 0 -> ln(1 + e^-2); (2, 5) with class 1 -> ln(1 + e^-3)
-    similarity = torch.tensor([[[[0.1, 0.2]], [[-0.1, 0.5]]]])  # (B=1, C=2, 1, 2)
-    labels, valid = torch.tensor([[[0, 1]]]), torch.tensor([[[True, False]]])  # (B, 1, 2)
+    similarity = torch.tensor([[[[0.1, 0.2]], [[-0.1, 0.5]]]]).expand(2, -1, -1, -1)  # (B=2, C=2, 1, 2), B > 1:
+    labels, valid = torch.tensor([[[0, 1]]] * 2), torch.tensor([[[True, False]]] * 2)  # shape[1] is not shape[0]
     if channel_axis:
         labels, valid = labels[:, None], valid[:, None]  # (B, 1, 1, 2), as nnU-Net's targets
     both = (math.log1p(math.exp(-2)) + math.log1p(math.exp(-3))) / 2
