@@ -27,7 +27,7 @@ def _predictor(network: torch.nn.Module) -> MissingModalityPredictor:
 
 
 def test_the_network_is_told_the_missing_channels_and_none_for_all_present():
-    # survivors: `network is not None` -> `is None`, `list(missing) or None` -> `and None`
+    # survivors: `network is not None` -> `is None`, `and hasattr` -> `or`, `list(missing) or None` -> `and None`
     recorder = _Recorder()
     predictor = _predictor(recorder)
     predictor.set_missing_channels(["C", 0])
@@ -37,6 +37,8 @@ def test_the_network_is_told_the_missing_channels_and_none_for_all_present():
     compiled._orig_mod = _Recorder()
     _predictor(compiled).set_missing_channels(["B"])
     assert compiled._orig_mod.told == [[1]]
+    plain = _predictor(torch.nn.Identity())  # a network without set_missing_modalities is left alone
+    assert plain.set_missing_channels(["B"]) == (1,)
 
 
 def test_present_channels_are_the_complement_in_order():
