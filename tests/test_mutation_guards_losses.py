@@ -116,14 +116,18 @@ def test_sinkhorn_divides_the_scores_by_epsilon(masked):
 
 
 @pytest.mark.parametrize("channel_axis", [False, True])
-def test_labels_and_valid_mask_may_carry_nnunets_channel_axis(channel_axis):
-    # survivors: labels.shape[1] == 1 -> != 1 and valid.shape[1] == 1 -> == 0 / == 2 (the (B, 1, *S) forms)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_labels_and_valid_mask_may_carry_nnunets_channel_axis(channel_axis, transpose):
+    # survivors: labels.shape[1] == 1 -> != 1, valid.shape[1] == 1 -> shape[0] / shape[2] / == 2, `and` -> `or`.
+    # B = 2 and spatial (2, 1) or (1, 2): with the channel axis, shape[1] = 1 differs from shape[0] and shape[2];
+    # without it, shape[1] is a spatial size (1 when transposed), so only ndim tells the two forms apart.
     # two voxels, tau = 0.1: logits (1, -1) with class 0 -> ln(1 + e^-2); (2, 5) with class 1 -> ln(1 + e^-3)
-    # (B=2, C=2, 2, 1): with the channel axis, shape[1] = 1 differs from shape[0] = B and from shape[2]
-    similarity = torch.tensor([[[[0.1], [0.2]], [[-0.1], [0.5]]]]).expand(2, -1, -1, -1)
+    similarity = torch.tensor([[[[0.1], [0.2]], [[-0.1], [0.5]]]]).expand(2, -1, -1, -1)  # (B=2, C=2, 2, 1)
     labels, valid = torch.tensor([[[0], [1]]] * 2), torch.tensor([[[True], [False]]] * 2)  # (B, 2, 1)
+    if transpose:
+        similarity, labels, valid = similarity.transpose(-1, -2), labels.transpose(-1, -2), valid.transpose(-1, -2)
     if channel_axis:
-        labels, valid = labels[:, None], valid[:, None]  # (B, 1, 2, 1), as nnU-Net's targets
+        labels, valid = labels[:, None], valid[:, None]  # (B, 1, *S), as nnU-Net's targets
     both = (math.log1p(math.exp(-2)) + math.log1p(math.exp(-3))) / 2
     assert prototype_contrast_loss(similarity, labels).item() == pytest.approx(both, abs=1e-6)
     first_only = math.log1p(math.exp(-2))
