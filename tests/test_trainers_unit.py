@@ -60,7 +60,7 @@ def test_stock_plans_are_refused_by_our_network_builder():
     from nnunet_mmssl.trainers.dbdc import DBDCTrainer
     from nnunet_mmssl.trainers.smml import SMMLTrainer
 
-    for trainer, expected in ((DBDCTrainer, "not DBDCUNet. Use .*written by DBDCTrainer"),
+    for trainer, expected in ((DBDCTrainer, "not DBDCUNet or DBDCResEncUNet. Use .*written by DBDCTrainer"),
                               (SMMLTrainer, "not SMMLNet. Use .*written by SMMLTrainer")):
         with pytest.raises(TypeError, match=f"The plans build PlainConvUNet, {expected}"):
             trainer.build_network_architecture(manager, manager.get_configuration("2d"), 2, 2, False)

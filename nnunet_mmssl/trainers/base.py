@@ -122,6 +122,8 @@ class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
     #: the share controller's averaging of the measurements and its rate (see ShareController)
     share_smoothing: float = 0.3
     share_rate: float = 0.5
+    #: the controller made in ``__init__`` (None: off; also for an instance made without ``__init__``)
+    share_controller: ShareController | None = None
     #: per-epoch log keys added to nnU-Net's
     extra_log_keys: tuple[str, ...] = ("train_sup_losses", "train_unsup_losses", "unsup_weights",
                                        "train_objectives", "unsup_grad_shares")
