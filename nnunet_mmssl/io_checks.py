@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -113,6 +114,23 @@ def temporary_name(target: str | os.PathLike) -> str:
     """A hidden, unique name in ``target``'s folder that keeps its file ending (``.partial-<hex>-<name>``)."""
     folder, name = os.path.split(os.path.abspath(str(target)))
     return os.path.join(folder, f".partial-{uuid.uuid4().hex[:12]}-{name}")
+
+
+def publish_folder(complete: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Rename the complete folder ``complete`` (a hidden sibling of ``final``) to ``final``.
+
+    An existing ``final`` is first renamed to a hidden ``.NAME.old-<pid>`` beside it and removed after the swap, so
+    ``final`` is at every moment either the old complete folder or the new one, never a mix.
+    """
+    complete, final = str(complete), str(final)
+    if os.path.exists(final):
+        parent, name = os.path.split(os.path.abspath(final))
+        old = os.path.join(parent, f".{name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(complete, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(complete, final)
 
 
 def _remove(path: str) -> None:

@@ -32,6 +32,7 @@ import time
 from nnunet_mmssl.dataloading.image_checks import check_image_files
 from nnunet_mmssl.io_checks import (
     public_path,
+    publish_folder,
     short_writes_reported,
     verify_image_file,
     write_image,
@@ -369,13 +370,7 @@ def pseudolabel(model_folder: str, input_folder: str | None, output_folder: str,
                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
                    os.path.join(temporary, "pseudolabel.json"))
         shutil.rmtree(work)
-        if os.path.exists(output_folder):
-            old = os.path.join(parent, f".{name}.old-{os.getpid()}")
-            os.replace(output_folder, old)
-            os.replace(temporary, output_folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(temporary, output_folder)
+        publish_folder(temporary, output_folder)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return rows

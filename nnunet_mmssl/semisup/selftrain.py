@@ -197,7 +197,7 @@ def build_derived_dataset(final: str, source_raw: str, source_json: dict, labell
     Returns:
         The manifest written.
     """
-    from nnunet_mmssl.io_checks import write_json
+    from nnunet_mmssl.io_checks import publish_folder, write_json
     from nnunet_mmssl.semisup.pseudolabel import ENTROPY_SUFFIX
 
     ending = source_json["file_ending"]
@@ -234,13 +234,7 @@ def build_derived_dataset(final: str, source_raw: str, source_json: dict, labell
                     pseudo_labelled_cases=sorted(pool), pseudo_labels=per_case,
                     created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         write_json(full, os.path.join(tmp, MANIFEST))
-        if os.path.exists(final):
-            old = os.path.join(parent, f".{name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        publish_folder(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return full

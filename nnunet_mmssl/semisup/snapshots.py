@@ -162,7 +162,7 @@ def write_snapshots(output_folder: str, input_folder: str | None = None, count: 
     """
     import SimpleITK as sitk
 
-    from nnunet_mmssl.io_checks import write_text, write_verified
+    from nnunet_mmssl.io_checks import publish_folder, write_text, write_verified
     from nnunet_mmssl.semisup.uncertainty import max_entropy
 
     ranking = os.path.join(output_folder, "ranking.csv")
@@ -227,13 +227,7 @@ def write_snapshots(output_folder: str, input_folder: str | None = None, count: 
                             "size": holder["size"]})
         write_text(_index_html(rows, files, sizes, f"Pseudo-labels: {len(rows)} case(s) in ranking order"),
                    os.path.join(tmp, INDEX), shown=os.path.join(final, INDEX))
-        if os.path.exists(final):
-            old = os.path.join(output_folder, f".{SNAPSHOTS_FOLDER}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        publish_folder(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return written
