@@ -152,8 +152,10 @@ class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
 
     @property
     def network_module(self) -> torch.nn.Module:
-        """The bare network (unwrapped from DDP and torch.compile)."""
-        module = self.network.module if self.is_ddp else self.network
+        """The bare network (unwrapped from DDP and torch.compile; under DDP also before nnU-Net wraps it, e.g. in
+        ``configure_optimizers``)."""
+        wrapped = isinstance(self.network, torch.nn.parallel.DistributedDataParallel)
+        module = self.network.module if wrapped else self.network
         return module._orig_mod if isinstance(module, OptimizedModule) else module
 
     # ------------------------------------------------------------------ memory
