@@ -458,7 +458,7 @@ def test_report_files_agree(tmp_path):
 @pytest.mark.slow
 def test_study_end_to_end_on_tiny_phantom(tmp_path, monkeypatch, capsys):
     """2 sizes x 2 trainers x 1 seed, 2d, 1 epoch of 2 iterations, through nnU-Net's real commands; then resume;
-    then --cv 2 at 1 labelled case with Mean Teacher also fine-tuned from its twin (--init scratch supervised)."""
+    then --cv 2 at 1 labelled case with Mean Teacher fine-tuned from its twin (--init supervised)."""
     import subprocess
     import sys
 
@@ -523,22 +523,23 @@ def test_study_end_to_end_on_tiny_phantom(tmp_path, monkeypatch, capsys):
     assert json.loads((out / "study_results.json").read_text())["table"] == report["table"]
     assert main(argv[:-2] + ["--epochs", "2", "-o", str(out)]) == 2  # other settings in the same folder: refused
 
-    # --cv 2, same folder and budget: every pool case is tested once, by models that never saw it; Mean Teacher also
-    # fine-tuned from its supervised twin of the same run (nnUNetv2_train -pretrained_weights), after the twin
+    # --cv 2, same folder and budget: every pool case is tested once, by models that never saw it; Mean Teacher
+    # fine-tuned from its supervised twin of the same run (nnUNetv2_train -pretrained_weights), after the twin (the
+    # scratch runs beside it are covered by the fast tests of tests/test_study_cv.py; CI's time budget)
     capsys.readouterr()
-    cv_argv = argv[:2] + ["--labeled", "1"] + argv[4:-2] + ["--cv", "2", "--init", "scratch", "supervised", "-o",
+    cv_argv = argv[:2] + ["--labeled", "1"] + argv[4:-2] + ["--cv", "2", "--init", "supervised", "-o",
                                                             str(out)]
     assert main(cv_argv) == 0
     printed = capsys.readouterr().out
-    assert "6 runs, 0 already done, 6 to do" in printed and "Preprocessing the" not in printed
+    assert "4 runs, 0 already done, 4 to do" in printed and "Preprocessing the" not in printed
     report = json.loads((out / "study_results.json").read_text())
     assert report["settings"]["cv"] == 2 and sorted(report["settings"]["test_cases"]) == pool
     assert {(r["trainer"], r["n_test_cases"]) for r in report["table"]} == \
-        {("PlainSupervisedTrainer", 4), ("MeanTeacherTrainer", 4), ("MeanTeacherTrainer+ft", 4)}
+        {("PlainSupervisedTrainer", 4), ("MeanTeacherTrainer+ft", 4)}
     splits = json.loads((pre / "Dataset902_Study" / "splits_final.json").read_text())
     tested = []
     for fold in (0, 1):
-        for trainer in ("PlainSupervisedTrainer", "MeanTeacherTrainer", "MeanTeacherTrainer+ft"):
+        for trainer in ("PlainSupervisedTrainer", "MeanTeacherTrainer+ft"):
             run = json.loads((out / "runs" / trainer / f"n1_seed0_cv{fold}of2.json").read_text())
             assert sorted(run["per_case"]) == run["test_cases"]
             entry = splits[run["fold"]]
@@ -552,9 +553,7 @@ def test_study_end_to_end_on_tiny_phantom(tmp_path, monkeypatch, capsys):
         assert f"Warm start from {twin}" in log and (ft_fold / "checkpoint_final.pth").is_file()
     assert sorted(tested) == pool
     diffs = {(d["ssl"], d["supervised"]): d for d in report["differences"] if d["metric"] == "dice"}
-    assert {k: d["n_pairs"] for k, d in diffs.items()} == {
-        ("MeanTeacherTrainer", "PlainSupervisedTrainer"): 4, ("MeanTeacherTrainer+ft", "PlainSupervisedTrainer"): 4,
-        ("MeanTeacherTrainer+ft", "MeanTeacherTrainer"): 4}
+    assert {k: d["n_pairs"] for k, d in diffs.items()} == {("MeanTeacherTrainer+ft", "PlainSupervisedTrainer"): 4}
 
 
 def test_console_script_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
