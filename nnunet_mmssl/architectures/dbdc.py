@@ -318,15 +318,18 @@ class DBDCResEncUNet(_DBDCNetwork, ResidualEncoderUNet):
         _zero_last_bank_before_add(module)
 
 
-class ModalityGuardedUNet(ModalitySelection, PlainConvUNet):
-    """nnU-Net's PlainConvUNet, unchanged, that refuses to predict without being told the input's modality.
+class _ModalityGuard(ModalitySelection):
+    """The modality guard on an nnU-Net U-Net: in eval mode ``forward`` refuses an input without its modality.
 
     Trained on the unregistered modalities pooled (one set of weights); the guard only makes ``nnUNetv2_predict``
     (which would normalise every image with one scheme) fail with the fix instead of predicting silently wrong.
     """
 
-    def __init__(self, *args, modalities: Sequence[str] = ("image",), base: str = PLAIN, **kwargs):
-        _check_base(self, base, PLAIN)
+    #: the base U-Net the class is built on (``"plain"`` or ``"resenc"``)
+    guard_base: str = PLAIN
+
+    def __init__(self, *args, modalities: Sequence[str] = ("image",), base: str | None = None, **kwargs):
+        _check_base(self, self.guard_base if base is None else base, self.guard_base)
         super().__init__(*args, **kwargs)
         self._init_modalities(modalities)
         #: check the modality in eval mode; the trainer switches it off (its data are already normalised per case)
@@ -338,20 +341,16 @@ class ModalityGuardedUNet(ModalitySelection, PlainConvUNet):
         return super().forward(x)
 
 
-class ModalityGuardedResEncUNet(ModalitySelection, ResidualEncoderUNet):
-    """nnU-Net's ResidualEncoderUNet, unchanged, with :class:`ModalityGuardedUNet`'s modality guard."""
+class ModalityGuardedUNet(_ModalityGuard, PlainConvUNet):
+    """nnU-Net's PlainConvUNet, unchanged, that refuses to predict without being told the input's modality."""
 
-    def __init__(self, *args, modalities: Sequence[str] = ("image",), base: str = RESENC, **kwargs):
-        _check_base(self, base, RESENC)
-        super().__init__(*args, **kwargs)
-        self._init_modalities(modalities)
-        #: check the modality in eval mode; the trainer switches it off (its data are already normalised per case)
-        self.guard_enabled = True
+    guard_base = PLAIN
 
-    def forward(self, x: torch.Tensor, modality: torch.Tensor | int | None = None):
-        if self.guard_enabled and not self.training:
-            self.batch_modality(x, modality)
-        return super().forward(x)
+
+class ModalityGuardedResEncUNet(_ModalityGuard, ResidualEncoderUNet):
+    """nnU-Net's ResidualEncoderUNet, unchanged, with the same modality guard."""
+
+    guard_base = RESENC
 
 
 #: DBDC's network for each base U-Net of nnU-Net's plans (``"plain"``: PlainConvUNet, ``"resenc"``: ResEnc presets)
