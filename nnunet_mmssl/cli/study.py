@@ -67,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how the SSL trainers (those with a supervised twin) start: scratch (default), "
                              "supervised (fine-tuned from the twin's model of the same run: nnUNetv2_train "
                              "-pretrained_weights; shown as <trainer>+ft), or both")
+    parser.add_argument("--finetune", nargs="+", default=None, metavar="TRAINER",
+                        help="with --init supervised: fine-tune only these SSL trainers (default: every SSL trainer "
+                             "with a twin)")
+    parser.add_argument("--selftrain", nargs="+", default=[], metavar="TRAINER",
+                        help="also run these trainers (of -tr) self-trained: in each run the trainer's own model "
+                             "pseudo-labels the run's unlabelled stream (uncertain voxels get nnU-Net's ignore "
+                             "label) and the trainer trains again from scratch on labelled + pseudo-labelled cases; "
+                             "shown as <trainer>+st")
+    parser.add_argument("--selftrain-threshold", type=float, default=None, metavar="H",
+                        help="normalised entropy above which a pseudo-label voxel is ignored (default: "
+                             "nnUNetv2_mmssl_selftrain's, 0.5)")
     parser.add_argument("-device", default="cpu", choices=["cpu", "cuda", "mps"])
     parser.add_argument("-np", "--num-processes", type=int, default=2,
                         help="processes for preprocessing the pool images as unlabelled cases (default 2)")
@@ -130,6 +141,20 @@ def _check_settings(output: str, settings: dict) -> None:
     atomic_write_json(path, {k: settings[k] for k in SETTINGS_KEYS})
 
 
+def _check_selftrain_threshold(output: str, threshold: float) -> None:
+    """Refuse a threshold other than the one the study's self-trained runs already used."""
+    from nnunet_mmssl.study.selftrain_arm import read_manifest
+
+    root = os.path.join(output, "selftrain")
+    for trainer in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        for fold in sorted(os.listdir(os.path.join(root, trainer))):
+            manifest = read_manifest(os.path.join(root, trainer, fold))
+            if manifest is not None and manifest.get("threshold") != threshold:
+                raise ValueError(f"{os.path.join(root, trainer, fold)} was pseudo-labelled with --selftrain-threshold "
+                                 f"{manifest.get('threshold')}; continue with that threshold, or choose another "
+                                 f"folder with -o")
+
+
 def _splits_file_content(path: str, pool: list[str]) -> list[dict]:
     """The existing ``splits_final.json``, or nnU-Net's own default folds (so that later ``nnUNetv2_train`` folds
     0-4 stay nnU-Net's), or [] for a pool too small for them."""
@@ -166,6 +191,7 @@ def run_study(args: argparse.Namespace) -> dict:
         worker_cores,
         write_study_trainers,
     )
+    from nnunet_mmssl.study.selftrain_arm import SELFTRAIN_LABEL
     from nnunet_mmssl.study.splits import assign_folds, check_cv, parse_labeled, plan_cv_runs, plan_runs
 
     for value, name in ((args.epochs, "--epochs"), (args.iterations, "--iterations")):
@@ -179,8 +205,14 @@ def run_study(args: argparse.Namespace) -> dict:
         check_cv(args.cv, 2)
     classes = {t: resolve_trainer(t) for t in args.trainers}
     pairs = parse_pairs(args.pair, args.trainers)
-    plan_jobs([], args.trainers, {}, pairs, args.init)  # checks --init
-    if "supervised" in args.init:
+    plan_jobs([], args.trainers, {}, pairs, args.init, args.selftrain, args.finetune)  # checks the options
+    from nnunet_mmssl.semisup.ignore_label import DEFAULT_THRESHOLD
+
+    threshold = DEFAULT_THRESHOLD if args.selftrain_threshold is None else float(args.selftrain_threshold)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"--selftrain-threshold {threshold}: the normalised entropy is in [0, 1]; use a value in "
+                         f"[0, 1] (1 ignores nothing)")
+    if "supervised" in args.init and args.finetune is None:
         orphans = [t for t, c in classes.items() if getattr(c, "use_unlabeled", False) and t not in pairs]
         if orphans:
             raise ValueError(f"--init supervised: {orphans[0]} has no supervised twin among -tr "
@@ -230,6 +262,8 @@ def run_study(args: argparse.Namespace) -> dict:
     settings = {"dataset": dataset_name, "configuration": args.configuration, "plans": args.plans,
                 "epochs": args.epochs, "iterations": args.iterations, "val_iterations": args.val_iterations}
     _check_settings(output, settings)
+    if args.selftrain:
+        _check_selftrain_threshold(output, threshold)
 
     splits_file = os.path.join(preprocessed, "splits_final.json")
     old_splits = _splits_file_content(splits_file, list(pool_images))
@@ -239,17 +273,18 @@ def run_study(args: argparse.Namespace) -> dict:
         print(f"{splits_file}: folds {sorted(set(folds.values()))} are the study's runs", flush=True)
 
     study_folder_name = unlabeled_data_identifier(data_identifier, plans) + STUDY_UNLABELED_SUFFIX
-    if any(getattr(c, "use_unlabeled", False) for c in classes.values()):
+    if args.selftrain or any(getattr(c, "use_unlabeled", False) for c in classes.values()):
         build_study_unlabeled_folder(os.path.join(preprocessed, study_folder_name), pool_images,
                                      unlabeled_folder if real_unlabeled else None, plans, args.configuration,
                                      dataset_json, num_processes=args.num_processes,
                                      progress=lambda m: print(m, flush=True))
     by_fold = {str(folds[r.name]): r.unlabeled for r in runs}
     ext_folder = os.path.join(output, "ext_trainers")
-    jobs = plan_jobs(runs, args.trainers, folds, pairs, args.init)
+    jobs = plan_jobs(runs, args.trainers, folds, pairs, args.init, args.selftrain, args.finetune)
     fine_tuned = sorted({j.trainer for j in jobs if j.init == "supervised"})
     write_study_trainers(ext_folder, args.trainers, args.epochs, args.iterations, args.val_iterations,
-                         study_folder_name, by_fold, fine_tuned)
+                         study_folder_name, by_fold, fine_tuned, list(args.selftrain),
+                         os.path.join(output, "selftrain"))
     env = dict(os.environ, nnUNet_results=os.path.join(output, "nnUNet_results"), nnUNet_compile="false",
                PYTHONUNBUFFERED="1")  # the runs' progress lines are echoed as they come, not in 8 KB blocks
     others = [p for p in env.get(EXT_TRAINER_VARIABLE, "").split(os.pathsep) if p and p != ext_folder]
@@ -257,7 +292,10 @@ def run_study(args: argparse.Namespace) -> dict:
                                                 ([EXT_TRAINER_FOLDER] if EXT_TRAINER_FOLDER not in others else []))
     context = StudyContext(dataset_name=dataset_name, raw_folder=raw, configuration=args.configuration,
                            plans=args.plans, device=args.device, output=output, env=env,
-                           test_images=os.path.join(raw, "imagesTs"), test_labels=labels_ts)
+                           test_images=os.path.join(raw, "imagesTs"), test_labels=labels_ts,
+                           preprocessed_data_folder=os.path.join(preprocessed, data_identifier),
+                           unlabeled_study_folder=os.path.join(preprocessed, study_folder_name),
+                           selftrain_threshold=threshold)
     for run in {(r.seed, r.cv_fold): r for r in runs if r.cv_fold is not None}.values():
         build_cv_test_folder(context.cv_test_folder(run), run.test, pool_images, os.path.join(raw, "labelsTr"),
                              dataset_json["file_ending"])
@@ -266,7 +304,12 @@ def run_study(args: argparse.Namespace) -> dict:
     if fine_tuned:
         comparisons += [(t + FINE_TUNED_LABEL, pairs[t]) for t in fine_tuned]
         comparisons += [(t + FINE_TUNED_LABEL, t) for t in fine_tuned if "scratch" in args.init]
+    comparisons += [(t + SELFTRAIN_LABEL, t) for t in args.selftrain]
     extra = {} if list(args.init) == ["scratch"] else {"init": list(args.init)}
+    if args.finetune is not None:
+        extra["finetune"] = list(args.finetune)
+    if args.selftrain:
+        extra |= {"selftrain": list(args.selftrain), "selftrain_threshold": threshold}
     if args.cv is not None:
         extra |= {"cv": args.cv, "cv_test_folds": {f"seed{r.seed}_{r.test_name}": list(r.test) for r in runs}}
     report = write_report(output, results, comparisons, {
