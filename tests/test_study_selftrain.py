@@ -261,3 +261,20 @@ def test_student_trains_on_labelled_plus_pseudo_labelled_cases_with_the_ignore_l
     assert np.isfinite(loss)
     output = student.network(batch["data"])
     assert (output[0] if isinstance(output, (list, tuple)) else output).shape[1] == 2  # no head for the ignore label
+
+
+def test_console_refuses_bad_selftrain_and_finetune_options_in_one_line(tmp_path, monkeypatch, capsys):
+    from nnunet_mmssl.cli.study import main
+
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path))
+    base = ["-d", "1", "--labeled", "1", "-o", str(tmp_path / "out"), "-tr", "nnUNetTrainer", "MeanTeacherTrainer",
+            "--pair", "MeanTeacherTrainer=nnUNetTrainer"]
+    for extra, message in ((["--selftrain", "MMFMCMLTrainer"], "--selftrain MMFMCMLTrainer: not among the trainers"),
+                           (["--selftrain", "nnUNetTrainer", "--selftrain-threshold", "2"],
+                            "--selftrain-threshold 2.0: the normalised entropy is in [0, 1]"),
+                           (["--finetune", "MeanTeacherTrainer"], "add --init supervised"),
+                           (["--init", "supervised", "--finetune", "nnUNetTrainer"], "has no supervised twin")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
