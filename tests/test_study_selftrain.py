@@ -278,3 +278,55 @@ def test_console_refuses_bad_selftrain_and_finetune_options_in_one_line(tmp_path
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_report_only_reads_the_finished_runs_and_the_selftrained_runner_waits_for_its_teacher(tmp_path, monkeypatch):
+    import nnunet_mmssl.study.runner as runner_module
+    from nnunet_mmssl.study.runner import StudyContext, StudyRunner, finished_results, run_state
+
+    context = StudyContext(dataset_name="Dataset999_X", raw_folder=str(tmp_path / "raw"), configuration="2d",
+                           plans="nnUNetPlans", device="cpu", output=str(tmp_path / "study"),
+                           env={"nnUNet_results": str(tmp_path / "results")}, test_images="", test_labels="")
+    split = _run()
+    teacher, student = StudyJob("nnUNetTrainer", split, 5), StudyJob("nnUNetTrainer", split, 5, "selftrain",
+                                                                     "nnUNetTrainer")
+    assert context.model_folder(student).endswith(os.path.join("nnUNetTrainer__study_st__nnUNetPlans__2d", "fold_5"))
+    assert context.selftrain_folder(student) == str(tmp_path / "study" / "selftrain" / "nnUNetTrainer" / "fold_5")
+    assert context.result_file(student).endswith(os.path.join("runs", "nnUNetTrainer+st", split.name + ".json"))
+    for job, dice in ((teacher, 0.25),):
+        os.makedirs(context.model_folder(job))
+        open(os.path.join(context.model_folder(job), "checkpoint_final.pth"), "w").close()
+        os.makedirs(os.path.dirname(context.result_file(job)))
+        with open(context.result_file(job), "w") as handle:
+            json.dump({"trainer": job.label, "mean": {"dice": dice}, "seconds": 1.0, "training": None}, handle)
+    assert [run_state(context, j) for j in (teacher, student)] == ["done", "todo"]
+    assert [r["mean"] for r in finished_results(context, [student, teacher])] == [{"dice": 0.25}]
+    assert not os.path.exists(context.model_folder(student))  # nothing written
+
+    calls = []
+
+    class Runner(StudyRunner):
+        def pseudo_label(self, job):
+            calls.append(("pseudo_label", job.label, job.twin_job.label))
+
+        def predict(self, job):
+            return "unused"
+
+        def evaluate(self, job, prediction_folder):
+            return {"metric_per_case": [{"case": "c", "metrics": {"1": {"dice": 0.5}}}]}
+
+        def signals(self, job):
+            return None
+
+    def fake_nnunet_train(cmd, env, log_file, prefix="    "):  # nnUNetv2_train's subprocess: leaves a final model
+        calls.append(("nnUNetv2_train", cmd[cmd.index("-tr") + 1], cmd[-1]))
+        folder = context.model_folder(student)
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, "checkpoint_final.pth"), "w").close()
+
+    monkeypatch.setattr(runner_module, "_run", fake_nnunet_train)
+    results = Runner(context, progress=lambda m: None).run_all([teacher, student])
+    assert calls == [("pseudo_label", "nnUNetTrainer+st", "nnUNetTrainer"),
+                     ("nnUNetv2_train", "nnUNetTrainer__study_st", "--c")]
+    assert results[1]["init"] == "selftrain" and results[1]["teacher"] == "nnUNetTrainer"
+    assert results[1]["trainer"] == "nnUNetTrainer+st"

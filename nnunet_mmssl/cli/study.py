@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--selftrain-threshold", type=float, default=None, metavar="H",
                         help="normalised entropy above which a pseudo-label voxel is ignored (default: "
                              "nnUNetv2_mmssl_selftrain's, 0.5)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the runs already finished in -o (same options as the study); "
+                             "train, predict and write nothing else (e.g. while the study runs elsewhere)")
     parser.add_argument("-device", default="cpu", choices=["cpu", "cuda", "mps"])
     parser.add_argument("-np", "--num-processes", type=int, default=2,
                         help="processes for preprocessing the pool images as unlabelled cases (default 2)")
@@ -186,6 +189,7 @@ def run_study(args: argparse.Namespace) -> dict:
         atomic_write_json,
         build_cv_test_folder,
         build_study_unlabeled_folder,
+        finished_results,
         plan_jobs,
         resolve_trainer,
         worker_cores,
@@ -261,6 +265,9 @@ def run_study(args: argparse.Namespace) -> dict:
     output = os.path.abspath(args.output)
     settings = {"dataset": dataset_name, "configuration": args.configuration, "plans": args.plans,
                 "epochs": args.epochs, "iterations": args.iterations, "val_iterations": args.val_iterations}
+    if args.report_only:
+        if not os.path.isfile(os.path.join(output, "study_settings.json")):
+            raise ValueError(f"--report-only: {output} holds no study; run the study first (without --report-only)")
     _check_settings(output, settings)
     if args.selftrain:
         _check_selftrain_threshold(output, threshold)
@@ -268,12 +275,14 @@ def run_study(args: argparse.Namespace) -> dict:
     splits_file = os.path.join(preprocessed, "splits_final.json")
     old_splits = _splits_file_content(splits_file, list(pool_images))
     new_splits, folds = assign_folds(old_splits, runs)
-    if new_splits != old_splits or not os.path.isfile(splits_file):
+    if args.report_only:
+        pass
+    elif new_splits != old_splits or not os.path.isfile(splits_file):
         atomic_write_json(splits_file, new_splits)
         print(f"{splits_file}: folds {sorted(set(folds.values()))} are the study's runs", flush=True)
 
     study_folder_name = unlabeled_data_identifier(data_identifier, plans) + STUDY_UNLABELED_SUFFIX
-    if args.selftrain or any(getattr(c, "use_unlabeled", False) for c in classes.values()):
+    if not args.report_only and (args.selftrain or any(getattr(c, "use_unlabeled", False) for c in classes.values())):
         build_study_unlabeled_folder(os.path.join(preprocessed, study_folder_name), pool_images,
                                      unlabeled_folder if real_unlabeled else None, plans, args.configuration,
                                      dataset_json, num_processes=args.num_processes,
@@ -282,9 +291,10 @@ def run_study(args: argparse.Namespace) -> dict:
     ext_folder = os.path.join(output, "ext_trainers")
     jobs = plan_jobs(runs, args.trainers, folds, pairs, args.init, args.selftrain, args.finetune)
     fine_tuned = sorted({j.trainer for j in jobs if j.init == "supervised"})
-    write_study_trainers(ext_folder, args.trainers, args.epochs, args.iterations, args.val_iterations,
-                         study_folder_name, by_fold, fine_tuned, list(args.selftrain),
-                         os.path.join(output, "selftrain"))
+    if not args.report_only:
+        write_study_trainers(ext_folder, args.trainers, args.epochs, args.iterations, args.val_iterations,
+                             study_folder_name, by_fold, fine_tuned, list(args.selftrain),
+                             os.path.join(output, "selftrain"))
     env = dict(os.environ, nnUNet_results=os.path.join(output, "nnUNet_results"), nnUNet_compile="false",
                PYTHONUNBUFFERED="1")  # the runs' progress lines are echoed as they come, not in 8 KB blocks
     others = [p for p in env.get(EXT_TRAINER_VARIABLE, "").split(os.pathsep) if p and p != ext_folder]
@@ -296,10 +306,15 @@ def run_study(args: argparse.Namespace) -> dict:
                            preprocessed_data_folder=os.path.join(preprocessed, data_identifier),
                            unlabeled_study_folder=os.path.join(preprocessed, study_folder_name),
                            selftrain_threshold=threshold)
-    for run in {(r.seed, r.cv_fold): r for r in runs if r.cv_fold is not None}.values():
-        build_cv_test_folder(context.cv_test_folder(run), run.test, pool_images, os.path.join(raw, "labelsTr"),
-                             dataset_json["file_ending"])
-    results = StudyRunner(context, progress=lambda m: print(m, flush=True), workers=args.workers).run_all(jobs)
+    if args.report_only:
+        results = finished_results(context, jobs)
+        print(f"--report-only: {len(results)} of the {len(jobs)} runs are finished; the report holds those",
+              flush=True)
+    else:
+        for run in {(r.seed, r.cv_fold): r for r in runs if r.cv_fold is not None}.values():
+            build_cv_test_folder(context.cv_test_folder(run), run.test, pool_images, os.path.join(raw, "labelsTr"),
+                                 dataset_json["file_ending"])
+        results = StudyRunner(context, progress=lambda m: print(m, flush=True), workers=args.workers).run_all(jobs)
     comparisons = list(pairs.items())
     if fine_tuned:
         comparisons += [(t + FINE_TUNED_LABEL, pairs[t]) for t in fine_tuned]

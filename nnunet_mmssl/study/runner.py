@@ -444,6 +444,17 @@ def run_state(context: StudyContext, job: StudyJob) -> str:
     return "done" if os.path.isfile(context.result_file(job)) else "trained"
 
 
+def finished_results(context: StudyContext, jobs: Sequence[StudyJob]) -> list[dict]:
+    """The result files of the ``jobs`` that are done (:func:`run_state`), in the order of ``jobs``; nothing is
+    trained, predicted or written."""
+    results = []
+    for job in jobs:
+        if run_state(context, job) == "done":
+            with open(context.result_file(job)) as handle:
+                results.append(json.load(handle))
+    return results
+
+
 def per_case_metrics(evaluation: dict) -> dict[str, dict[str, float | None]]:
     """Case -> {metric: mean over the evaluated labels (None where undefined)} from :func:`evaluate_folders`."""
     import numpy as np
