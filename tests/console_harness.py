@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 
@@ -11,6 +12,29 @@ def run_console(args: list[str], env: dict, ok: bool = True) -> subprocess.Compl
     if ok:
         assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
+
+
+def run_consoles(commands: list[list[str]], env: dict, ok: bool = True) -> list[subprocess.CompletedProcess]:
+    """Independent console scripts at the same time (their start -- importing torch and nnU-Net -- is most of a
+    short command's time, and it runs on one core); like :func:`run_console` for each, results in order."""
+    started = []
+    for args in commands:  # output into files, so that no command waits on a full pipe
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        started.append((args, subprocess.Popen(args, env=env, stdout=out, stderr=err, text=True), out, err))
+    results = []
+    for args, process, out, err in started:
+        process.wait()
+        texts = []
+        for stream in (out, err):
+            stream.seek(0)
+            texts.append(stream.read())
+            stream.close()
+        results.append(subprocess.CompletedProcess(args, process.returncode, *texts))
+    if ok:
+        for result in results:
+            assert result.returncode == 0, \
+                f"{result.args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return results
 
 
 def console_environment(root: Path, trainer_module: str, trainer_source: str) -> dict:
