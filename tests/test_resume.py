@@ -15,6 +15,7 @@ import textwrap
 import time
 
 import numpy as np
+import phantom_workspace
 import pytest
 import torch
 import trainer_harness as harness
@@ -192,9 +193,8 @@ KILL_TRAINER = textwrap.dedent('''
 
 
 @pytest.fixture(scope="module")
-def kill_workspace(tmp_path_factory):
-    from nnunet_mmssl.dataset_conversion.phantom import make_phantom_cases
-
+def kill_workspace(tmp_path_factory, planned_phantom):
+    """The session's converted and preprocessed phantom (tests/phantom_workspace.py), copied."""
     root = tmp_path_factory.mktemp("kill")
     (root / "user_trainers").mkdir()
     (root / "user_trainers" / "kill_trainers.py").write_text(KILL_TRAINER)
@@ -203,22 +203,16 @@ def kill_workspace(tmp_path_factory):
                nnUNet_results=str(root / "results"), nnUNet_extTrainer=str(root / "user_trainers"),
                nnUNet_def_n_proc="2", nnUNet_n_proc_DA="0", nnUNet_compile="false",
                PATH=os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")]))
-    src = make_phantom_cases(root / "phantom", num_labeled=4, num_unlabeled=2, shape=(8, 32, 32),
-                             spacing=(2.0, 1.0, 1.0), seed=5)
-    for args in (["nnUNetv2_mmssl_convert", "-i", str(src / "labeled"), str(src / "unlabeled"), "--modality",
-                  "MRA=MRA.nii.gz", "--modality", "MRB=MRB.nii.gz", "--label", "seg.nii.gz", "--num-labeled", "3",
-                  "--num-test", "1", "-d", "902", "-n", "Kill", "-o", env["nnUNet_raw"]],
-                 ["nnUNetv2_mmssl_plan_and_preprocess", "-d", "902", "-c", "2d", "-np", "1"]):
-        result = subprocess.run(args, env=env, capture_output=True, text=True)
-        assert result.returncode == 0, f"{args}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    phantom_workspace.copy_into(planned_phantom, root)
     return root, env
 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_with_c_restores_every_piece_of_state(kill_workspace):
     root, env = kill_workspace
-    fold = root / "results" / "Dataset902_Kill" / "MeanTeacherTrainer_killtest__nnUNetPlans__2d" / "fold_0"
-    command = ["nnUNetv2_train", "902", "2d", "0", "-tr", "MeanTeacherTrainer_killtest", "-device", "cpu"]
+    fold = root / "results" / phantom_workspace.DATASET / "MeanTeacherTrainer_killtest__nnUNetPlans__2d" / "fold_0"
+    command = ["nnUNetv2_train", str(phantom_workspace.DATASET_ID), "2d", "0", "-tr", "MeanTeacherTrainer_killtest",
+               "-device", "cpu"]
     process = subprocess.Popen(command, env={**env, "MMSSL_TEST_EPOCHS": "1000"}, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -252,4 +246,9 @@ def test_sigkill_then_resume_with_c_restores_every_piece_of_state(kill_workspace
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["current_epoch"] == epoch + 2 and final[CHECKPOINT_KEY]["ema_step"] == 2 * (epoch + 2)
     assert len(final["logging"]["train_unsup_losses"]) == epoch + 2
+    # Mean Teacher through nnUNetv2_train: a real unsupervised term every epoch, a teacher of its own (moved by EMA)
+    assert all(v > 0 for v in final["logging"]["train_unsup_losses"])
+    teacher = final[CHECKPOINT_KEY]["teacher"]
+    assert teacher.keys() == final["network_weights"].keys()
+    assert any(not torch.equal(teacher[k], final["network_weights"][k]) for k in teacher)
     assert not (fold / "checkpoint_latest.pth").exists()
