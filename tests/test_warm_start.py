@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import subprocess
 import textwrap
 
 import pytest
@@ -344,15 +343,15 @@ def test_continue_with_pretrained_weights_is_one_line_and_nnunets_trainer_is_una
 
 
 @pytest.mark.slow
-def test_nnunet_train_console_warm_starts_our_trainer(checkpoints, tmp_path, monkeypatch):
-    """The real ``nnUNetv2_train 902 2d 0 -tr MemCifSSLTrainer_ws -pretrained_weights FILE`` (a one-step subclass in
-    a user's trainer folder, learning rate 1e-9) on a converted and preprocessed phantom, FILE an nnUNetTrainer
+def test_nnunet_train_console_warm_starts_our_trainer(checkpoints, planned_phantom, tmp_path, monkeypatch):
+    """The real ``nnUNetv2_train 901 2d 0 -tr MemCifSSLTrainer_ws -pretrained_weights FILE`` (a one-step subclass in
+    a user's trainer folder, learning rate 1e-9) on the session's converted and preprocessed phantom (copied,
+    tests/phantom_workspace.py), FILE an nnUNetTrainer
     checkpoint of its plans: the table is in the training log and the final weights are the warm-started ones; a
     checkpoint of other plans (the tiny fixture plans) stops the command with one line."""
-    from console_harness import console_environment, run_console
+    import phantom_workspace
+    from console_harness import console_environment, run_consoles
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-    from nnunet_mmssl.dataset_conversion.phantom import make_phantom_cases
 
     trainer_source = textwrap.dedent('''
         import torch
@@ -371,15 +370,10 @@ def test_nnunet_train_console_warm_starts_our_trainer(checkpoints, tmp_path, mon
                 pass
     ''')
     env = console_environment(tmp_path, "ws_trainers.py", trainer_source)
-    src = make_phantom_cases(tmp_path / "phantom", num_labeled=4, num_unlabeled=2, shape=(8, 32, 32),
-                             spacing=(2.0, 1.0, 1.0), seed=3)
-    run_console(["nnUNetv2_mmssl_convert", "-i", str(src / "labeled"), str(src / "unlabeled"), "--modality",
-                 "MRA=MRA.nii.gz", "--modality", "MRB=MRB.nii.gz", "--label", "seg.nii.gz", "--num-labeled", "4",
-                 "-d", "902", "-n", "Warm", "-o", env["nnUNet_raw"]], env)
-    run_console(["nnUNetv2_mmssl_plan_and_preprocess", "-d", "902", "-c", "2d", "-np", "1"], env)
+    phantom_workspace.copy_into(planned_phantom, tmp_path)
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(key, env[key])
-    preprocessed = tmp_path / "preprocessed" / "Dataset902_Warm"
+    preprocessed = tmp_path / "preprocessed" / phantom_workspace.DATASET
     plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
     plans["continue_training"] = False
     dataset_json = json.loads((preprocessed / "dataset.json").read_text())
@@ -389,13 +383,16 @@ def test_nnunet_train_console_warm_starts_our_trainer(checkpoints, tmp_path, mon
     path = tmp_path / "supervised.pth"
     source = train_nnunet(path, False, trainer=supervised)
 
-    def train(checkpoint) -> subprocess.CompletedProcess:
-        return subprocess.run(["nnUNetv2_train", "902", "2d", "0", "-tr", "MemCifSSLTrainer_ws", "-device", "cpu",
-                               "-pretrained_weights", str(checkpoint)], env=env, capture_output=True, text=True)
+    def train(checkpoint, fold: str) -> list[str]:
+        return ["nnUNetv2_train", str(phantom_workspace.DATASET_ID), "2d", fold, "-tr", "MemCifSSLTrainer_ws",
+                "-device", "cpu", "-pretrained_weights", str(checkpoint)]
 
-    result = train(path)
+    # both commands at once (CI's time budget; each one's start runs on one core), each in a fold folder of its own:
+    # this plans' checkpoint (fold 0), a checkpoint of other plans (the tiny fixture plans; fold 1)
+    other, _ = checkpoints[False]
+    result, refused = run_consoles([train(path, "0"), train(other, "1")], env, ok=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    fold = tmp_path / "results" / "Dataset902_Warm" / "MemCifSSLTrainer_ws__nnUNetPlans__2d" / "fold_0"
+    fold = tmp_path / "results" / phantom_workspace.DATASET / "MemCifSSLTrainer_ws__nnUNetPlans__2d" / "fold_0"
     log = next(fold.glob("training_log_*.txt")).read_text()
     assert f"Warm start from {path} (checkpoint of nnUNetTrainer)" in log
     assert "encoders.0.stages.0.0.convs.0.conv.weight <- encoder.stages.0.0.convs.0.conv.weight[:, [0]]" in log
@@ -407,8 +404,6 @@ def test_nnunet_train_console_warm_starts_our_trainer(checkpoints, tmp_path, mon
             torch.testing.assert_close(trained[f"encoders.{k}.{rel}"], source[f"encoder.{rel}"])
         torch.testing.assert_close(trained[f"decoders.{k}.seg_layers.0.weight"], source["decoder.seg_layers.0.weight"])
 
-    other, _ = checkpoints[False]
-    refused = train(other)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     last = refused.stderr.strip().splitlines()[-1]
     assert last.startswith(f"nnUNetv2_train: error: {other}, tensor ") and "in the checkpoint but the network's" in last
