@@ -335,13 +335,20 @@ def test_resenc_plan_train_predict_through_nnunets_commands(tmp_path):
                 self.num_epochs = 1
                 self.num_iterations_per_epoch = 2
                 self.num_val_iterations_per_epoch = 1
+
+            def perform_actual_validation(self, save_probabilities=False):
+                pass  # not asserted here (nnU-Net's final validation of our trainers: test_integration_nnunet)
     ''')
     env = console_environment(tmp_path, "resenc_trainers.py", source)
     src = make_phantom_cases(tmp_path / "phantom", num_labeled=4, num_unlabeled=2, shape=(8, 32, 32),
                              spacing=(2.0, 1.0, 1.0), seed=4)
-    run(["nnUNetv2_mmssl_convert", "-i", str(src / "labeled"), str(src / "unlabeled"), "--modality", "MRA=MRA.nii.gz",
-         "--modality", "MRB=MRB.nii.gz", "--label", "seg.nii.gz", "--num-labeled", "3", "--num-test", "1",
-         "-d", "925", "-n", "ResEnc", "-o", env["nnUNet_raw"]], env)
+    # the conversion in-process (its console script: tests/test_integration_nnunet.py); planning, training and
+    # prediction through the console scripts
+    from nnunet_mmssl.cli.convert import main as convert
+
+    assert convert(["-i", str(src / "labeled"), str(src / "unlabeled"), "--modality", "MRA=MRA.nii.gz", "--modality",
+                    "MRB=MRB.nii.gz", "--label", "seg.nii.gz", "--num-labeled", "3", "--num-test", "1", "-d", "925",
+                    "-n", "ResEnc", "-o", env["nnUNet_raw"]]) == 0
     run(["nnUNetv2_mmssl_plan_and_preprocess", "-d", "925", "-c", "2d", "-np", "1", "-pl", "nnUNetPlannerResEncM"],
         env)
     pre = tmp_path / "preprocessed" / "Dataset925_ResEnc"
