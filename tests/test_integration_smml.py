@@ -8,13 +8,14 @@ with two channel files absent from the input folder -> ``nnUNetv2_mmssl_evaluate
 """
 
 import json
+import os
 import shutil
 import textwrap
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from console_harness import console_environment
+from console_harness import console_environment, run_consoles
 from console_harness import run_console as _run
 
 pytestmark = pytest.mark.slow
@@ -90,9 +91,21 @@ def workspace(tmp_path_factory):
             sitk.WriteImage(prior, str(priors / f"{case}_{c:04d}.nii.gz"))
     _run(["nnUNetv2_mmssl_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "2"], env)
     pre = root / "preprocessed" / f"Dataset{DATASET_ID:03d}_{NAME}"
-    _run(["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", "SMMLTrainer_itest", "-device", "cpu"], env)
+    # a copy whose second prior is off its image's grid, planned while the training runs (CI's time budget)
+    bad = root / "raw" / f"Dataset{DATASET_ID + 1:03d}_{NAME}Bad"
+    shutil.copytree(raw, bad)
+    bad_prior = sorted((bad / "priorsTr").iterdir())[1]
+    item = sitk.GetImageFromArray(np.zeros((8, 24, 20), np.float32))
+    item.SetSpacing((1.0, 1.0, 2.0))
+    sitk.WriteImage(item, str(bad_prior))
+    trained, bad_plan = run_consoles([
+        ["nnUNetv2_train", str(DATASET_ID), "3d_fullres", "0", "-tr", "SMMLTrainer_itest", "-device", "cpu"],
+        ["nnUNetv2_mmssl_plan_and_preprocess", "-d", str(DATASET_ID + 1), "-c", "3d_fullres", "-np", "2"]], env,
+        ok=False)
+    assert trained.returncode == 0, f"{trained.stdout[-3000:]}\n{trained.stderr[-3000:]}"
     model = root / "results" / f"Dataset{DATASET_ID:03d}_{NAME}" / "SMMLTrainer_itest__nnUNetPlans__3d_fullres"
-    return {"root": root, "env": env, "raw": raw, "pre": pre, "model": model}
+    return {"root": root, "env": env, "raw": raw, "pre": pre, "model": model, "bad": bad, "bad_prior": bad_prior,
+            "bad_plan": bad_plan}
 
 
 def test_regions_and_priors_are_preprocessed_beside_the_data(workspace):
@@ -116,15 +129,8 @@ def test_regions_and_priors_are_preprocessed_beside_the_data(workspace):
 
 
 def test_a_prior_off_its_image_grid_stops_preprocessing_before_anything_is_written(workspace):
-    root, raw, env = workspace["root"], workspace["raw"], workspace["env"]
-    other = root / "raw" / f"Dataset{DATASET_ID + 1:03d}_{NAME}Bad"
-    shutil.copytree(raw, other)
-    bad = sorted((other / "priorsTr").iterdir())[1]
-    item = sitk.GetImageFromArray(np.zeros((8, 24, 20), np.float32))
-    item.SetSpacing((1.0, 1.0, 2.0))
-    sitk.WriteImage(item, str(bad))
-    result = _run(["nnUNetv2_mmssl_plan_and_preprocess", "-d", str(DATASET_ID + 1), "-c", "3d_fullres", "-np", "2"],
-                  env, ok=False)
+    """``nnUNetv2_mmssl_plan_and_preprocess`` on the copy with a prior off its grid (run by the fixture)."""
+    root, other, bad, result = workspace["root"], workspace["bad"], workspace["bad_prior"], workspace["bad_plan"]
     assert result.returncode == 2
     message = result.stderr.strip().splitlines()
     assert len(message) == 1 and bad.name in message[0] and "image grid" in message[0]
@@ -148,11 +154,14 @@ def test_predict_with_two_channel_files_absent(workspace):
         if f.name.endswith(("_0001.nii.gz", "_0002.nii.gz")):  # no T1ce, no T2: the patient has no such file
             f.unlink()
     out = root / "pred_missing"
-    base = ["nnUNetv2_mmssl_predict", "-i", str(images), "-o", str(out), "-d", str(DATASET_ID), "-c", "3d_fullres",
-            "-f", "0", "-tr", "SMMLTrainer_itest", "-device", "cpu", "--disable_tta"]
-    refused = _run(base, env, ok=False)  # without --missing the absent files are an error that names the fix
+    base = ["nnUNetv2_mmssl_predict", "-i", str(images), "-d", str(DATASET_ID), "-c", "3d_fullres", "-f", "0",
+            "-tr", "SMMLTrainer_itest", "-device", "cpu", "--disable_tta"]
+    # both at once (CI's time budget): without --missing the absent files are an error that names the fix
+    refused, done = run_consoles([base + ["-o", str(root / "pred_refused")],
+                                  base + ["-o", str(out), "--missing", "T1ce", "T2"]], env, ok=False)
     assert refused.returncode != 0 and "--missing" in refused.stderr + refused.stdout
-    _run(base + ["--missing", "T1ce", "T2"], env)
+    assert not list((root / "pred_refused").glob("*.nii.gz")) if (root / "pred_refused").exists() else True
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     cases = sorted(f.name for f in (raw / "labelsTs").iterdir())
     assert sorted(f.name for f in out.iterdir() if f.name.endswith(".nii.gz")) == cases
     reference = sitk.ReadImage(str(raw / "labelsTs" / cases[0]))
@@ -161,7 +170,7 @@ def test_predict_with_two_channel_files_absent(workspace):
     assert set(np.unique(sitk.GetArrayFromImage(prediction)).tolist()) <= {0, 1, 2, 3}
 
 
-def test_every_subset_is_evaluated(workspace):
+def test_every_subset_is_evaluated(workspace, capsys, monkeypatch):
     root, raw, env = workspace["root"], workspace["raw"], workspace["env"]
     out = root / "missing_eval"
     cmd = ["nnUNetv2_mmssl_evaluate_missing", "-i", str(raw / "imagesTs"), "-ref", str(raw / "labelsTs"), "-o",
@@ -173,5 +182,12 @@ def test_every_subset_is_evaluated(workspace):
     assert (out / "missing_modalities_dice.png").stat().st_size > 0
     table = (out / "missing_modalities.txt").read_text()
     assert all(region in table for region in ("WT", "TC", "ET"))
-    rerun = _run(cmd, env)  # resumable: every finished subset is kept
-    assert "15 subset(s) already complete" in rerun.stdout
+    # resumable: every finished subset is kept (the rerun in-process: nothing to import or predict again)
+    from nnunet_mmssl.cli.evaluate_missing import main as evaluate_missing
+
+    # the user's trainer folder, as the console script's environment has it
+    monkeypatch.setenv("nnUNet_extTrainer", os.pathsep.join([env["nnUNet_extTrainer"],
+                                                             os.environ.get("nnUNet_extTrainer", "")]))
+    capsys.readouterr()
+    assert evaluate_missing(cmd[1:]) == 0
+    assert "15 subset(s) already complete" in capsys.readouterr().out
