@@ -330,3 +330,37 @@ def test_report_only_reads_the_finished_runs_and_the_selftrained_runner_waits_fo
                      ("nnUNetv2_train", "nnUNetTrainer__study_st", "--c")]
     assert results[1]["init"] == "selftrain" and results[1]["teacher"] == "nnUNetTrainer"
     assert results[1]["trainer"] == "nnUNetTrainer+st"
+
+
+def test_runner_hands_build_data_folder_the_runs_cases_in_a_pinned_subprocess(tmp_path, monkeypatch):
+    import inspect
+    import sys
+
+    import nnunet_mmssl.study.runner as runner_module
+    from nnunet_mmssl.study.runner import StudyContext, StudyRunner
+
+    context = StudyContext(dataset_name="Dataset999_X", raw_folder="", configuration="2d", plans="nnUNetPlans",
+                           device="cpu", output=str(tmp_path / "study"), env={"nnUNet_results": str(tmp_path / "r")},
+                           test_images="", test_labels="", preprocessed_data_folder="/pre/data",
+                           unlabeled_study_folder="/pre/unl", selftrain_threshold=0.3)
+    split = _run()
+    student = StudyJob("nnUNetTrainer", split, 5, "selftrain", "nnUNetTrainer")
+    runner = StudyRunner(context, progress=lambda m: None)
+    with pytest.raises(RuntimeError, match="the teacher's run must train first"):
+        runner.pseudo_label(student)
+    teacher_folder = context.model_folder(student.twin_job)
+    os.makedirs(teacher_folder)
+    open(os.path.join(teacher_folder, "checkpoint_final.pth"), "w").close()
+    commands = []
+    monkeypatch.setattr(runner_module, "_run", lambda cmd, env, log, prefix="": commands.append((cmd, log)))
+    runner._local.cores = (1,)
+    runner.pseudo_label(student)
+    (cmd, log), = commands
+    assert cmd[0] == sys.executable and "os.sched_setaffinity(0, [1])" in cmd[2]  # on the worker's core
+    spec = json.loads(cmd[-1])
+    inspect.signature(build_data_folder).bind(**spec)  # every key is an argument of the function the child calls
+    assert spec == {"final": context.selftrain_folder(student), "teacher_fold_folder": teacher_folder,
+                    "labelled": ["a"], "pseudo": ["b", "u1"], "preprocessed_folder": "/pre/data",
+                    "unlabeled_folder": "/pre/unl", "threshold": 0.3, "device": "cpu"}
+    assert "c" not in spec["pseudo"] + spec["labelled"]  # the run's test case is never pseudo-labelled
+    assert log.endswith("pseudolabel_nnUNetTrainer+st_" + split.name + ".log")
