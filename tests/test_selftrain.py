@@ -299,40 +299,35 @@ def test_bad_input_is_one_line_and_exit_2(env, capsys, extra, message):
 
 # ---------------------------------------------------------------------------------------------- end to end (slow)
 @pytest.mark.slow
-def test_selftrain_end_to_end_on_the_phantom(tmp_path, monkeypatch):
-    """Teacher and student through nnUNetv2_train (2d, 1 epoch of 2 iterations), pseudo-labels by nnU-Net's
-    predictor, the derived dataset preprocessed by nnUNetv2_preprocess with the source's plans; then a rerun."""
-    import subprocess
-    import sys
+def test_selftrain_end_to_end_on_the_phantom(tmp_path, monkeypatch, planned_phantom):
+    """Teacher and student through nnUNetv2_train (2d, 1 epoch of 1 iteration), pseudo-labels by nnU-Net's
+    predictor, the derived dataset preprocessed by nnUNetv2_preprocess with the source's plans; then a rerun. The
+    source is a copy of the session's converted and planned phantom (tests/phantom_workspace.py: our convert and
+    plan console scripts; 3 labelled, 2 test, 3 unlabelled cases)."""
+    import phantom_workspace
 
     from nnunet_mmssl.cli.selftrain import main
-    from nnunet_mmssl.dataset_conversion import PHANTOM_LABEL_GLOB, PHANTOM_MODALITY_GLOBS, convert_dataset
-    from nnunet_mmssl.dataset_conversion.phantom import make_phantom_cases
 
+    phantom_workspace.copy_into(planned_phantom, tmp_path)
     raw, pre = tmp_path / "raw", tmp_path / "preprocessed"
     monkeypatch.setenv("nnUNet_raw", str(raw))
     monkeypatch.setenv("nnUNet_preprocessed", str(pre))
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "elsewhere"))
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    src = make_phantom_cases(tmp_path / "phantom", num_labeled=3, num_unlabeled=2, shape=(8, 32, 32),
-                             spacing=(2.0, 1.0, 1.0), seed=3)
-    convert_dataset([str(src / "labeled"), str(src / "unlabeled")], PHANTOM_MODALITY_GLOBS, PHANTOM_LABEL_GLOB,
-                    str(raw), 903, "Self", num_labeled=2, num_test=1, seed=0, labels={"background": 0, "lesion": 1})
-    code = ("from nnunet_mmssl.cli.plan_and_preprocess import main; raise SystemExit(main(['-d', '903', '-c', '2d', "
-            "'--no-mmssl-plans', '--no-unlabeled', '-np', '1']))")
-    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ))
-    source = raw / "Dataset903_Self"
+    source = raw / phantom_workspace.DATASET
     before = _tree_hash(source)
-    argv = ["-d", "903", "-c", "2d", "-o", str(tmp_path / "work"), "--epochs", "1", "--iterations", "2",
+    argv = ["-d", str(phantom_workspace.DATASET_ID), "-c", "2d", "-o", str(tmp_path / "work"), "--epochs", "1",
+            "--iterations", "1",
             "--val-iterations", "1", "-device", "cpu", "--derived-id", "904", "--disable_tta", "-np", "1",
             "--threshold", "0.3"]
     assert main(argv) == 0
     assert _tree_hash(source) == before
-    derived = raw / "Dataset904_SelfSelfTrainR1"
+    derived = raw / "Dataset904_ITestSelfTrainR1"
     manifest = json.loads((derived / MANIFEST).read_text())
     pool = sorted(f[:-len("_0000.nii.gz")] for f in os.listdir(source / "imagesUnlabeled")
                   if f.endswith("_0000.nii.gz"))
-    assert manifest["pseudo_labelled_cases"] == pool and len(manifest["labelled_cases"]) == 2
+    labelled = sorted(f[:-len(".nii.gz")] for f in os.listdir(source / "labelsTr"))
+    assert manifest["pseudo_labelled_cases"] == pool and manifest["labelled_cases"] == labelled and len(pool) == 3
     tests = {f[:-len("_0000.nii.gz")] for f in os.listdir(source / "imagesTs") if f.endswith("_0000.nii.gz")}
     assert not tests & {f[:-len(".nii.gz")] for f in os.listdir(derived / "labelsTr")}
     # the pseudo-labels carry the ignore label exactly where the teacher's normalised entropy is above 0.3
