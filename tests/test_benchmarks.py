@@ -149,7 +149,8 @@ def test_parse_args_errors(bench, argv, capsys):
 
 
 def test_worker_argv_round_trip(bench):
-    args = bench.parse_args(["--iterations", "4", "--warmup", "0", "--mirror", "--n-proc-da", "1"])
+    args = bench.parse_args(["--iterations", "4", "--warmup", "0", "--mirror", "--n-proc-da", "1",
+                             "--share-steps", "5"])
     argv = bench.worker_argv(args, "Dataset979_X", "3d_fullres", "MemCifSSLTrainer", "/tmp/out")
     assert argv[0] == sys.executable and argv[1] == str(SCRIPT)
     worker = bench.parse_args(argv[2:])
@@ -158,6 +159,7 @@ def test_worker_argv_round_trip(bench):
         ("3d_fullres", "MemCifSSLTrainer", "/tmp/out")
     assert (worker.iterations, worker.warmup, worker.mirror, worker.n_proc_da, worker.threads) == \
         (4, 0, True, 1, args.threads)
+    assert worker.share_steps == 5  # the child measures the gradient share with the parent's setting
 
 
 def test_parse_worker_output(bench):

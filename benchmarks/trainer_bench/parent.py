@@ -47,6 +47,7 @@ def worker_argv(args: argparse.Namespace, dataset: str, configuration: str, trai
             "-f", str(args.fold), "--iterations", str(args.iterations), "--warmup", str(args.warmup),
             "-device", args.device, "--predict-cases", str(predict_cases), "--n-proc-da", str(args.n_proc_da),
             "--interleaved-rounds", str(args.interleaved_rounds), "--interleaved-steps", str(args.interleaved_steps),
+            "--share-steps", str(args.share_steps),
             "--worker-configuration", configuration, "--worker-trainer", trainer, "--worker-output", output_folder]
     if args.threads is not None:
         argv += ["--threads", str(args.threads)]
