@@ -125,11 +125,16 @@ def build_data_folder(final: str, teacher_fold_folder: str, labelled: Sequence[s
         ValueError: a threshold outside [0, 1], a case found in neither folder, or no teacher checkpoint.
     """
     import torch
+    from batchgenerators.utilities.file_and_folder_operations import write_pickle
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, infer_dataset_class
+    from nnunetv2.training.dataloading.nnunet_dataset import (
+        comp_blosc2_params,
+        infer_dataset_class,
+        nnUNetDatasetBlosc2,
+    )
 
     from nnunet_mmssl.dataloading.unlabeled_loader import open_unlabeled_dataset
-    from nnunet_mmssl.io_checks import publish_folder
+    from nnunet_mmssl.io_checks import publish_folder, write_json
     from nnunet_mmssl.safe_load import check_checkpoint, check_plans_networks, read_model_json
     from nnunet_mmssl.semisup.ignore_label import ignore_label_value, with_ignore_label
 
@@ -179,7 +184,7 @@ def build_data_folder(final: str, teacher_fold_folder: str, labelled: Sequence[s
                     if not name.endswith(".pkl"):
                         os.symlink(os.path.abspath(os.path.join(preprocessed_folder, name)), os.path.join(tmp, name))
             properties = dict(properties, class_locations=class_locations(np.asarray(seg), student_labels))
-            _write_pickle(properties, os.path.join(tmp, case + ".pkl"))
+            write_pickle(properties, os.path.join(tmp, case + ".pkl"))  # as nnU-Net's save_case writes it
         for k, case in enumerate(sorted(pseudo)):
             progress(f"    self-training: teacher predicts {case} ({k + 1}/{len(pseudo)})")
             data, seg, _, properties = unlabelled_dataset.load_case(case)
@@ -193,7 +198,7 @@ def build_data_folder(final: str, teacher_fold_folder: str, labelled: Sequence[s
                           "foreground_fraction": float(((label[0] > 0) & (label[0] != ignore)).sum()
                                                        / max(1, inside.sum()))}
             properties = dict(properties, class_locations=class_locations(label, student_labels))
-            if hasattr(writer, "save_case") and writer.__name__ == "nnUNetDatasetBlosc2":
+            if writer is nnUNetDatasetBlosc2:
                 blocks, chunks = comp_blosc2_params(data.shape, patch, data.itemsize)
                 blocks_seg, chunks_seg = comp_blosc2_params(label.shape, patch, label.itemsize)
                 writer.save_case(data, label, properties, os.path.join(tmp, case), chunks=chunks, blocks=blocks,
@@ -216,18 +221,8 @@ def build_data_folder(final: str, teacher_fold_folder: str, labelled: Sequence[s
     if os.path.exists(manifest_path(final)):
         os.remove(manifest_path(final))  # a folder without its manifest is rebuilt, never taken for another's
     publish_folder(tmp, final)
-    partial = f"{manifest_path(final)}.partial-{os.getpid()}"
-    with open(partial, "w") as handle:
-        json.dump(manifest, handle, indent=1)
-    os.replace(partial, manifest_path(final))
+    write_json(manifest, manifest_path(final), indent=1)  # written under a temporary name, read back, renamed
     return manifest
-
-
-def _write_pickle(obj, path: str) -> None:
-    import pickle
-
-    with open(path, "wb") as handle:
-        pickle.dump(obj, handle)
 
 
 def selftrain_student_class(base: type, root: str) -> type:
