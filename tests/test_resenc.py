@@ -78,14 +78,17 @@ def resenc_plans() -> dict:
 
 
 FAMILY = ["MemCifSSLTrainer", "MemCifSSLTrainer_noMEM", "MemCifSSLTrainer_noCIF", "MemCifSSLTrainer_plain",
-          "MemCifSSLTrainer_printedConsistency", "MemCifSupervisedTrainer", "MMFMCMLTrainer", "MMFMCMLTrainer_baseline",
-          "MMFMCMLTrainer_MMF", "MMFMCMLTrainer_MMF_MAE", "MMFMCMLTrainer_MMF_MCML", "MMFMCMLSupervisedTrainer",
-          "MeanTeacherTrainer", "PlainSupervisedTrainer", "ModalityDropoutTrainer"]
-#: one trainer per network and training path in 3d (the variants differ from these by switches, not dimension)
-FAMILY_3D = ["MemCifSSLTrainer", "MMFMCMLTrainer", "MMFMCMLSupervisedTrainer", "MeanTeacherTrainer",
-             "PlainSupervisedTrainer", "ModalityDropoutTrainer"]
+          "MemCifSSLTrainer_printedConsistency", "MemCifSSLTrainer_share0p05", "MemCifSSLTrainer_share0p1",
+          "MemCifSSLTrainer_share0p2", "MemCifSSLTrainer_demo", "MemCifSupervisedTrainer",
+          "MemCifSupervisedTrainer_demo", "MMFMCMLTrainer", "MMFMCMLTrainer_baseline", "MMFMCMLTrainer_MMF",
+          "MMFMCMLTrainer_MMF_MAE", "MMFMCMLTrainer_MMF_MCML", "MMFMCMLSupervisedTrainer", "MeanTeacherTrainer",
+          "MeanTeacherTrainer_share0p05", "MeanTeacherTrainer_share0p1", "MeanTeacherTrainer_share0p2",
+          "PlainSupervisedTrainer", "ModalityDropoutTrainer"]
+#: every trainer of these networks in 3d too (each case is ~1 s: a 4x8x8 patch)
+FAMILY_3D = FAMILY
 #: trainers that use nnU-Net's own network from the plans
-NNUNET_NETWORK = {"MeanTeacherTrainer", "PlainSupervisedTrainer", "ModalityDropoutTrainer"}
+NNUNET_NETWORK = {"MeanTeacherTrainer", "MeanTeacherTrainer_share0p05", "MeanTeacherTrainer_share0p1",
+                  "MeanTeacherTrainer_share0p2", "PlainSupervisedTrainer", "ModalityDropoutTrainer"}
 
 
 @pytest.fixture(scope="module", autouse=True)

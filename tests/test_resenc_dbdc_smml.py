@@ -71,16 +71,8 @@ DBDC_NAMES = ["DBDCTrainer", "DBDCTrainer_noMLPB_noMAW", "DBDCTrainer_noMAW", "D
 SMML_NAMES = ["SMMLTrainer", "SMMLTrainer_single", "SMMLTrainer_singleSRN", "SMMLTrainer_dual", "SMMLTrainer_dualPBC",
               "SMMLTrainer_dualFRC", "SMMLTrainer_dualPBCFRC", "SMMLSSLTrainer"]
 ALL_NAMES = DBDC_NAMES + ["PooledUNetTrainer"] + SMML_NAMES
-#: one trainer per network (and SMML's branch count) in the fast set; the others (the same networks with other bank
-#: scopes -- test_bank_scopes_on_the_residual_unet --, without the projector, other loss switches) are slow
-FAST = [("DBDCTrainer", "2d"), ("DBDCTrainer", "3d_fullres"), ("PooledUNetTrainer", "2d"), ("SMMLTrainer", "2d"),
-        ("SMMLTrainer", "3d_fullres"), ("SMMLTrainer_single", "2d")]
-#: slow: a network switch each (no projector, no banks, SMML's dual branches, the supervised twins) in 2d; the other
-#: loss-switch variants build the same networks and are covered on the plain plans (the suite's time budget)
-SLOW = [("DBDCTrainer_noMLPB_noMAW", "2d"), ("DBDCTrainer_mlmbNone", "2d"), ("DBDCSupervisedTrainer", "2d"),
-        ("PooledUNetTrainer", "3d_fullres"), ("SMMLTrainer_dual", "2d"), ("SMMLSSLTrainer", "2d")]
-CASES = [pytest.param(name, configuration, marks=() if (name, configuration) in FAST else pytest.mark.slow)
-         for name in ALL_NAMES for configuration in ("2d", "3d_fullres") if (name, configuration) in FAST + SLOW]
+#: every trainer of these networks, 2d and 3d_fullres (each case is 1-2 s at the tiny patches above)
+CASES = [(name, configuration) for name in ALL_NAMES for configuration in ("2d", "3d_fullres")]
 
 
 def _unregistered(name: str) -> bool:

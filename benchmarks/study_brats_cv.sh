@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The cross-validated real-data study of README "Every labelled case tested, and self-training": BraTS FLAIR+T1
+# from ../shared/data, all 10 labelled cases as the pool, --cv 2, seeds 0 1 2, 2d at 2 mm, 25 x 10 iterations.
+#
+#   benchmarks/study_brats_cv.sh WORKDIR [STAGE ...]
+#
+# WORKDIR holds the converted and planned dataset (work/) and the study folder (study/); everything is resumable:
+# a stage re-run skips the runs already done. Stages, in the order they were run (default: all):
+#   prep      convert + plan + preprocess (real_data_run.py --prepare-only)
+#   n1core    1 labelled: nnUNetTrainer, its self-training (+st), Mean Teacher and MemCif at the paper weights
+#   n1share   1 labelled: Mean Teacher and MemCif with unsupervised_share_target 0.2
+#   n1mmf     1 labelled: MMF-MCML
+#   n1share05 1 labelled: Mean Teacher and MemCif with unsupervised_share_target 0.05
+#   n1ft      1 labelled: MMF-MCML and Mean Teacher fine-tuned from nnUNetTrainer's model of the run
+#   n3core    3 labelled: as n1core
+#   report    the report over every arm finished (--report-only; safe while runs go on)
+# Every SSL arm is paired with nnUNetTrainer (--pair), which is also the teacher of the self-training arm.
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+work="$(mkdir -p "$1" && cd "$1" && pwd)"; shift
+stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(prep n1core n1share n1mmf n1share05 n1ft n3core report)
+data="${MMSSL_SHARED_DATA:-$here/../shared/data}"
+export nnUNet_raw="$work/work/nnUNet_raw" nnUNet_preprocessed="$work/work/nnUNet_preprocessed"
+export nnUNet_results="$work/work/nnUNet_results" nnUNet_n_proc_DA=0 nnUNet_def_n_proc=2
+
+SSL=(MeanTeacherTrainer MeanTeacherTrainer_share0p2 MeanTeacherTrainer_share0p05 MemCifSSLTrainer
+     MemCifSSLTrainer_share0p2 MemCifSSLTrainer_share0p05 MMFMCMLTrainer)
+study() {  # study "LABELLED..." -tr TRAINERS... [study options...]; every SSL trainer of -tr paired with nnUNetTrainer
+    local n="$1"; shift
+    local pairs=() t
+    for t in "${SSL[@]}"; do [[ " $* " == *" $t "* ]] && pairs+=(--pair "$t=nnUNetTrainer"); done
+    # shellcheck disable=SC2086
+    nnUNetv2_mmssl_study -d 501 -p nnUNetPlans_bs4 -c 2d --cv 2 --labeled $n --seeds 0 1 2 --epochs 25 \
+        --iterations 10 --val-iterations 2 --workers 2 -o "$work/study" "${pairs[@]}" "$@"
+}
+
+for stage in "${stages[@]}"; do
+    echo "=== $stage $(date -u +%FT%TZ)"
+    case "$stage" in
+        prep) python "$here/benchmarks/real_data_run.py" --data "$data" --workdir "$work/work" -c 2d \
+                  --spacing 2 2 2 --batch-size 4 --num-labeled 10 --num-test 0 --prepare-only ;;
+        n1core) study 1 -tr nnUNetTrainer MeanTeacherTrainer MemCifSSLTrainer --selftrain nnUNetTrainer ;;
+        n1share) study 1 -tr nnUNetTrainer MeanTeacherTrainer_share0p2 MemCifSSLTrainer_share0p2 ;;
+        n1mmf) study 1 -tr nnUNetTrainer MMFMCMLTrainer ;;
+        n1share05) study 1 -tr nnUNetTrainer MeanTeacherTrainer_share0p05 MemCifSSLTrainer_share0p05 ;;
+        n1ft) study 1 -tr nnUNetTrainer MMFMCMLTrainer MeanTeacherTrainer --init scratch supervised \
+                  --finetune MMFMCMLTrainer MeanTeacherTrainer ;;
+        n3core) study 3 -tr nnUNetTrainer MeanTeacherTrainer MemCifSSLTrainer --selftrain nnUNetTrainer ;;
+        report) study "1 3" -tr nnUNetTrainer "${SSL[@]}" --selftrain nnUNetTrainer --init scratch supervised \
+                    --finetune MMFMCMLTrainer MeanTeacherTrainer --report-only ;;
+        *) echo "unknown stage $stage" >&2; exit 2 ;;
+    esac
+done
