@@ -302,6 +302,10 @@ def test_report_only_reads_the_finished_runs_and_the_selftrained_runner_waits_fo
     assert [run_state(context, j) for j in (teacher, student)] == ["done", "todo"]
     assert [r["mean"] for r in finished_results(context, [student, teacher])] == [{"dice": 0.25}]
     assert not os.path.exists(context.model_folder(student))  # nothing written
+    os.remove(os.path.join(context.model_folder(teacher), "checkpoint_final.pth"))  # archived without checkpoints
+    assert run_state(context, teacher) == "todo"
+    assert [r["mean"] for r in finished_results(context, [student, teacher])] == [{"dice": 0.25}]
+    open(os.path.join(context.model_folder(teacher), "checkpoint_final.pth"), "w").close()
 
     calls = []
 

@@ -445,11 +445,13 @@ def run_state(context: StudyContext, job: StudyJob) -> str:
 
 
 def finished_results(context: StudyContext, jobs: Sequence[StudyJob]) -> list[dict]:
-    """The result files of the ``jobs`` that are done (:func:`run_state`), in the order of ``jobs``; nothing is
-    trained, predicted or written."""
+    """The result files of the ``jobs`` that have one, in the order of ``jobs``; nothing is trained, predicted or
+    written. A result file is written only once its run is trained, predicted and scored, so it is the run's record:
+    it counts without the model folder (a study archived without its checkpoints still reports; resuming such a
+    study trains those runs again, :func:`run_state`)."""
     results = []
     for job in jobs:
-        if run_state(context, job) == "done":
+        if os.path.isfile(context.result_file(job)):
             with open(context.result_file(job)) as handle:
                 results.append(json.load(handle))
     return results
