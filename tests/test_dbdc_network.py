@@ -24,7 +24,9 @@ from nnunet_mmssl.building_blocks.norm_bank import (  # noqa: E402
     ModalityContext,
     ModalityNormBank,
     ModalityNotSetError,
+    modality_runs,
     replace_norms_with_banks,
+    running_statistics_frozen,
 )
 from nnunet_mmssl.diagnostics import debug_checks  # noqa: E402
 
@@ -134,6 +136,64 @@ def test_bank_modality_vector_equals_the_modalitys_own_norm(kind):
     half = bank(x.bfloat16())
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), bank(x), rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_bank_runs_path_equals_the_one_hot_path(dim, monkeypatch):
+    """Host-known contiguous runs: the fused per-run batch norm gives the one-hot path's outputs, input and parameter
+    gradients, running statistics (momentum 0.01; a modality absent from the batch untouched) and batch counts; the
+    one-hot statistics are not computed at all; frozen statistics stay frozen."""
+    context = ModalityContext()
+    bank = ModalityNormBank(3, 4, dim, context)  # momentum 0.01, DBDC's
+    _randomise_affine(bank, 4)
+    bank.train()
+    one_hot = copy.deepcopy(bank)
+    one_hot._context = context
+    generator = torch.Generator().manual_seed(5)
+    modality = torch.tensor([2, 2, 2, 0, 0])  # modality 1 absent; runs out of index order
+    x = torch.randn((5, 4, *_shape(dim, 5)), generator=generator) * 1.5 + modality.view(-1, *[1] * (dim + 1)) * 3.0
+    weights = torch.randn(x.shape, generator=generator)
+    x_runs, x_hot = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    context.set(modality)
+    expected = one_hot(x_hot)
+    (expected * weights).sum().backward()
+    monkeypatch.setattr(ModalityNormBank, "_batch_statistics", lambda *a: pytest.fail("one-hot path taken"))
+    context.set(modality, runs=((2, 3), (0, 2)))
+    out = bank(x_runs)
+    (out * weights).sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_runs.grad, x_hot.grad, rtol=1e-4, atol=1e-5)
+    for mine, theirs in zip(bank.parameters(), one_hot.parameters(), strict=True):  # absent modality: None vs 0
+        torch.testing.assert_close(torch.zeros_like(theirs) if mine.grad is None else mine.grad, theirs.grad,
+                                   rtol=1e-4, atol=1e-5)
+    assert bank.norms[2].weight.grad.abs().sum() > 0
+    for mine, theirs in zip(bank.buffers(), one_hot.buffers(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    # 0.99 * 0 + 0.01 * the run's mean: modality 2's channels moved, modality 1's did not
+    torch.testing.assert_close(bank.norms[2].running_mean, 0.01 * x[:3].mean(dim=(0, *range(2, dim + 2))))
+    assert [int(n.num_batches_tracked) for n in bank.norms] == [1, 0, 1]
+    assert torch.equal(bank.norms[1].running_mean, torch.zeros(4))
+    before = [b.clone() for b in bank.buffers()]
+    with running_statistics_frozen(bank):
+        bank(x)
+    assert all(torch.equal(a, b) for a, b in zip(before, bank.buffers(), strict=True))
+
+
+def test_modality_runs_merge_drop_and_refuse():
+    assert modality_runs([(0, 2), (0, 3), (1, 0), (1, 4)], 9) == ((0, 5), (1, 4))
+    assert modality_runs([(1, 2), (0, 1)], 3) == ((1, 2), (0, 1))
+    assert modality_runs([(0, 2), (1, 1), (0, 1)], 4) is None  # modality 0 twice: its statistics must pool
+    with pytest.raises(ValueError, match="cover 3 samples of a batch of 4"):
+        modality_runs([(0, 2), (1, 1)], 4)
+
+
+def test_network_checks_runs_against_the_modality_vector_with_debug_checks():
+    network = _build(2, modalities=MODALITIES).train()
+    x = torch.randn(3, 1, 16, 16)
+    with debug_checks(), pytest.raises(ValueError, match="do not describe the modality vector"):
+        network(x, modality=torch.tensor([0, 1, 1]), modality_runs=((0, 2), (1, 1)))
+    with debug_checks():
+        network(x, modality=torch.tensor([0, 1, 1]), modality_runs=((0, 1), (1, 2)))
 
 
 def test_bank_running_statistics_per_modality():

@@ -115,10 +115,11 @@ def test_step_reads_k_labelled_and_k_unlabelled_batches_in_one_pass():
     trainer = make()
     assert trainer.modalities == MODALITIES and isinstance(trainer.network, DBDCUNet)
     pairs = modality_batches(trainer, seed=1)
-    calls = []
+    calls, runs = [], []
 
     def record(_module, args, kwargs):
         calls.append((args[0].detach().clone(), kwargs.get("modality"), kwargs.get("perturb_features")))
+        runs.append(kwargs.get("modality_runs"))
 
     hook = trainer.network.register_forward_pre_hook(record, with_kwargs=True)
     trainer.on_train_epoch_start()
@@ -135,6 +136,7 @@ def test_step_reads_k_labelled_and_k_unlabelled_batches_in_one_pass():
     assert x.shape[0] == 2 * run
     assert modality.tolist() == [0] * run + [1] * run
     assert perturb.tolist() == ([False] * (b + bu) + [True] * bu) * 2
+    assert runs == [((0, bu), (1, bu)), ((0, run), (1, run))]  # the banks' fused per-modality path
     for k, (labelled, unlabelled) in enumerate(pairs):
         start = k * run
         torch.testing.assert_close(x[start:start + b], labelled["data"])
@@ -143,6 +145,28 @@ def test_step_reads_k_labelled_and_k_unlabelled_batches_in_one_pass():
         assert (image_perturbed - unlabelled["data"]).abs().mean() < 0.5  # noise + scaling, not another image
         torch.testing.assert_close(x[start + b + bu:start + run], unlabelled["data"])
     assert math.isfinite(float(out["objective"])) and float(out["unsup_loss"]) > 0
+
+
+def test_step_with_modality_runs_equals_the_one_hot_step(monkeypatch):
+    """The host-known runs the step passes change the banks' kernels, not the step: losses, updated weights and
+    running statistics equal those of the same step on the one-hot path."""
+    import nnunet_mmssl.trainers.dbdc as dbdc_module
+
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(dbdc_module, "modality_runs", lambda counts, batch: None)
+        trainer = make(seed=3)
+        trainer.on_train_epoch_start()
+        out, _ = step(trainer, modality_batches(trainer, seed=4), seed=5)
+        results.append((out, {k: v.detach().clone() for k, v in trainer.network.state_dict().items()}))
+    (fused_out, fused_state), (hot_out, hot_state) = results
+    for key in ("objective", "unsup_loss"):
+        assert float(fused_out[key]) == pytest.approx(float(hot_out[key]), rel=1e-4, abs=1e-6)
+    assert fused_state.keys() == hot_state.keys()
+    for key in fused_state:
+        torch.testing.assert_close(fused_state[key], hot_state[key], rtol=1e-3, atol=1e-5, msg=key)
+    assert any("running_mean" in k and float(v.abs().sum()) > 0 for k, v in fused_state.items())
 
 
 def test_objective_is_the_weighted_sum_over_modalities():

@@ -208,7 +208,8 @@ class _DBDCNetwork(ModalitySelection):
         return F.normalize(self.projector(torch.cat(parts, 1)), dim=1)
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor | int | None = None,
-                perturb_features: torch.Tensor | None = None):
+                perturb_features: torch.Tensor | None = None,
+                modality_runs: Sequence[tuple[int, int]] | None = None):
         """Logits (a list, highest resolution first, under deep supervision); with :attr:`return_embeddings`,
         ``(logits, embeddings)``.
 
@@ -218,8 +219,21 @@ class _DBDCNetwork(ModalitySelection):
             perturb_features: (B,) bool, samples whose bottleneck gets channel dropout (dual consistency). Applied
                 whenever given, in train and eval mode alike: the caller asks for it (the trainer passes it only on
                 its training step; prediction never does).
+            modality_runs: with a tensor ``modality``, optionally the host's knowledge that the batch is contiguous
+                runs ((k, n), ...) of one modality each (:func:`~nnunet_mmssl.building_blocks.norm_bank.modality_runs`):
+                the BatchNorm banks then normalise each run with the fused kernel (same result, faster). It must
+                describe ``modality``; with debug checks on it is compared with it.
         """
-        self.modality_context.set(self.batch_modality(x, modality))
+        batch_modality = self.batch_modality(x, modality)
+        runs = None
+        if modality_runs is not None and isinstance(batch_modality, torch.Tensor):
+            runs = tuple((int(k), int(n)) for k, n in modality_runs)
+            if debug_checks_enabled():
+                expected = torch.cat([torch.full((n,), k, dtype=torch.long) for k, n in runs]) if runs else None
+                if expected is None or not torch.equal(expected, batch_modality.cpu()):
+                    raise ValueError(f"modality_runs {list(runs)} do not describe the modality vector "
+                                     f"{batch_modality.tolist()}")
+        self.modality_context.set(batch_modality, runs)
         try:
             skips = self.encoder(x)
             skips[-1] = self._perturb(skips[-1], perturb_features)

@@ -19,6 +19,14 @@ without data-dependent Python branches (one graph under ``torch.compile``): per-
 per modality with one-hot weights (law of total variance), and each sample is normalised by an affine map gathered
 from its modality's statistics; a modality absent from the batch keeps its running statistics. A whole batch of one
 modality known on the host (an ``int``, e.g. at prediction) takes that modality's own norm directly.
+
+When the caller also knows on the host that the batch comes in contiguous runs of one modality each (``runs``:
+``((k, n), ...)``, every modality in at most one run -- DBDC's trainer builds its batches that way), a BatchNorm bank
+in training normalises each run with PyTorch's fused batch-norm kernel on that slice instead (the same statistics and
+running-statistics update; no host-device synchronisation either: the run lengths are Python ints). The one-hot path
+costs about four fused batch norms' time on the CPU (2026-12-07: a 64 x 32 x 48 x 48 batch, forward + backward,
+177 ms against 44 ms for nn.BatchNorm2d and 60 ms for the split; one 3x3 convolution of that width took 174 ms), and a
+residual-encoder U-Net has a norm after every convolution.
 """
 
 from __future__ import annotations
@@ -59,10 +67,15 @@ class ModalityContext:
 
     def __init__(self):
         self.modality: torch.Tensor | int | None = None
+        #: with a (B,) tensor: ((k, n), ...) when the batch is known on the host to be contiguous runs of n samples
+        #: of modality k, each modality in at most one run (see the module docstring); else None
+        self.runs: tuple[tuple[int, int], ...] | None = None
 
-    def set(self, modality: torch.Tensor | int | None) -> None:
-        """Set the batch's modality: None, an index for the whole batch, or a (B,) long tensor."""
+    def set(self, modality: torch.Tensor | int | None, runs: Sequence[tuple[int, int]] | None = None) -> None:
+        """Set the batch's modality: None, an index for the whole batch, or a (B,) long tensor, optionally with its
+        contiguous modality runs (:func:`modality_runs`)."""
         self.modality = modality
+        self.runs = None if runs is None else tuple((int(k), int(n)) for k, n in runs)
 
     def __deepcopy__(self, memo):  # a deep copy of a network gets its own (empty) context
         return ModalityContext()
@@ -72,6 +85,30 @@ class ModalityContext:
 
     def __setstate__(self, state):
         self.modality = None
+        self.runs = None
+
+
+def modality_runs(counts: Sequence[tuple[int, int]], batch: int) -> tuple[tuple[int, int], ...] | None:
+    """The contiguous modality runs of a batch assembled from ``counts`` = ((modality, samples), ...) in order:
+    neighbouring parts of one modality merged, empty parts dropped; None when a modality would appear in two
+    separate runs (its statistics must pool over both: the banks then take the one-hot path).
+
+    Raises:
+        ValueError: the counts do not add up to ``batch``.
+    """
+    runs: list[list[int]] = []
+    for k, n in counts:
+        if n <= 0:
+            continue
+        if runs and runs[-1][0] == k:
+            runs[-1][1] += n
+        else:
+            runs.append([int(k), int(n)])
+    if sum(n for _, n in runs) != batch:
+        raise ValueError(f"modality runs {list(counts)} cover {sum(n for _, n in runs)} samples of a batch of {batch}")
+    if len({k for k, _ in runs}) != len(runs):
+        return None
+    return tuple((k, n) for k, n in runs)
 
 
 def _make_norm(kind: str, conv_dim: int, num_features: int, momentum: float, eps: float) -> nn.Module:
@@ -120,6 +157,9 @@ class ModalityNormBank(nn.Module):
             return self.norms[int(modality)](x)
         if modality.shape[0] != x.shape[0]:
             raise ValueError(f"modality has {modality.shape[0]} entries for a batch of {x.shape[0]}")
+        runs = self._context.runs
+        if runs is not None and self.kind == "batch" and self.training and x[0, 0].numel() > 1:
+            return self._forward_runs(x, runs)
         # (B, K) one-hot weights of the samples' modalities (an index outside [0, K) selects no norm)
         onehot = (modality.reshape(-1, 1) == torch.arange(self.num_modalities, device=x.device)).float()
         if self.kind == "instance":
@@ -142,6 +182,27 @@ class ModalityNormBank(nn.Module):
             with full_precision(x.device.type):
                 return torch.addcmul(bias.view(shape), out.float(), weight.view(shape)).to(x.dtype)
         return torch.addcmul(bias.to(x.dtype).view(shape), out, weight.to(x.dtype).view(shape))
+
+    def _forward_runs(self, x: torch.Tensor, runs: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        """Training with host-known contiguous runs: each run through its modality's norm as ``nn.BatchNorm`` does
+        (the fused kernel; batch statistics of the run; the running statistics updated with its momentum unless
+        frozen), without calling the norm module itself, so that a norm converted to SyncBatchNorm under DDP still
+        uses this process's statistics, as the one-hot path does."""
+        if sum(n for _, n in runs) != x.shape[0]:
+            raise ValueError(f"modality runs {list(runs)} do not cover a batch of {x.shape[0]}")
+        outputs = []
+        for (k, _), part in zip(runs, x.split([n for _, n in runs]), strict=True):
+            norm = self.norms[k]
+            track = norm.track_running_stats
+            factor = 0.0 if norm.momentum is None else norm.momentum
+            if track:
+                norm.num_batches_tracked.add_(1)
+                if norm.momentum is None:  # cumulative moving average, as nn.BatchNorm
+                    factor = 1.0 / float(norm.num_batches_tracked)
+            outputs.append(F.batch_norm(part, norm.running_mean if track else None,
+                                        norm.running_var if track else None, norm.weight, norm.bias, True, factor,
+                                        norm.eps))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _batch_statistics(self, x: torch.Tensor, onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C) mean and biased variance of each sample's modality: its batch statistics (pooled over the samples

@@ -55,7 +55,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_mmssl.architectures.dbdc import DBDC_NETWORKS, DBDCResEncUNet, DBDCUNet, architecture_on_base
-from nnunet_mmssl.building_blocks.norm_bank import running_statistics_frozen
+from nnunet_mmssl.building_blocks.norm_bank import modality_runs, running_statistics_frozen
 from nnunet_mmssl.dataloading.per_modality import (
     DBDCDataError,
     ModalityBatches,
@@ -362,7 +362,9 @@ class DBDCTrainer(SSLTrainerBase):
             # the main pass below updates them once per step
             with torch.no_grad(), running_statistics_frozen(net):
                 net.return_embeddings = False
-                out = self.network(clean, modality=modality_u)
+                out = self.network(clean, modality=modality_u,
+                                   modality_runs=modality_runs([(k, u.shape[0]) for k, u in unlabelled],
+                                                               clean.shape[0]))
                 out = out[0] if isinstance(out, (list, tuple)) else out
             start = 0
             for k, u in unlabelled:
@@ -373,9 +375,12 @@ class DBDCTrainer(SSLTrainerBase):
         parts, modality, perturb, slices = [], [], [], {}
         position = 0
 
+        part_modality = []
+
         def add(key, x, k, feature_perturbation=False):
             nonlocal position
             parts.append(x)
+            part_modality.append(k)
             modality.append(torch.full((x.shape[0],), k, dtype=torch.long, device=self.device))
             perturb.append(torch.full((x.shape[0],), feature_perturbation, dtype=torch.bool, device=self.device))
             slices[key] = slice(position, position + x.shape[0])
@@ -391,7 +396,10 @@ class DBDCTrainer(SSLTrainerBase):
                     add(("fpc", k), unlabelled_of[k], k, feature_perturbation=True)
         net.return_embeddings = self.use_prototypes
         try:
-            out = self.network(torch.cat(parts), modality=torch.cat(modality), perturb_features=torch.cat(perturb))
+            batch = torch.cat(parts)
+            runs = modality_runs([(k, x.shape[0]) for k, x in zip(part_modality, parts, strict=True)], batch.shape[0])
+            out = self.network(batch, modality=torch.cat(modality), perturb_features=torch.cat(perturb),
+                               modality_runs=runs)
         finally:
             net.return_embeddings = False
         logits, embeddings = out if self.use_prototypes else (out, None)
