@@ -14,6 +14,10 @@
 #   n1ft      1 labelled: MMF-MCML and Mean Teacher fine-tuned from nnUNetTrainer's model of the run
 #   n3core    3 labelled: as n1core
 #   report    the report over every arm finished (--report-only; safe while runs go on)
+#   archive   copy the finished runs' result files, the settings and the report into
+#             benchmarks/results/brats_cv_study (small; the models stay in WORKDIR). To report from an archive on
+#             another machine: run `prep`, copy the archive's runs/ and study_settings.json into WORKDIR/study, then
+#             `report` (a run's result file is its record; resuming retrains the archived runs, their models are gone)
 # Every SSL arm is paired with nnUNetTrainer (--pair), which is also the teacher of the self-training arm.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -48,6 +52,11 @@ for stage in "${stages[@]}"; do
         n3core) study 3 -tr nnUNetTrainer MeanTeacherTrainer MemCifSSLTrainer --selftrain nnUNetTrainer ;;
         report) study "1 3" -tr nnUNetTrainer "${SSL[@]}" --selftrain nnUNetTrainer --init scratch supervised \
                     --finetune MMFMCMLTrainer MeanTeacherTrainer --report-only ;;
+        archive) dest="$here/benchmarks/results/brats_cv_study"; rm -rf "$dest.tmp"; mkdir -p "$dest.tmp"
+                 cp -r "$work/study/runs" "$work/study/study_settings.json" "$dest.tmp/"
+                 for f in study_table.txt study_results.json dice_vs_labeled.png; do
+                     [ -f "$work/study/$f" ] && cp "$work/study/$f" "$dest.tmp/"; done
+                 rm -rf "$dest"; mv "$dest.tmp" "$dest"; echo "archived to $dest" ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done
