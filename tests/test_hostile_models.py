@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from console_harness import assert_user_error
+from console_harness import assert_user_error, run_consoles
 
 from nnunet_mmssl.safe_load import (
     UnsafeModelError,
@@ -383,12 +383,10 @@ def test_modalities_from_must_belong_to_the_models_dataset(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["--c", "-pretrained_weights"])
-def test_nnunet_train_console_refuses_a_checkpoint_that_runs_code(how, good_model, tmp_path):
-    """End to end: ``nnUNetv2_train 999 2d 0 -tr MemCifSSLTrainer --c`` (or ``-pretrained_weights FILE``) in a child
-    process: one ``nnUNetv2_train: error:`` line naming the file and ``posix.system``, no traceback, no marker."""
-    import subprocess
-
+def test_nnunet_train_console_refuses_a_checkpoint_that_runs_code(good_model, tmp_path):
+    """End to end: ``nnUNetv2_train 999 2d 0 -tr MemCifSSLTrainer --c`` and ``... -pretrained_weights FILE`` in child
+    processes (both at once: CI's time budget): each gives one ``nnUNetv2_train: error:`` line naming the file and
+    ``posix.system``, no traceback, no marker."""
     import trainer_harness
     from plans_fixtures import DATASET_JSON, PLANS
 
@@ -407,12 +405,11 @@ def test_nnunet_train_console_refuses_a_checkpoint_that_runs_code(how, good_mode
     env.pop("NNUNET_MMSSL_NO_EXT_TRAINER", None)
     train = ("import sys; from nnunetv2.run.run_training import run_training_entry as m; "
              "sys.argv[0] = 'nnUNetv2_train'; sys.exit(m())")
-    extra = ["--c"] if how == "--c" else ["-pretrained_weights", str(evil)]
-    result = subprocess.run([sys.executable, "-c", train, "999", "2d", "0", "-tr", "MemCifSSLTrainer", "-device",
-                             "cpu", *extra], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("nnUNetv2_train: error: ") and "posix.system" in last, result.stderr[-3000:]
-    assert "checkpoint_final.pth: refused to open" in last
+    command = [sys.executable, "-c", train, "999", "2d", "0", "-tr", "MemCifSSLTrainer", "-device", "cpu"]
+    for result in run_consoles([command + ["--c"], command + ["-pretrained_weights", str(evil)]], env, ok=False):
+        assert result.returncode != 0, result.args
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("nnUNetv2_train: error: ") and "posix.system" in last, result.stderr[-3000:]
+        assert "checkpoint_final.pth: refused to open" in last
     assert not marker.exists()
