@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -329,7 +330,11 @@ def test_interrupted_rerun_keeps_the_published_labelled_folder(tmp_path, monkeyp
 
 def _interrupt_when(command: list[str], env: dict, marker: str, delay: float) -> tuple[int, str, float]:
     """Start ``command`` in its own process group, send SIGINT to the group (as a terminal's Ctrl-C does) ``delay``
-    seconds after ``marker`` appears on stdout; return (exit code, stderr, seconds from SIGINT to exit)."""
+    seconds after ``marker`` appears on stdout; return (exit code, stderr, seconds from SIGINT to exit).
+
+    The seconds are the command's own exit (what the user waits for). Its stderr is read until every process that
+    holds the pipe has closed it (a multiprocessing pool's workers may outlive the command by a few seconds, more on a
+    loaded machine), so a late worker traceback is still seen."""
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
@@ -343,8 +348,17 @@ def _interrupt_when(command: list[str], env: dict, marker: str, delay: float) ->
         assert process.poll() is None, "the command ended before the interrupt"
         start = time.monotonic()
         os.killpg(process.pid, signal.SIGINT)
-        _, err = process.communicate(timeout=60)
-        return process.returncode, err, time.monotonic() - start
+        streams = {}
+        readers = [threading.Thread(target=lambda name=name: streams.update({name: getattr(process, name).read()}),
+                                    daemon=True) for name in ("stdout", "stderr")]
+        for reader in readers:
+            reader.start()
+        process.wait(timeout=60)
+        seconds = time.monotonic() - start
+        for reader in readers:
+            reader.join(timeout=180)
+        assert "stderr" in streams, "the command's stderr stayed open 180 s after it exited"
+        return process.returncode, streams["stderr"], seconds
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
