@@ -194,6 +194,8 @@ def test_network_checks_runs_against_the_modality_vector_with_debug_checks():
         network(x, modality=torch.tensor([0, 1, 1]), modality_runs=((0, 2), (1, 1)))
     with debug_checks():
         network(x, modality=torch.tensor([0, 1, 1]), modality_runs=((0, 1), (1, 2)))
+    with pytest.raises(ValueError, match="do not cover a batch of 3"):  # checked without debug checks too
+        network(x, modality=torch.tensor([0, 1, 1]), modality_runs=((0, 1), (1, 1)))
 
 
 def test_bank_running_statistics_per_modality():

@@ -227,7 +227,9 @@ class _DBDCNetwork(ModalitySelection):
         batch_modality = self.batch_modality(x, modality)
         runs = None
         if modality_runs is not None and isinstance(batch_modality, torch.Tensor):
-            runs = tuple((int(k), int(n)) for k, n in modality_runs)
+            runs = tuple(modality_runs)
+            if sum(n for _, n in runs) != x.shape[0]:  # host ints: checked once here, not in every bank
+                raise ValueError(f"modality runs {list(runs)} do not cover a batch of {x.shape[0]}")
             if debug_checks_enabled():
                 expected = torch.cat([torch.full((n,), k, dtype=torch.long) for k, n in runs]) if runs else None
                 if expected is None or not torch.equal(expected, batch_modality.cpu()):

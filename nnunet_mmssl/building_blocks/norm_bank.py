@@ -187,9 +187,8 @@ class ModalityNormBank(nn.Module):
         """Training with host-known contiguous runs: each run through its modality's norm as ``nn.BatchNorm`` does
         (the fused kernel; batch statistics of the run; the running statistics updated with its momentum unless
         frozen), without calling the norm module itself, so that a norm converted to SyncBatchNorm under DDP still
-        uses this process's statistics, as the one-hot path does."""
-        if sum(n for _, n in runs) != x.shape[0]:
-            raise ValueError(f"modality runs {list(runs)} do not cover a batch of {x.shape[0]}")
+        uses this process's statistics, as the one-hot path does. The runs cover the batch (the network checks it
+        once per forward; ``x.split`` refuses otherwise)."""
         outputs = []
         for (k, _), part in zip(runs, x.split([n for _, n in runs]), strict=True):
             norm = self.norms[k]
