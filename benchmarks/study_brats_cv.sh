@@ -13,6 +13,8 @@
 #   n1share05 1 labelled: Mean Teacher and MemCif with unsupervised_share_target 0.05
 #   n1ft      1 labelled: MMF-MCML and Mean Teacher fine-tuned from nnUNetTrainer's model of the run
 #   n3core    3 labelled: as n1core
+#   n1twin    1 labelled: MemCifSupervisedTrainer (MemCif's network without the unlabelled term), paired with
+#             nnUNetTrainer, to tell MemCif's network from its unlabelled term
 #   report    the report over every arm finished (--report-only; safe while runs go on)
 #   archive   copy the finished runs' result files, the settings and the report into
 #             benchmarks/results/brats_cv_study (small; the models stay in WORKDIR). To report from an archive on
@@ -49,8 +51,10 @@ for stage in "${stages[@]}"; do
         n1share05) study 1 -tr nnUNetTrainer MeanTeacherTrainer_share0p05 MemCifSSLTrainer_share0p05 ;;
         n1ft) study 1 -tr nnUNetTrainer MMFMCMLTrainer MeanTeacherTrainer --init scratch supervised \
                   --finetune MMFMCMLTrainer MeanTeacherTrainer ;;
+        n1twin) study 1 -tr nnUNetTrainer MemCifSupervisedTrainer --pair MemCifSupervisedTrainer=nnUNetTrainer ;;
         n3core) study 3 -tr nnUNetTrainer MeanTeacherTrainer MemCifSSLTrainer --selftrain nnUNetTrainer ;;
-        report) study "1 3" -tr nnUNetTrainer "${SSL[@]}" --selftrain nnUNetTrainer --init scratch supervised \
+        report) study "1 3" -tr nnUNetTrainer "${SSL[@]}" MemCifSupervisedTrainer \
+                    --pair MemCifSupervisedTrainer=nnUNetTrainer --selftrain nnUNetTrainer --init scratch supervised \
                     --finetune MMFMCMLTrainer MeanTeacherTrainer --report-only ;;
         archive) dest="$here/benchmarks/results/brats_cv_study"; rm -rf "$dest.tmp"; mkdir -p "$dest.tmp"
                  cp -r "$work/study/runs" "$work/study/study_settings.json" "$dest.tmp/"
