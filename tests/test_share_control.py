@@ -69,7 +69,7 @@ def geometric_mean(values) -> float:
 def test_toy_share_reaches_the_target_from_both_sides(start_weight):
     shares, weights, _ = toy_run(start_weight)
     assert shares[0] < TARGET / 10 if start_weight < 1e-2 else shares[0] > TARGET * 10  # far off at the start
-    assert geometric_mean(shares[-20:]) == pytest.approx(TARGET, rel=0.15)
+    assert statistics.fmean(shares[-20:]) == pytest.approx(TARGET, rel=0.15)  # the mean share (the default rule)
     steps = [w2 / w1 for w1, w2 in zip(weights, weights[1:])]
     assert max(max(steps), 1 / min(steps)) <= 3.0 + 1e-9  # smooth: at most max_factor per measurement
 
@@ -87,25 +87,58 @@ def test_toy_ramp_scales_the_share_and_is_not_undone():
     """A ramp held at 0.25: the share settles at 0.25 x target, the controller's weight where it settles without."""
     shares, _, ramped = toy_run(1e-4, ramp=0.25)
     _, _, plain = toy_run(1e-4)
-    assert geometric_mean(shares[-20:]) == pytest.approx(0.25 * TARGET, rel=0.15)
+    assert statistics.fmean(shares[-20:]) == pytest.approx(0.25 * TARGET, rel=0.15)
     assert ramped.weight == pytest.approx(plain.weight, rel=0.15)
 
 
 # ------------------------------------------------------------------ the controller's rules
 def test_update_in_log_space_by_the_rate_then_capped():
-    controller = ShareController(0.1, 0.01, rate=0.5, smoothing=0.3, max_factor=3.0)
+    """The rule before 2026-12-07 (``averaging="log"``): the average of log u, by hand."""
+    controller = ShareController(0.1, 0.01, rate=0.5, smoothing=0.3, max_factor=3.0, averaging="log")
     assert controller.update(0.004, 0.02)  # unit share 0.2: ideal weight 0.5
-    assert controller.log_unit_share == pytest.approx(math.log(0.2))
+    assert controller.unit_share == pytest.approx(0.2)
     assert controller.ideal_weight == pytest.approx(0.5)
     assert controller.weight == pytest.approx(0.03)  # half way in log space is x sqrt(50) = 7.07: capped at x3
     controller.update(0.2, 0.1)  # unit share 2: the average moves 30 % of the way in log space (ū = 0.2 * 10^0.3)
-    assert controller.log_unit_share == pytest.approx(math.log(0.2) + 0.3 * math.log(10.0))
+    assert math.log(controller.unit_share) == pytest.approx(math.log(0.2) + 0.3 * math.log(10.0))
     ideal = 0.1 / (0.2 * 10 ** 0.3)
     assert controller.ideal_weight == pytest.approx(ideal)
     assert controller.weight == pytest.approx(math.sqrt(0.03 * ideal))  # half way in log space (x2.9: not capped)
     controller.update(0.01, 0.1)  # unit share 0.1 < ū: the weight rises less than the ideal
-    assert controller.smoothed_share == pytest.approx(controller.weight * math.exp(controller.log_unit_share))
+    assert controller.smoothed_share == pytest.approx(controller.weight * controller.unit_share)
     assert controller.updates == 3
+
+
+def test_update_arithmetic_average_by_the_rate_then_capped():
+    """The default (``averaging="mean"``): the average of u itself, by hand."""
+    controller = ShareController(0.1, 0.01, rate=0.5, smoothing=0.2, max_factor=3.0)
+    assert controller.averaging == "mean" and ShareController(0.1, 0.01).smoothing == 0.1
+    assert controller.update(0.004, 0.02)  # unit share 0.2 initialises the average: ideal weight 0.5
+    assert controller.unit_share == pytest.approx(0.2) and controller.weight == pytest.approx(0.03)  # x3 cap
+    controller.update(0.2, 0.1)  # unit share 2: ū = 0.2 + 0.2 * (2 - 0.2) = 0.56 (the log rule: 0.317)
+    assert controller.unit_share == pytest.approx(0.56)
+    assert controller.ideal_weight == pytest.approx(0.1 / 0.56)
+    assert controller.weight == pytest.approx(math.sqrt(0.03 * 0.1 / 0.56))  # half way in log space: x2.44
+    assert controller.smoothed_share == pytest.approx(controller.weight * 0.56)
+
+
+@pytest.mark.parametrize("averaging", ["mean", "log"])
+def test_bimodal_shares_mean_averaging_holds_the_mean_share(averaging):
+    """Measurements alternating between a batch where the unsupervised term is nearly silent (unit share 1e-5) and
+    one where it acts (0.01), as in a real MemCif run: the arithmetic average holds the mean share at the target;
+    the log average steers the geometric mean, so the weight climbs and the mean share is many times the target."""
+    controller = ShareController(0.2, 0.01, max_weight=1e4, averaging=averaging)
+    shares = []
+    for step in range(300):
+        applied = controller.weight
+        shares.append(applied * (0.01 if step % 2 else 1e-5))
+        controller.update(shares[-1], applied)
+    mean_share = statistics.fmean(shares[-100:])
+    if averaging == "mean":
+        assert mean_share == pytest.approx(0.2, rel=0.1)
+        assert controller.weight == pytest.approx(0.2 / 0.005, rel=0.1)  # target / mean unit share
+    else:
+        assert mean_share > 5 * 0.2 and controller.weight > 400  # ~ target / sqrt(1e-5 * 0.01) = 632
 
 
 @pytest.mark.parametrize("share, applied", [(float("nan"), 0.1), (float("inf"), 0.1), (0.0, 0.1), (0.01, 0.0)])
@@ -120,7 +153,8 @@ def test_uninformative_measurements_are_skipped(share, applied):
                                             ({"min_weight": 0.0}, "min_weight"),
                                             ({"min_weight": 1.0, "max_weight": 0.5}, "max_weight"),
                                             ({"smoothing": 0.0}, "smoothing"), ({"rate": 1.5}, "rate"),
-                                            ({"max_factor": 0.5}, "max_factor"), ({"weight": -1.0}, "weight")])
+                                            ({"max_factor": 0.5}, "max_factor"), ({"weight": -1.0}, "weight"),
+                                            ({"averaging": "median"}, "averaging")])
 def test_invalid_settings_are_refused_naming_them(settings, name):
     arguments = {"target": 0.1, "weight": 0.01, **settings}
     with pytest.raises(ValueError, match=f"ShareController {name} .*must be"):
@@ -142,8 +176,18 @@ def test_state_round_trips_and_bad_state_is_refused():
     assert restored.state_dict() == controller.state_dict() and restored.updates == 3
     with pytest.raises(ValueError, match="not one written by ShareController"):
         restored.load_state_dict({"weight": 0.1})
-    with pytest.raises(ValueError, match="weight <= 0 or a non-finite"):
+    with pytest.raises(ValueError, match="weight or average <= 0 or a non-finite"):
         restored.load_state_dict({**state, "weight": float("nan")})
+    with pytest.raises(ValueError, match="weight or average <= 0 or a non-finite"):
+        restored.load_state_dict({**state, "unit_share": -1.0})
+
+
+def test_state_written_before_the_arithmetic_rule_is_read():
+    """A checkpoint of 2026-12-06 holds the average of log u: read as ū = exp(it)."""
+    controller = ShareController(0.1, 0.01)
+    controller.load_state_dict({"target": 0.2, "weight": 0.5, "log_unit_share": math.log(0.04), "updates": 7})
+    assert controller.unit_share == pytest.approx(0.04) and controller.weight == 0.5 and controller.updates == 7
+    assert controller.target == 0.1 and controller.averaging == "mean"  # the controller's own, not the state's
 
 
 # ------------------------------------------------------------------ real trainers
@@ -244,6 +288,21 @@ def test_trainer_steers_logs_plots_and_resumes_the_weight(folders, trainer_class
     again, _ = steps_recorded(resumed, steps[5:], seed=50)
     assert [o["unsup_weight"] for o in again] == [o["unsup_weight"] for o in continued]
     assert resumed.share_controller.state_dict() == first.share_controller.state_dict()
+
+
+def test_trainer_settings_reach_the_controller(folders):
+    """share_averaging / share_smoothing / share_rate / bounds of a trainer are the controller's; the _share*
+    trainers measure every 2 iterations and average arithmetically by default."""
+    from nnunet_mmssl.trainers.share_variants import SHARE_MEASURE_EVERY
+
+    assert SHARE_MEASURE_EVERY == 2 and MemCifSSLTrainer_share0p1.gradient_share_every == 2
+    default = harness.make_trainer(MemCifSSLTrainer_share0p1, seed=0, initialize=False).share_controller
+    assert (default.averaging, default.smoothing, default.rate) == ("mean", 0.1, 0.5)
+    old_rule = type("MemCifSSLTrainer_share0p1_log", (MemCifSSLTrainer_share0p1,), {
+        "share_averaging": "log", "share_smoothing": 0.25, "share_rate": 0.4, "share_weight_bounds": (1e-3, 7.0)})
+    controller = harness.make_trainer(old_rule, seed=0, initialize=False).share_controller
+    assert (controller.averaging, controller.smoothing, controller.rate) == ("log", 0.25, 0.4)
+    assert (controller.min_weight, controller.max_weight, controller.target) == (1e-3, 7.0, TARGET)
 
 
 def test_share_target_without_measurements_is_refused(folders):

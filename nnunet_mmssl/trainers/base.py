@@ -119,8 +119,10 @@ class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
     unsupervised_share_target: float | None = None
     #: the share controller's bounds of the weight (before the ramp)
     share_weight_bounds: tuple[float, float] = (1e-4, 100.0)
-    #: the share controller's averaging of the measurements and its rate (see ShareController)
-    share_smoothing: float = 0.3
+    #: the share controller's averaging of the measurements ("mean": the mean share is the target; "log": the
+    #: geometric mean is, the rule before 2026-12-07), its smoothing and its rate (see ShareController)
+    share_averaging: str = "mean"
+    share_smoothing: float = 0.1
     share_rate: float = 0.5
     #: the controller made in ``__init__`` (None: off; also for an instance made without ``__init__``)
     share_controller: ShareController | None = None
@@ -317,7 +319,7 @@ class SSLTrainerBase(SafeLoadingMixin, nnUNetTrainer):
                              f"to None.")
         low, high = self.share_weight_bounds
         return ShareController(target, self.unsupervised_weight, min_weight=low, max_weight=high,
-                               smoothing=self.share_smoothing, rate=self.share_rate)
+                               smoothing=self.share_smoothing, rate=self.share_rate, averaging=self.share_averaging)
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
