@@ -188,6 +188,8 @@ def test_state_written_before_the_arithmetic_rule_is_read():
     controller.load_state_dict({"target": 0.2, "weight": 0.5, "log_unit_share": math.log(0.04), "updates": 7})
     assert controller.unit_share == pytest.approx(0.04) and controller.weight == 0.5 and controller.updates == 7
     assert controller.target == 0.1 and controller.averaging == "mean"  # the controller's own, not the state's
+    with pytest.raises(ValueError, match="not one written by ShareController"):  # exp overflows: refused, named
+        controller.load_state_dict({"weight": 0.5, "log_unit_share": 1e6, "updates": 1})
 
 
 # ------------------------------------------------------------------ real trainers

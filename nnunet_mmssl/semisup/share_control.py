@@ -126,7 +126,7 @@ class ShareController:
         return True
 
     def state_dict(self) -> dict:
-        """Plain numbers (checkpoint-safe: ``torch.load(weights_only=True)``)."""
+        """Plain numbers and the averaging's name (checkpoint-safe: ``torch.load(weights_only=True)``)."""
         return {"target": float(self.target), "weight": float(self.weight), "averaging": self.averaging,
                 "unit_share": self.unit_share, "updates": int(self.updates)}
 
@@ -148,7 +148,7 @@ class ShareController:
                 unit = state["log_unit_share"]
                 unit = None if unit is None else math.exp(float(unit))
             updates = int(state["updates"])
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, OverflowError) as error:
             raise ValueError(f"Share-controller state {state!r} is not one written by ShareController.state_dict "
                              f"({error!r}).") from None
         if not (math.isfinite(weight) and weight > 0) or (unit is not None and not (math.isfinite(unit) and unit > 0)):
