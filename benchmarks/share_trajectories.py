@@ -95,11 +95,9 @@ def plot(rows: Sequence[tuple[str, Mapping]], logs: Sequence[Mapping], output: s
     ax.set_xlabel("epoch")
     ax.set_ylabel("|grad w·L_unsup| / |grad L_sup|")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    tmp = output + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, output)
+    from nnunet_mmssl.study.report import save_png
+
+    save_png(fig, output, dpi=100)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

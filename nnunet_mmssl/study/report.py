@@ -193,12 +193,21 @@ def plot_dice(rows: Sequence[Mapping], path: str) -> dict:
     ax.set_ylabel("test Dice (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    save_png(fig, path, dpi=120)
+    return series
+
+
+def save_png(fig, path: str, dpi: int = 120) -> None:
+    """Lay out, write ``fig`` to ``path`` through a temporary name (a failed write publishes nothing), close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path + ".partial.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
     os.replace(tmp, path)
-    return series
 
 
 def write_report(output: str, results: Sequence[Mapping], pairs: Mapping[str, str] | Sequence[tuple[str, str]],
