@@ -16,7 +16,7 @@
 #   n1twin    1 labelled: MemCifSupervisedTrainer (MemCif's network without the unlabelled term), paired with
 #             nnUNetTrainer, to tell MemCif's network from its unlabelled term
 #   report    the report over every arm finished (--report-only; safe while runs go on)
-#   archive   copy the finished runs' result files, the settings and the report into
+#   archive   copy the finished runs' result files, the settings, the report and WORKDIR/study/earlier/* into
 #             benchmarks/results/brats_cv_study (small; the models stay in WORKDIR). To report from an archive on
 #             another machine: run `prep`, copy the archive's runs/ and study_settings.json into WORKDIR/study, then
 #             `report` (a run's result file is its record; resuming retrains the archived runs, their models are gone)
@@ -58,6 +58,9 @@ for stage in "${stages[@]}"; do
                     --finetune MMFMCMLTrainer MeanTeacherTrainer --report-only ;;
         archive) dest="$here/benchmarks/results/brats_cv_study"; rm -rf "$dest.tmp"; mkdir -p "$dest.tmp"
                  cp -r "$work/study/runs" "$work/study/study_settings.json" "$dest.tmp/"
+                 # earlier/: superseded runs' result files kept as a record (first_runs: nnUNetTrainer's first set;
+                 # old_log_rule: the share-target arms under the old log-average controller), copied as they are
+                 [ -d "$work/study/earlier" ] && cp -r "$work/study/earlier/." "$dest.tmp/"
                  for f in study_table.txt study_results.json dice_vs_labeled.png; do
                      [ -f "$work/study/$f" ] && cp "$work/study/$f" "$dest.tmp/"; done
                  rm -rf "$dest"; mv "$dest.tmp" "$dest"; echo "archived to $dest" ;;
