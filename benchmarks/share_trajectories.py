@@ -79,6 +79,12 @@ def run_name(checkpoint: str) -> str:
     return "/".join(parts[-3:-1]) if len(parts) >= 3 else checkpoint
 
 
+def legend_label(name: str) -> str:
+    """``trainer fold_X`` from :func:`run_name`'s ``trainer__plans__configuration/fold_X`` (any fold: 3, 10, all)."""
+    folder, _, fold = name.rpartition("/")
+    return f"{folder.split('__')[0]} {fold}" if folder else name
+
+
 def plot(rows: Sequence[tuple[str, Mapping]], logs: Sequence[Mapping], output: str) -> None:
     import matplotlib
 
@@ -88,7 +94,7 @@ def plot(rows: Sequence[tuple[str, Mapping]], logs: Sequence[Mapping], output: s
     fig, ax = plt.subplots(figsize=(9, 5))
     for (name, summary), logging in zip(rows, logs):
         shares = [v if v is not None and math.isfinite(v) and v > 0 else float("nan") for v in logging[SHARE_KEY]]
-        line, = ax.plot(range(len(shares)), shares, marker=".", label=name.split("__")[0] + " " + name[-6:])
+        line, = ax.plot(range(len(shares)), shares, marker=".", label=legend_label(name))
         if summary["target"] is not None:
             ax.axhline(summary["target"], color=line.get_color(), linestyle="--", linewidth=0.8)
     ax.set_yscale("log")

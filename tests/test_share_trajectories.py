@@ -62,3 +62,11 @@ def test_command_reads_checkpoints_and_draws(tmp_path):
     missing = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "share_trajectories.py"),
                               str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "nope does not exist" in missing.stderr
+
+
+def test_legend_names_the_whole_fold():
+    # the legend once cut the last 6 characters of the run name: fold_10 read "old_10", fold_all "ld_all"
+    for fold in ("fold_3", "fold_10", "fold_all"):
+        assert st.legend_label(f"MemCifSSLTrainer_share0p2__study__nnUNetPlans_bs4__2d/{fold}") == \
+            f"MemCifSSLTrainer_share0p2 {fold}"
+    assert st.legend_label("checkpoint_final.pth") == "checkpoint_final.pth"
