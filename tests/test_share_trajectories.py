@@ -70,3 +70,25 @@ def test_legend_names_the_whole_fold():
         assert st.legend_label(f"MemCifSSLTrainer_share0p2__study__nnUNetPlans_bs4__2d/{fold}") == \
             f"MemCifSSLTrainer_share0p2 {fold}"
     assert st.legend_label("checkpoint_final.pth") == "checkpoint_final.pth"
+
+
+def test_failed_png_write_leaves_nothing(tmp_path):
+    # a short write (full disk): the error surfaces, no PNG is published and no partial file stays behind
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nnunet_mmssl.study.report import save_png
+
+    fig, _ = plt.subplots()
+
+    def short_write(name, **_):
+        with open(name, "wb") as handle:
+            handle.write(b"\x89PNG")
+        raise OSError(28, "No space left on device")
+
+    fig.savefig = short_write
+    with pytest.raises(OSError, match="No space"):
+        save_png(fig, str(tmp_path / "shares.png"))
+    assert list(tmp_path.iterdir()) == []

@@ -205,6 +205,10 @@ def save_png(fig, path: str, dpi: int = 120) -> None:
     tmp = path + ".partial.png"
     try:
         fig.savefig(tmp, dpi=dpi)
+    except BaseException:
+        if os.path.exists(tmp):  # a failed write (full disk) leaves nothing behind either
+            os.remove(tmp)
+        raise
     finally:
         plt.close(fig)
     os.replace(tmp, path)
