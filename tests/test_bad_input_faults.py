@@ -9,6 +9,7 @@ returns without an error, leaving a truncated image). The interruptions send a r
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -288,6 +289,94 @@ def test_an_interrupted_command_never_hangs(tmp_path, second):
     _, err = process.communicate(timeout=30)
     assert process.returncode == 130 and time.monotonic() - start < 10, err
     assert err.strip().startswith("stuck: interrupted") and len(err.strip().splitlines()) == 1, err
+
+
+class _InterruptedWhileDeleted:
+    """Its ``__del__`` is interrupted: a Ctrl-C that lands there (Python prints "Exception ignored" and goes on)."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:  # the handler runs here, inside __del__
+            pass
+
+
+def test_ctrl_c_inside_a_finaliser_is_not_lost(capsys):
+    """A Ctrl-C landing in a ``__del__`` or weakref callback (a pool being collected) is raised just after it, where
+    it can stop the command, instead of being printed as an ignored exception and lost until the grace time."""
+    from nnunet_mmssl.cli._common import interrupts_as_exit_code
+
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_as_exit_code("prog", grace_s=60):
+            thing = _InterruptedWhileDeleted()
+            del thing  # __del__ runs now
+            time.sleep(5)  # the interrupt, asked again, arrives here
+    assert time.monotonic() - start < 3
+    assert "Exception ignored" not in capsys.readouterr().err
+
+
+CHURN = textwrap.dedent("""
+    import argparse, multiprocessing, sys
+    from nnunet_mmssl.cli import _common
+
+    def body(args):
+        print("started", flush=True)
+        while True:  # pools started and ended without pause: an interrupt lands at any point of a pool's life
+            try:
+                with multiprocessing.get_context("fork").Pool(2) as pool:
+                    pool.map(abs, range(8))
+            except KeyboardInterrupt:
+                if sys.argv[1] == "raised":
+                    raise
+
+    _common.INTERRUPT_GRACE_S = 1.0
+    sys.exit(_common.run_cli("churn", argparse.ArgumentParser(), body, []))
+""")
+
+
+def _process_group(pgid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) == pgid:
+                    members.append(int(entry))
+            except OSError:
+                pass
+    return members
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to list a process group")
+@pytest.mark.parametrize("body", ["raised", "swallowed"])
+def test_no_worker_outlives_an_interrupted_command(tmp_path, body):
+    """A command interrupted while pools start and end (a pool replaces its dead workers from its own thread): no
+    worker of it is left once it has exited -- a worker started after the children were ended waited forever with
+    the command's output open (seen as a CI run's hang). The interrupt propagates (``raised``: the workers are
+    ended before the one line) or is swallowed by the body (``swallowed``: the grace time ends the command).
+    Repeated, as the interrupt lands at a different point each time."""
+    for attempt in range(4):
+        with open(tmp_path / f"err{attempt}.txt", "w+") as err:
+            process = subprocess.Popen([sys.executable, "-c", CHURN, body], stdout=subprocess.PIPE, stderr=err,
+                                       text=True, env=env_for(tmp_path), start_new_session=True)
+            try:
+                assert process.stdout.readline().strip() == "started"
+                time.sleep(0.2 + 0.1 * attempt)
+                os.killpg(process.pid, signal.SIGINT)
+                assert process.wait(timeout=60) == 130
+                deadline = time.monotonic() + 5.0  # a terminated worker may take a moment to be gone
+                while _process_group(process.pid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                left = _process_group(process.pid)
+                assert left == [], f"attempt {attempt}: processes {left} outlived the command"
+                err.seek(0)
+                text = err.read().strip()
+                assert text.startswith("churn: interrupted") and len(text.splitlines()) == 1, text
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                process.stdout.close()
 
 
 def test_interrupted_rerun_keeps_the_published_labelled_folder(tmp_path, monkeypatch):

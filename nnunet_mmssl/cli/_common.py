@@ -133,46 +133,128 @@ def end_process(process, timeout: float = 10.0) -> None:
                 process.wait(2.0)
 
 
-def stop_children(timeout: float = 5.0) -> None:
-    """Terminate (then kill) the worker processes and tracked subprocesses of this process that still run."""
-    for process in list(_SUBPROCESSES):
-        end_process(process, timeout)
-    children = multiprocessing.active_children()
-    for child in children:
-        with contextlib.suppress(Exception):
-            child.terminate()
-    for child in children:
-        with contextlib.suppress(Exception):
-            child.join(timeout)
-            if child.is_alive():
-                child.kill()
-                child.join(1.0)
+_START_LOCK = threading.RLock()
+"""Held while a worker process is being started (the start wrapped by :func:`_block_sigint_in_children`) and while
+:func:`stop_children` ends the children: a start never falls between collecting the children and ending them."""
+
+_STOPPING = threading.Event()
+"""Set by :func:`stop_children`, cleared when an interruptible block is entered or left: the wrapped start refuses,
+so that no worker is started after the children were ended (a pool replaces its dead workers from its own thread;
+such a worker would outlive the command, hold its output open and wait forever)."""
+
+
+class _WorkerStartRefused(BaseException):
+    """Raised in a thread other than the main one that starts a worker after :func:`stop_children` (it ends that
+    thread, e.g. a pool's worker handler, silently: see :func:`_quiet_refused_threads`)."""
+
+
+def _new_start_lock_in_child() -> None:
+    global _START_LOCK
+    _START_LOCK = threading.RLock()  # a forked child must not inherit the lock its parent held while forking it
+
+
+os.register_at_fork(after_in_child=_new_start_lock_in_child)
+
+
+def stop_children(timeout: float = 5.0, rounds: int = 5) -> None:
+    """Terminate (then kill) the worker processes and tracked subprocesses of this process that still run; within an
+    interruptible block no worker starts from then on.
+
+    A start under way is waited for (:data:`_START_LOCK`, at most ``timeout`` seconds), and the children are
+    collected again until none is left, at most ``rounds`` times."""
+    locked = _START_LOCK.acquire(timeout=timeout)
+    try:
+        _STOPPING.set()
+        for process in list(_SUBPROCESSES):
+            end_process(process, timeout)
+        for _ in range(rounds):
+            children = multiprocessing.active_children()
+            if not children:
+                break
+            for child in children:
+                with contextlib.suppress(Exception):
+                    child.terminate()
+            for child in children:
+                with contextlib.suppress(Exception):
+                    child.join(timeout)
+                    if child.is_alive():
+                        child.kill()
+                        child.join(1.0)
+    finally:
+        if locked:
+            _START_LOCK.release()
+
+
+def _quiet_refused_threads() -> Callable[[], None]:
+    """Let a thread ended by :class:`_WorkerStartRefused` end without a traceback; return the function that undoes
+    it."""
+    original = threading.excepthook
+
+    def hook(args):
+        if args.exc_type is not None and issubclass(args.exc_type, _WorkerStartRefused):
+            return
+        original(args)
+
+    threading.excepthook = hook
+
+    def undo() -> None:
+        if threading.excepthook is hook:
+            threading.excepthook = original
+
+    return undo
 
 
 def _block_sigint_in_children() -> Callable[[], None]:
     """Make worker processes started from now on (``multiprocessing``'s ``Process.start``: every start method, our
     pools and nnU-Net's) start with SIGINT blocked -- the signal mask is inherited through fork and exec -- and keep
     SIGINT blocked in this process while a worker is being started, so that an interrupt never leaves a worker
-    half-started (it would print a traceback of its own); return the function that undoes it."""
+    half-started (it would print a traceback of its own); after :func:`stop_children` a start is refused
+    (KeyboardInterrupt in the main thread, :class:`_WorkerStartRefused` in another); return the function that undoes
+    it."""
     from multiprocessing.process import BaseProcess
 
     original = BaseProcess.start
 
     def start(self):
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            return original(self)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a SIGINT that came meanwhile is delivered now
+        with _START_LOCK:  # see stop_children
+            if _STOPPING.is_set():
+                if threading.current_thread() is threading.main_thread():
+                    raise KeyboardInterrupt
+                raise _WorkerStartRefused(f"{self.name}: not started, the command is being interrupted")
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                return original(self)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a SIGINT that came meanwhile is delivered now
 
     start.__doc__ = original.__doc__
     BaseProcess.start = start
+    _STOPPING.clear()
+    quiet_undo = _quiet_refused_threads()
 
     def undo() -> None:
         if BaseProcess.start is start:
             BaseProcess.start = original
+        quiet_undo()
+        _STOPPING.clear()
 
     return undo
+
+
+_MAX_DEFERRALS = 20
+_DEFERRAL_S = 0.05
+
+
+def _exception_would_be_ignored(frame) -> bool:
+    """Whether ``frame`` (or a caller of it) runs where Python prints an exception and carries on: a weakref
+    callback (weakref's and WeakSet's own, multiprocessing's ``Finalize``) or a ``__del__``."""
+    while frame is not None:
+        code = frame.f_code
+        if (code.co_name == "__del__" or os.path.basename(code.co_filename) in ("weakref.py", "_weakrefset.py")
+                or getattr(code, "co_qualname", "") == "Finalize.__call__"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextlib.contextmanager
@@ -190,20 +272,31 @@ def interrupts_as_exit_code(prog: str, grace_s: float | None = None) -> Iterator
     timers: list[threading.Timer] = []
 
     def force_exit() -> None:
+        # the lock is kept until os._exit: no worker starts after the children were ended (a worker started then,
+        # e.g. by the main thread still unwinding, would outlive the command and hold its output open)
+        _START_LOCK.acquire(timeout=5.0)
         with contextlib.suppress(Exception):
             stop_children(timeout=1.0)
         with contextlib.suppress(Exception):
             print(interrupted_message(prog), file=sys.stderr, flush=True)
         os._exit(130)
 
+    deferred = []
+
     def handler(signum, frame):
         if interrupted.is_set():
             force_exit()
+        if not timers:  # the grace time counts from the first Ctrl-C
+            timers.append(threading.Timer(grace, force_exit))
+            timers[-1].daemon = True
+            timers[-1].start()
+        if len(deferred) < _MAX_DEFERRALS and _exception_would_be_ignored(frame):
+            # raised here, the KeyboardInterrupt would be printed as "Exception ignored in ..." and lost: ask again
+            deferred.append(threading.Timer(_DEFERRAL_S, os.kill, (os.getpid(), signal.SIGINT)))
+            deferred[-1].daemon = True
+            deferred[-1].start()
+            return
         interrupted.set()
-        timer = threading.Timer(grace, force_exit)
-        timer.daemon = True
-        timer.start()
-        timers.append(timer)
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, handler)
@@ -211,10 +304,10 @@ def interrupts_as_exit_code(prog: str, grace_s: float | None = None) -> Iterator
     try:
         yield
     finally:
+        for timer in timers + deferred:
+            timer.cancel()
         undo()
         signal.signal(signal.SIGINT, previous)
-        for timer in timers:
-            timer.cancel()
 
 
 def interrupted_message(prog: str) -> str:
