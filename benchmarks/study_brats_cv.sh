@@ -49,7 +49,9 @@ for stage in "${stages[@]}"; do
         n1share) study 1 -tr nnUNetTrainer MeanTeacherTrainer_share0p2 MemCifSSLTrainer_share0p2 ;;
         n1mmf) study 1 -tr nnUNetTrainer MMFMCMLTrainer ;;
         n1share05) study 1 -tr nnUNetTrainer MeanTeacherTrainer_share0p05 MemCifSSLTrainer_share0p05 ;;
-        n1ft) study 1 -tr nnUNetTrainer MMFMCMLTrainer MeanTeacherTrainer --init scratch supervised \
+        # --init supervised alone: the from-scratch runs of these trainers are n1core's and n1mmf's (with scratch
+        # here too, a run whose model folder is gone -- an archived study -- would be trained again, replacing them)
+        n1ft) study 1 -tr nnUNetTrainer MMFMCMLTrainer MeanTeacherTrainer --init supervised \
                   --finetune MMFMCMLTrainer MeanTeacherTrainer ;;
         n1twin) study 1 -tr nnUNetTrainer MemCifSupervisedTrainer --pair MemCifSupervisedTrainer=nnUNetTrainer ;;
         n3core) study 3 -tr nnUNetTrainer MeanTeacherTrainer MemCifSSLTrainer --selftrain nnUNetTrainer ;;
