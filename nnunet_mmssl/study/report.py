@@ -198,20 +198,17 @@ def plot_dice(rows: Sequence[Mapping], path: str) -> dict:
 
 
 def save_png(fig, path: str, dpi: int = 120) -> None:
-    """Lay out, write ``fig`` to ``path`` through a temporary name (a failed write publishes nothing), close it."""
+    """Lay out, write ``fig`` to ``path`` through a temporary name (a failed write publishes nothing and leaves
+    nothing behind: :func:`~nnunet_mmssl.evaluation.report.write_file_atomic`), close it."""
     import matplotlib.pyplot as plt
 
+    from nnunet_mmssl.evaluation.report import write_file_atomic
+
     fig.tight_layout()
-    tmp = path + ".partial.png"
     try:
-        fig.savefig(tmp, dpi=dpi)
-    except BaseException:
-        if os.path.exists(tmp):  # a failed write (full disk) leaves nothing behind either
-            os.remove(tmp)
-        raise
+        write_file_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"), suffix=".png")
     finally:
         plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(output: str, results: Sequence[Mapping], pairs: Mapping[str, str] | Sequence[tuple[str, str]],
